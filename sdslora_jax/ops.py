@@ -1,0 +1,218 @@
+"""LoRA and SDS-LoRA as pure functions (Flax kernel orientation).
+
+A Flax ``Dense`` computes ``y = x @ K`` with ``K`` of shape ``(d_in, d_out)``.
+Adapter factors are ``a: (d_in, r)`` and ``b: (r, d_out)`` with scale ``s``.
+
+* LoRA: ``dK = s * a @ b``. Its gradients, ``dL/da = s G b.T`` and
+  ``dL/db = s a.T G`` (``G = dL/dK``), are scaled by the singular values of the
+  other factor.
+* SDS-LoRA (Oh, Baik & Lee, arXiv 2606.16454; the two-branch form is this
+  project's reading of the paper): ``dK = s * (qa @ b + a @ qb.T)`` with
+  ``qa = orth(a)``, ``qb = orth(b.T)`` treated as constants, so that
+  ``dL/db = s qa.T G`` and ``dL/da = s G qb``: no singular value of either factor
+  enters the backward pass.
+
+``*_delta`` functions form the dense update (reference, merge and export path);
+``*_matmul`` functions apply the update to activations through rank-r
+projections and never form a ``(d_in, d_out)`` array. ``sds_matmul`` has a
+``jax.custom_vjp`` whose residuals are ``x``, the rank-r projection ``x @ qa``,
+the factors and the bases. ``warmup_sds_matmul`` switches between the two by a
+data flag, so one compiled step serves the warm-up and the SDS phase.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from sdslora_jax import _checks
+from sdslora_jax.basis import factor_bases
+
+_F32 = jnp.float32
+
+
+def lora_delta(a: jax.Array, b: jax.Array, *, scale: float) -> jax.Array:
+  """Dense LoRA update ``scale * a @ b`` of shape ``(d_in, d_out)``."""
+  _checks.check_factors(jnp.shape(a), jnp.shape(b))
+  scale = _checks.check_scale(scale)
+  return scale * (a @ b)
+
+
+def lora_matmul(x: jax.Array, a: jax.Array, b: jax.Array, *, scale: float) -> jax.Array:
+  """``x @ lora_delta(a, b, scale=scale)`` computed as ``scale * (x @ a) @ b``.
+
+  ``x`` may have any leading batch axes; the result has ``x``'s dtype.
+  Ordinary autodiff already keeps this rank-r (residuals ``x`` and ``x @ a``).
+  """
+  _checks.check_factors(jnp.shape(a), jnp.shape(b), x=jnp.shape(x))
+  scale = _checks.check_scale(scale)
+  xa = jnp.matmul(x, a.astype(x.dtype), preferred_element_type=_F32)
+  y = jnp.matmul(xa.astype(x.dtype), b.astype(x.dtype), preferred_element_type=_F32)
+  return (scale * y).astype(x.dtype)
+
+
+def _bases_or_derive(a, b, qa, qb):
+  """Returns float32 constant bases: the given ones, or derived from the factors."""
+  if qa is None or qb is None:
+    derived_qa, derived_qb = factor_bases(a, b)
+    qa = derived_qa if qa is None else qa
+    qb = derived_qb if qb is None else qb
+  return (
+      jax.lax.stop_gradient(jnp.asarray(qa, _F32)),
+      jax.lax.stop_gradient(jnp.asarray(qb, _F32)),
+  )
+
+
+def sds_delta(
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    scale: float,
+    qa: jax.Array | None = None,
+    qb: jax.Array | None = None,
+) -> jax.Array:
+  """Dense SDS-LoRA update ``scale * (qa @ b + a @ qb.T)``, shape ``(d_in, d_out)``.
+
+  Bases default to ``orth(a)`` and ``orth(b.T)``; given or derived, they are
+  constants (``stop_gradient``), so autodiff of this function gives the SDS
+  gradients. Computed in float32.
+  """
+  _checks.check_factors(
+      jnp.shape(a),
+      jnp.shape(b),
+      qa=None if qa is None else jnp.shape(qa),
+      qb=None if qb is None else jnp.shape(qb),
+  )
+  scale = _checks.check_scale(scale)
+  qa, qb = _bases_or_derive(a, b, qa, qb)
+  return scale * (qa @ b.astype(_F32) + a.astype(_F32) @ qb.T)
+
+
+def sds_matmul(
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    scale: float,
+    qa: jax.Array | None = None,
+    qb: jax.Array | None = None,
+) -> jax.Array:
+  """``x @ sds_delta(a, b, ...)`` through rank-r projections, with SDS gradients.
+
+  ``y = scale * ((x @ qa) @ b + (x @ a) @ qb.T)``. The backward pass gives
+  ``dL/db = scale * (x @ qa).T g`` (= ``scale * qa.T G``),
+  ``dL/da = scale * x.T (g @ qb)`` (= ``scale * G qb``) and no cotangent to the
+  bases, without ever forming a ``(d_in, d_out)`` array.
+
+  Args:
+    x: activations ``(..., d_in)``, any float dtype.
+    a: ``(d_in, r)`` down factor.
+    b: ``(r, d_out)`` up factor.
+    scale: the adapter scale ``s`` (``alpha / r``, or ``alpha / sqrt(r)``).
+    qa: optional ``(d_in, r)`` basis of ``a``'s columns; derived if ``None``.
+    qb: optional ``(d_out, r)`` basis of ``b``'s rows; derived if ``None``.
+
+  Returns:
+    ``(..., d_out)`` in ``x``'s dtype. Matmuls run in ``x``'s dtype with float32
+    accumulation; bases are kept in float32 and cast for the matmul.
+  """
+  _checks.check_factors(
+      jnp.shape(a),
+      jnp.shape(b),
+      qa=None if qa is None else jnp.shape(qa),
+      qb=None if qb is None else jnp.shape(qb),
+      x=jnp.shape(x),
+  )
+  scale = _checks.check_scale(scale)
+  qa, qb = _bases_or_derive(a, b, qa, qb)
+  return _two_branch_matmul(x, a, b, qa, qb, jnp.ones((), _F32), scale)
+
+
+def warmup_sds_matmul(
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    qa: jax.Array,
+    qb: jax.Array,
+    sds_on: jax.Array,
+    *,
+    scale: float,
+) -> jax.Array:
+  """Plain LoRA while ``sds_on == 0``, SDS-LoRA once ``sds_on == 1``: one function.
+
+  The phase is data, so a single compiled training step serves the plain-LoRA
+  warm-up and the SDS-LoRA phase. Both are one rank-r two-branch op: with
+  ``(left, right) = (qa, qb)`` it is ``sds_matmul``; with ``(left, right) =
+  (a, b.T)`` and the forward halved it is ``lora_matmul`` with LoRA's gradients.
+  ``sds_on`` is a float32 scalar (0. or 1.) and receives no gradient; the bases
+  must be given (during warm-up their values are ignored).
+  """
+  _checks.check_factors(
+      jnp.shape(a), jnp.shape(b), qa=jnp.shape(qa), qb=jnp.shape(qb), x=jnp.shape(x)
+  )
+  if jnp.ndim(sds_on) != 0:
+    raise ValueError(f"sds_on must be a scalar, got shape {jnp.shape(sds_on)}")
+  scale = _checks.check_scale(scale)
+  on = jax.lax.stop_gradient(jnp.asarray(sds_on, _F32)) > 0.5
+  left = jnp.where(on, jnp.asarray(qa, _F32), a.astype(_F32))
+  right = jnp.where(on, jnp.asarray(qb, _F32), b.T.astype(_F32))
+  coef = jnp.where(on, 1.0, 0.5).astype(_F32)
+  return _two_branch_matmul(
+      x, a, b, jax.lax.stop_gradient(left), jax.lax.stop_gradient(right), coef, scale
+  )
+
+
+def _mm(lhs, rhs, dtype):
+  """Matmul in ``dtype`` with float32 accumulation."""
+  return jnp.matmul(lhs.astype(dtype), rhs.astype(dtype), preferred_element_type=_F32)
+
+
+def _contract_batch(u, v, dtype):
+  """``sum over leading axes of u[..., i] v[..., j]`` -> ``(i, j)``, f32 accumulation."""
+  u2 = u.reshape(-1, u.shape[-1]).astype(dtype)
+  v2 = v.reshape(-1, v.shape[-1]).astype(dtype)
+  return jax.lax.dot_general(
+      u2, v2, (((0,), (0,)), ((), ())), preferred_element_type=_F32
+  )
+
+
+# The two-branch op. Forward: ``y = coef * s * ((x @ left) @ b + (x @ a) @ right.T)``.
+# Backward: ``dL/db = s * left.T G``, ``dL/da = s * G right`` (no ``coef``), the
+# exact input cotangent of the forward, and zero for left, right and coef.
+# SDS-LoRA is ``(left, right, coef) = (qa, qb, 1)``; LoRA is ``(a, b.T, 1/2)``.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _two_branch_matmul(x, a, b, left, right, coef, scale):
+  y, _ = _two_branch_fwd(x, a, b, left, right, coef, scale)
+  return y
+
+
+def _two_branch_fwd(x, a, b, left, right, coef, scale):
+  dt = x.dtype
+  x_left = _mm(x, left, dt)  # (..., r)
+  x_a = _mm(x, a, dt)  # (..., r)
+  y = _mm(x_left, b, dt) + _mm(x_a, right.T, dt)
+  y = (coef * scale * y).astype(dt)
+  return y, (x, x_left, a, b, left, right, coef)
+
+
+def _two_branch_bwd(scale, residuals, g):
+  x, x_left, a, b, left, right, coef = residuals
+  dt = x.dtype
+  g_right = _mm(g, right, dt)  # (..., r)
+  g_bt = _mm(g, b.T, dt)  # (..., r)
+  d_b = scale * _contract_batch(x_left, g, dt)  # (r, d_out) = s left.T G
+  d_a = scale * _contract_batch(x, g_right, dt)  # (d_in, r) = s G right
+  d_x = coef * scale * (_mm(g_bt, left.T, dt) + _mm(g_right, a.T, dt))
+  return (
+      d_x.astype(x.dtype),
+      d_a.astype(a.dtype),
+      d_b.astype(b.dtype),
+      jnp.zeros_like(left),
+      jnp.zeros_like(right),
+      jnp.zeros_like(coef),
+  )
+
+
+_two_branch_matmul.defvjp(_two_branch_fwd, _two_branch_bwd)

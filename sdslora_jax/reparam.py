@@ -1,0 +1,54 @@
+"""The switch from plain-LoRA warm-up to SDS-LoRA.
+
+With the usual LoRA initialisation (``b = 0``) the basis of ``b`` is undefined,
+so training starts as plain LoRA for a few steps and then re-expresses the same
+update in SDS-LoRA form (the paper's "Equation 8" as this project reads it; the
+coefficient ``1/(2s)`` below is the one for which the identity holds):
+
+1. ``a = Qa Ra``, ``b.T = Qb Rb`` (thin QR); SVD ``s Ra Rb.T = U S V.T``.
+2. ``qa = Qa U``, ``qb = Qb V``.
+3. ``a' = qa diag(S / 2s)``, ``b' = diag(S / 2s) qb.T``.
+
+Then ``s (qa b' + a' qb.T) = qa S qb.T = s a b``: the adapted function is
+unchanged, and ``qa = orth(a')``, ``qb = orth(b'.T)`` wherever ``S > 0``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sdslora_jax import _checks
+
+
+def activate_sds(
+    a: jax.Array, b: jax.Array, *, scale: float
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Re-expresses a LoRA adapter exactly as an SDS-LoRA adapter.
+
+  Args:
+    a: ``(d_in, r)`` LoRA down factor after warm-up.
+    b: ``(r, d_out)`` LoRA up factor after warm-up.
+    scale: the adapter scale ``s``.
+
+  Returns:
+    ``(a_new, b_new, qa, qb)`` with ``sds_delta(a_new, b_new, scale=scale,
+    qa=qa, qb=qb) == lora_delta(a, b, scale=scale)`` up to float rounding.
+    Factors keep their input dtypes; bases are float32.
+  """
+  _checks.check_factors(jnp.shape(a), jnp.shape(b))
+  scale = _checks.check_scale(scale)
+  a32 = jnp.asarray(a, jnp.float32)
+  b32 = jnp.asarray(b, jnp.float32)
+  q_a, r_a = jnp.linalg.qr(a32, mode="reduced")
+  q_b, r_b = jnp.linalg.qr(b32.T, mode="reduced")
+  u, s, vt = jnp.linalg.svd(scale * (r_a @ r_b.T), full_matrices=False)
+  qa = q_a @ u
+  qb = q_b @ vt.T
+  half = s / (2.0 * scale)
+  a_new = (qa * half[None, :]).astype(jnp.asarray(a).dtype)
+  b_new = (half[:, None] * qb.T).astype(jnp.asarray(b).dtype)
+  # qa = orth(a_new) and qb = orth(b_new.T) exactly where S > 0 (the QR of
+  # qa diag(c) with c > 0 is unique). A direction the warm-up left at zero keeps
+  # its SVD basis vector: the identity holds and the bases stay orthonormal.
+  return a_new, b_new, qa, qb
