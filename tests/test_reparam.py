@@ -1,0 +1,57 @@
+"""activate_sds: the warm-up-to-SDS reparameterization preserves the update exactly."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sdslora_jax as sds
+
+
+def _rand(seed, shape):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0, 16.0])
+@pytest.mark.parametrize("shape", [(32, 4, 24), (8, 8, 8)])
+def test_activate_sds_preserves_update_and_bases(scale, shape):
+  d_in, r, d_out = shape
+  a, b = _rand(0, (d_in, r)), _rand(1, (r, d_out))
+  a2, b2, qa, qb = sds.activate_sds(a, b, scale=scale)
+  before = np.asarray(a, np.float64) @ np.asarray(b, np.float64) * scale
+  after = sds.sds_delta(a2, b2, scale=scale, qa=qa, qb=qb)
+  np.testing.assert_allclose(after, before, atol=1e-5 * np.abs(before).max())
+  np.testing.assert_allclose(qa, sds.orthonormal_basis(a2), atol=1e-5)
+  np.testing.assert_allclose(qb, sds.orthonormal_basis(b2.T), atol=1e-5)
+  # Balanced: the i-th column of a' and row of b' both have norm S_i / (2 s).
+  np.testing.assert_allclose(jnp.linalg.norm(a2, axis=0), jnp.linalg.norm(b2, axis=1), rtol=1e-5)
+  s_true = np.linalg.svd(before, compute_uv=False)[:r]
+  np.testing.assert_allclose(2 * scale * jnp.linalg.norm(a2, axis=0), s_true, rtol=1e-4)
+
+
+def test_activate_sds_wrong_coefficient_would_be_caught():
+  """The 1/(2s) coefficient is the one that preserves the update (1/sqrt(2s) does not)."""
+  a, b, scale = _rand(2, (16, 4)), _rand(3, (4, 16)), 4.0
+  a2, b2, qa, qb = sds.activate_sds(a, b, scale=scale)
+  ratio = np.sqrt(2 * scale) / (2 * scale)  # factor between the two readings
+  wrong = sds.sds_delta(a2 / ratio, b2 / ratio, scale=scale, qa=qa, qb=qb)
+  assert not np.allclose(wrong, scale * a @ b, atol=1e-3)
+
+
+def test_activate_sds_keeps_dtypes_and_handles_zero_b():
+  a = _rand(4, (12, 3)).astype(jnp.bfloat16)
+  b = jnp.zeros((3, 10), jnp.bfloat16)
+  a2, b2, qa, qb = sds.activate_sds(a, b, scale=2.0)
+  assert (a2.dtype, b2.dtype, qa.dtype, qb.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32)
+  np.testing.assert_array_equal(sds.sds_delta(a2, b2, scale=2.0, qa=qa, qb=qb), 0.0)
+  np.testing.assert_allclose(qa.T @ qa, np.eye(3), atol=1e-5)
+  np.testing.assert_allclose(qb.T @ qb, np.eye(3), atol=1e-5)
+
+
+def test_activate_sds_under_jit_and_errors():
+  a, b = _rand(5, (10, 2)), _rand(6, (2, 7))
+  out = jax.jit(lambda a, b: sds.activate_sds(a, b, scale=1.5))(a, b)
+  for u, v in zip(out, sds.activate_sds(a, b, scale=1.5)):
+    np.testing.assert_allclose(u, v, atol=1e-6)
+  with pytest.raises(ValueError, match="inner dimensions"):
+    sds.activate_sds(a, b.T, scale=1.0)
