@@ -189,22 +189,27 @@ def _two_branch_matmul(x, a, b, left, right, coef, scale):
 
 
 def _two_branch_fwd(x, a, b, left, right, coef, scale):
+  # Both branches as one matmul each way: x @ [left, a] -> [x_left, x_a], then
+  # [x_left, x_a] @ [b; right.T]. One dot per side keeps XLA from materialising
+  # an activation-sized temporary for the sum of two dots.
   dt = x.dtype
-  x_left = _mm(x, left, dt)  # (..., r)
-  x_a = _mm(x, a, dt)  # (..., r)
-  y = _mm(x_left, b, dt) + _mm(x_a, right.T, dt)
+  r = a.shape[1]
+  x_proj = _mm(x, jnp.concatenate([left.astype(dt), a.astype(dt)], axis=1), dt)  # (..., 2r)
+  y = _mm(x_proj, jnp.concatenate([b.astype(dt), right.T.astype(dt)], axis=0), dt)
   y = (coef * scale * y).astype(dt)
-  return y, (x, x_left, a, b, left, right, coef)
+  return y, (x, x_proj[..., :r], a, b, left, right, coef)
 
 
 def _two_branch_bwd(scale, residuals, g):
   x, x_left, a, b, left, right, coef = residuals
   dt = x.dtype
-  g_right = _mm(g, right, dt)  # (..., r)
-  g_bt = _mm(g, b.T, dt)  # (..., r)
+  r = a.shape[1]
+  g_proj = _mm(g, jnp.concatenate([b.T.astype(dt), right.astype(dt)], axis=1), dt)  # (..., 2r)
+  g_bt, g_right = g_proj[..., :r], g_proj[..., r:]
   d_b = scale * _contract_batch(x_left, g, dt)  # (r, d_out) = s left.T G
   d_a = scale * _contract_batch(x, g_right, dt)  # (d_in, r) = s G right
-  d_x = coef * scale * (_mm(g_bt, left.T, dt) + _mm(g_right, a.T, dt))
+  d_x = _mm(g_proj, jnp.concatenate([left.T.astype(dt), a.T.astype(dt)], axis=0), dt)
+  d_x = coef * scale * d_x
   return (
       d_x.astype(x.dtype),
       d_a.astype(a.dtype),
