@@ -37,6 +37,15 @@ class Adapter:
       adapter runs as SDS-LoRA (SDS-LoRA only).
     method: ``"lora"`` or ``"sds"`` (static).
     scale: the adapter scale ``s`` (static).
+    kernel_shape: shape of the targeted kernel when it is not simply
+      ``(d_in, d_out)`` (static; ``None`` means the 2-D kernel ``(d_in, d_out)``).
+    in_axes: kernel axes that form the input side, in kernel order (static;
+      ``None`` means ``(0,)``). The update's ``d_in`` is the product of these
+      axes' sizes and ``d_out`` that of the others, each flattened in kernel
+      order.
+    kind: ``"dense"`` (Dense, DenseGeneral, Einsum), ``"conv"`` or ``"embed"``
+      (static; ``None`` means ``"dense"``); decides how the frontends apply the
+      update and how it is exported.
   """
 
   a: jax.Array
@@ -46,6 +55,9 @@ class Adapter:
   sds_on: jax.Array | None = None
   method: str = "lora"
   scale: float = 1.0
+  kernel_shape: tuple[int, ...] | None = None
+  in_axes: tuple[int, ...] | None = None
+  kind: str | None = None
 
   @property
   def rank(self) -> int:
@@ -56,9 +68,26 @@ class Adapter:
     """The ``(d_in, d_out)`` shape of the kernel update."""
     return self.a.shape[0], self.b.shape[-1]
 
+  @property
+  def target_shape(self) -> tuple[int, ...]:
+    """Shape of the targeted kernel (``(d_in, d_out)`` unless ``kernel_shape`` is set)."""
+    return self.shape if self.kernel_shape is None else tuple(self.kernel_shape)
+
+  @property
+  def input_axes(self) -> tuple[int, ...]:
+    """Kernel axes forming the input side, in kernel order."""
+    return (0,) if self.in_axes is None else tuple(self.in_axes)
+
+  @property
+  def output_axes(self) -> tuple[int, ...]:
+    """Kernel axes forming the output side, in kernel order."""
+    return tuple(i for i in range(len(self.target_shape)) if i not in self.input_axes)
+
 
 jax.tree_util.register_dataclass(
-    Adapter, data_fields=["a", "b", "qa", "qb", "sds_on"], meta_fields=["method", "scale"]
+    Adapter,
+    data_fields=["a", "b", "qa", "qb", "sds_on"],
+    meta_fields=["method", "scale", "kernel_shape", "in_axes", "kind"],
 )
 
 
@@ -122,3 +151,18 @@ def adapter_delta(adapter: Adapter) -> jax.Array:
     return lora_delta(a, b, scale=adapter.scale)
   sds = sds_delta(a, b, scale=adapter.scale, qa=adapter.qa, qb=adapter.qb)
   return jnp.where(adapter.sds_on > 0.5, sds, lora_delta(a, b, scale=adapter.scale))
+
+
+def kernel_delta(adapter: Adapter) -> jax.Array:
+  """The dense update in the targeted kernel's own shape and axis order (float32).
+
+  ``adapter_delta`` is ``(d_in, d_out)``; it is unflattened to the input axes'
+  and output axes' sizes and transposed back to the kernel's axis order.
+  """
+  delta = adapter_delta(adapter)
+  shape = adapter.target_shape
+  in_axes, out_axes = adapter.input_axes, adapter.output_axes
+  split = tuple(shape[i] for i in in_axes) + tuple(shape[i] for i in out_axes)
+  delta = delta.reshape(split)
+  perm = in_axes + out_axes
+  return jnp.transpose(delta, tuple(perm.index(i) for i in range(len(shape))))

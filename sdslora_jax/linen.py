@@ -1,0 +1,252 @@
+"""Flax Linen frontend: adapters on an unmodified Linen model.
+
+The model code is not edited. ``apply`` runs ``model.apply`` under
+``flax.linen.intercept_methods``: when a ``Dense``, ``DenseGeneral``, ``Einsum``,
+``Conv`` (any ``nn.Conv``/``ConvTranspose``/``ConvLocal``) or ``Embed`` module
+is called and the adapter tree holds an adapter at ``module.path + (kernel
+name,)``, its output gets the adapter's contribution:
+
+* ``Dense``, ``DenseGeneral`` (without ``batch_dims``) and plain-matmul
+  ``Einsum``: the rank-r path (``tree.apply_dense_general``); no kernel-sized
+  update or gradient is formed.
+* ``Embed``: the update's rows are gathered from the factors (``__call__``),
+  and ``attend`` uses the rank-r path.
+* ``Conv`` and any other case: the kernel is merged *per call*
+  (``K + delta`` formed once per call, and its gradient) and the module re-run
+  on the merged parameters.
+
+Example::
+
+  adapters = sdslora_jax.linen.init_adapters(key, model, params, rules, x)
+  y = sdslora_jax.linen.apply(model, {"params": params}, adapters, x)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from sdslora_jax.adapter import Adapter, is_adapter, kernel_delta
+from sdslora_jax.targets import KernelLayout, Rule, einsum_in_axes, path_str
+from sdslora_jax.tree import (
+    adapter_items,
+    apply_dense_general,
+    apply_einsum,
+    attend_embedding,
+    init_adapters as _init_adapters,
+    lookup_embedding,
+    merge,
+)
+
+__all__ = ["apply", "init_adapters", "intercept", "merge", "module_layouts"]
+
+_CONV_TYPES = (nn.Conv, nn.ConvTranspose, nn.ConvLocal)
+_state = threading.local()
+
+
+def _inputs(args, kwargs, name="inputs"):
+  return args[0] if args else kwargs[name]
+
+
+def _einsum_str(module, args, kwargs):
+  eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+  eq = eq if eq is not None else module.einsum_str
+  return eq.replace(" ", "")
+
+
+def _dense_general_axis(module, ndim):
+  axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
+  return tuple(a % ndim for a in axis)
+
+
+def module_layouts(
+    model: nn.Module, *args: Any, method: Any = None, **kwargs: Any
+) -> dict[str, KernelLayout]:
+  """Kernel layouts by "/"-joined path, read from the module types.
+
+  Traces ``model.init`` abstractly (``jax.eval_shape``) on the example inputs
+  and records every Dense / DenseGeneral / Einsum / Conv / Embed call.
+  """
+  found: dict[str, KernelLayout] = {}
+
+  def record(next_fun, a, kw, ctx):
+    out = next_fun(*a, **kw)
+    m = ctx.module
+    if ctx.method_name != "__call__":
+      return out
+    base = "/".join(str(p) for p in m.path)
+    if isinstance(m, nn.Dense):
+      found[f"{base}/kernel"] = KernelLayout(tuple(m.variables["params"]["kernel"].shape), (0,))
+    elif isinstance(m, nn.DenseGeneral) and not m.batch_dims:
+      k = m.variables["params"]["kernel"]
+      n = len(_dense_general_axis(m, _inputs(a, kw).ndim))
+      found[f"{base}/kernel"] = KernelLayout(tuple(k.shape), tuple(range(n)))
+    elif isinstance(m, nn.Einsum):
+      k = m.variables["params"]["kernel"]
+      axes = einsum_in_axes(_einsum_str(m, a, kw), k.ndim)
+      if axes is not None:
+        found[f"{base}/kernel"] = KernelLayout(tuple(k.shape), axes)
+    elif isinstance(m, _CONV_TYPES):
+      k = m.variables["params"]["kernel"]
+      found[f"{base}/kernel"] = KernelLayout(tuple(k.shape), tuple(range(k.ndim - 1)), "conv")
+    elif isinstance(m, nn.Embed):
+      k = m.variables["params"]["embedding"]
+      found[f"{base}/embedding"] = KernelLayout(tuple(k.shape), (0,), "embed")
+    return out
+
+  def init(*a, **kw):
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    with nn.intercept_methods(record):
+      return model.init(rngs, *a, method=method, **kw)
+
+  jax.eval_shape(init, *args, **kwargs)
+  return found
+
+
+def init_adapters(
+    key: jax.Array,
+    model: nn.Module,
+    params: Any,
+    rules: Sequence[Rule | tuple],
+    *example_args: Any,
+    sds_on: bool = False,
+    **example_kwargs: Any,
+) -> dict:
+  """Adapters for a Linen model's parameters, layouts taken from the module types.
+
+  Args:
+    key: PRNG key.
+    model: the Linen module.
+    params: its ``params`` collection (not the whole variables dict).
+    rules: ordered target rules (``sdslora_jax.targets.rule``).
+    *example_args: example inputs for an abstract trace that finds each
+      kernel's module type (``jax.eval_shape``; nothing is computed). With no
+      example inputs, layouts come from the kernel shapes alone.
+    sds_on: start SDS-LoRA adapters in the SDS phase.
+    **example_kwargs: example keyword inputs.
+
+  Returns:
+    The adapter tree (zero update), mirroring ``params``.
+  """
+  if isinstance(params, Mapping) and isinstance(params.get("params"), Mapping):
+    params = params["params"]  # a whole variables dict was passed
+  layouts = module_layouts(model, *example_args, **example_kwargs) if (
+      example_args or example_kwargs
+  ) else None
+  return _init_adapters(key, params, rules, layouts=layouts, sds_on=sds_on)
+
+
+def _lookup(adapters, path, name):
+  node = adapters
+  for p in (*path, name):
+    if not isinstance(node, Mapping) or p not in node:
+      return None
+    node = node[p]
+  return node if is_adapter(node) else None
+
+
+def _merged_call(module, ad: Adapter, name, next_args, kwargs, method_name):
+  params = dict(module.variables["params"])
+  k = params[name]
+  params[name] = (k.astype("float32") + kernel_delta(ad)).astype(k.dtype)
+  variables = {c: v for c, v in module.variables.items() if c != "params"}
+  variables["params"] = params
+  _state.bypass = getattr(_state, "bypass", 0) + 1
+  try:
+    return module.clone(parent=None).apply(variables, *next_args, method=method_name, **kwargs)
+  finally:
+    _state.bypass -= 1
+
+
+def _make_interceptor(adapters, used: set):
+  def interceptor(next_fun, args, kwargs, ctx):
+    if getattr(_state, "bypass", 0):
+      return next_fun(*args, **kwargs)
+    m = ctx.module
+    if isinstance(m, nn.Embed):
+      ad = _lookup(adapters, m.path, "embedding")
+      if ad is None or ctx.method_name not in ("__call__", "attend"):
+        return next_fun(*args, **kwargs)
+      used.add((*m.path, "embedding"))
+      y = next_fun(*args, **kwargs)
+      if ctx.method_name == "__call__":
+        return y + lookup_embedding(_inputs(args, kwargs), ad).astype(y.dtype)
+      q = _inputs(args, kwargs, "query")
+      return y + attend_embedding(q.astype(y.dtype), ad)
+    if ctx.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    ad = _lookup(adapters, m.path, "kernel")
+    if ad is None:
+      return next_fun(*args, **kwargs)
+    used.add((*m.path, "kernel"))
+    if isinstance(m, nn.Dense):
+      y = next_fun(*args, **kwargs)
+      return y + apply_dense_general(_inputs(args, kwargs).astype(y.dtype), ad, (-1,))
+    if isinstance(m, nn.DenseGeneral) and not m.batch_dims:
+      x = _inputs(args, kwargs)
+      axis = _dense_general_axis(m, x.ndim)
+      if ad.input_axes == tuple(range(len(axis))):
+        y = next_fun(*args, **kwargs)
+        return y + apply_dense_general(x.astype(y.dtype), ad, axis)
+    if isinstance(m, nn.Einsum):
+      eq = _einsum_str(m, args, kwargs)
+      if einsum_in_axes(eq, len(ad.target_shape)) == ad.input_axes:
+        y = next_fun(*args, **kwargs)
+        return y + apply_einsum(_inputs(args, kwargs).astype(y.dtype), ad, eq)
+    # Conv, DenseGeneral with batch_dims, non-matmul Einsum: merge per call.
+    return _merged_call(m, ad, "kernel", args, kwargs, "__call__")
+
+  return interceptor
+
+
+@contextlib.contextmanager
+def intercept(adapters: Any, *, used: set | None = None):
+  """Context manager: Linen modules called inside get their adapters.
+
+  ``with intercept(adapters): y = model.apply(variables, x)``. Paths are
+  ``module.path`` plus ``"kernel"`` (``"embedding"`` for ``Embed``).
+  ``used`` (optional) collects the plain key paths of the adapters applied.
+  """
+  used = set() if used is None else used
+  with nn.intercept_methods(_make_interceptor(adapters, used)):
+    yield used
+
+
+def apply(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    adapters: Any,
+    *args: Any,
+    check_unused: bool = True,
+    **kwargs: Any,
+) -> Any:
+  """``model.apply(variables, *args, **kwargs)`` with the adapters applied.
+
+  Args:
+    model: the unmodified Linen module.
+    variables: ``{"params": base_params, ...}`` as for ``model.apply``.
+    adapters: the adapter tree (mirrors ``variables["params"]``).
+    *args: positional arguments of ``model.apply``.
+    check_unused: raise if an adapter's module was never called (a path typo
+      would otherwise silently leave the model unadapted).
+    **kwargs: keyword arguments of ``model.apply`` (``method``, ``rngs``,
+      ``mutable``, model inputs).
+
+  Raises:
+    ValueError: with ``check_unused``, when adapters were not reached.
+  """
+  with intercept(adapters) as used:
+    out = model.apply(variables, *args, **kwargs)
+  if check_unused:
+    unused = [path_str(k) for k, _ in adapter_items(adapters) if k not in used]
+    if unused:
+      raise ValueError(
+          f"adapters at {unused} were not applied: no Dense/DenseGeneral/Einsum/Conv/Embed "
+          "module with that path was called"
+      )
+  return out

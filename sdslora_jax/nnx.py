@@ -1,0 +1,291 @@
+"""Flax NNX frontend: adapters by model surgery.
+
+NNX has no method interceptor, so targeted submodules (``nnx.Linear``,
+``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv``/``ConvTranspose``,
+``nnx.Embed``) are replaced in place by an ``Adapted`` wrapper that holds the
+original module (``.base``, unchanged) and the ``Adapter`` in an
+``AdapterVariable``. The model's own code is not edited. Consequences:
+
+* ``nnx.state(model, AdapterVariable)`` is the adapter tree (train this);
+  ``nnx.Param`` stays the frozen base, now at ``<module path>/base/kernel``.
+* Linear / LinearGeneral (without ``batch_axis``) / plain-matmul Einsum use the
+  rank-r path; Embed gathers the update's rows; Conv (and any other case)
+  merges the kernel per call.
+* ``adapters(model)`` gives the adapters keyed by the original kernel paths
+  (for ``tree.merge`` and PEFT export); ``unwrap`` restores the original
+  modules in place; ``merged`` returns a copy with the updates folded in.
+
+Example::
+
+  model = sdslora_jax.nnx.adapt(model, rules, key=jax.random.key(0))
+  graphdef, lora, rest = nnx.split(model, sdslora_jax.nnx.AdapterVariable, ...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+
+from sdslora_jax.adapter import Adapter, kernel_delta
+from sdslora_jax.targets import KernelLayout, Rule, einsum_in_axes, path_str, select_targets
+from sdslora_jax.tree import (
+    adapter_items,
+    adapters_from_targets,
+    apply_dense_general,
+    apply_einsum,
+    attend_embedding,
+    lookup_embedding,
+)
+
+__all__ = [
+    "AdapterVariable",
+    "Adapted",
+    "adapt",
+    "adapter_state",
+    "adapters",
+    "attach",
+    "is_adapted",
+    "merged",
+    "unwrap",
+]
+
+_CONV_TYPES = (nnx.Conv, nnx.ConvTranspose)
+SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed, *_CONV_TYPES)
+
+
+class AdapterVariable(nnx.Variable):
+  """An ``nnx.Variable`` whose value is one ``Adapter`` (the trainable state)."""
+
+
+def _kernel_name(module: nnx.Module) -> str:
+  return "embedding" if isinstance(module, nnx.Embed) else "kernel"
+
+
+def _layout(module: nnx.Module) -> KernelLayout | None:
+  """The kernel layout implied by a module's type and settings."""
+  k = getattr(module, _kernel_name(module))
+  shape = tuple(k.shape)
+  if isinstance(module, nnx.Embed):
+    return KernelLayout(shape, (0,), "embed")
+  if isinstance(module, nnx.Linear):
+    return KernelLayout(shape, (0,))
+  if isinstance(module, nnx.LinearGeneral):
+    if module.batch_axis:
+      return None
+    return KernelLayout(shape, tuple(range(len(module.axis))))
+  if isinstance(module, nnx.Einsum):
+    axes = einsum_in_axes(module.einsum_str, len(shape)) if module.einsum_str else None
+    return None if axes is None else KernelLayout(shape, axes)
+  if isinstance(module, _CONV_TYPES):
+    return KernelLayout(shape, tuple(range(len(shape) - 1)), "conv")
+  return None
+
+
+class Adapted(nnx.Module):
+  """A targeted module plus its adapter; calls the module with the update added.
+
+  Attributes:
+    base: the original module (its ``nnx.Param`` kernel stays frozen).
+    adapter: ``AdapterVariable`` holding the ``Adapter``.
+  """
+
+  def __init__(self, base: nnx.Module, adapter: Adapter):
+    if not isinstance(base, SUPPORTED):
+      raise TypeError(f"cannot adapt a {type(base).__name__}; supported: "
+                      f"{[t.__name__ for t in SUPPORTED]}")
+    shape = tuple(getattr(base, _kernel_name(base)).shape)
+    if adapter.target_shape != shape:
+      raise ValueError(
+          f"adapter for a kernel of shape {adapter.target_shape} cannot wrap a "
+          f"{type(base).__name__} whose kernel has shape {shape}"
+      )
+    self.base = base
+    self.adapter = AdapterVariable(adapter)
+
+  def _merged_call(self, *args, **kwargs):
+    """Runs a copy of the base module with ``K + delta`` as its kernel (per call).
+
+    The copy is made by ``nnx.split`` / ``nnx.merge`` with fresh variables, so
+    no variable of the model is mutated (safe under any JAX transform).
+    """
+    ad = self.adapter.get_value()
+    name = _kernel_name(self.base)
+    graphdef, state = nnx.split(self.base)
+    state = jax.tree.map(lambda v: v, state)  # fresh Variable objects at this trace level
+    var = state[name]
+    old = var.get_value()
+    var.set_value((old.astype("float32") + kernel_delta(ad)).astype(old.dtype))
+    return nnx.merge(graphdef, state)(*args, **kwargs)
+
+  def __call__(self, *args, **kwargs):
+    ad = self.adapter.get_value()
+    base = self.base
+    x = args[0] if args else kwargs["inputs"]
+    if isinstance(base, nnx.Embed):
+      y = base(*args, **kwargs)
+      return y + lookup_embedding(x, ad).astype(y.dtype)
+    if isinstance(base, nnx.Linear):
+      y = base(*args, **kwargs)
+      return y + apply_dense_general(x.astype(y.dtype), ad, (-1,))
+    if isinstance(base, nnx.LinearGeneral) and not base.batch_axis:
+      axis = tuple(a % x.ndim for a in base.axis)
+      if ad.input_axes == tuple(range(len(axis))):
+        y = base(*args, **kwargs)
+        return y + apply_dense_general(x.astype(y.dtype), ad, axis)
+    if isinstance(base, nnx.Einsum):
+      eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+      eq = (eq if eq is not None else base.einsum_str).replace(" ", "")
+      if einsum_in_axes(eq, len(ad.target_shape)) == ad.input_axes:
+        y = base(*args, **kwargs)
+        return y + apply_einsum(x.astype(y.dtype), ad, eq)
+    return self._merged_call(*args, **kwargs)
+
+  def attend(self, query, *args, **kwargs):
+    """``Embed.attend`` with the update (rank-r path)."""
+    if not isinstance(self.base, nnx.Embed):
+      raise AttributeError(f"{type(self.base).__name__} has no attend")
+    y = self.base.attend(query, *args, **kwargs)
+    return y + attend_embedding(query.astype(y.dtype), self.adapter.get_value())
+
+
+def _get(node, key):
+  if isinstance(key, str) and not isinstance(node, Mapping):
+    return getattr(node, key)
+  return node[key]
+
+
+def _replace(model: nnx.Module, path: tuple, new: Any) -> None:
+  parent = model
+  for k in path[:-1]:
+    parent = _get(parent, k)
+  k = path[-1]
+  if isinstance(k, str) and not isinstance(parent, Mapping):
+    setattr(parent, k, new)
+  else:
+    parent[k] = new
+
+
+def _modules(model: nnx.Module):
+  """``[(path, module)]`` of the supported and the wrapper modules, outside wrappers."""
+  found, wrapped = [], []
+  for path, node in nnx.iter_graph(model):
+    if any(path[: len(w)] == w for w in wrapped):
+      continue
+    if isinstance(node, Adapted):
+      wrapped.append(tuple(path))
+      found.append((tuple(path), node))
+    elif isinstance(node, SUPPORTED):
+      found.append((tuple(path), node))
+  return found
+
+
+def attach(model: nnx.Module, adapter_tree: Any) -> nnx.Module:
+  """Wraps the modules whose kernels have adapters in ``adapter_tree`` (in place).
+
+  Args:
+    model: an NNX model (not yet adapted at those paths).
+    adapter_tree: adapters keyed by the original kernel paths (as made by
+      ``tree.init_adapters`` on ``nnx.state(model, nnx.Param)``, by
+      ``adapters(model)`` or by ``peft.import_peft``).
+
+  Returns:
+    ``model`` itself, modified.
+  """
+  mods = {path: m for path, m in _modules(model)}
+  for keys, ad in adapter_items(adapter_tree):
+    mod_path = tuple(keys[:-1])
+    m = mods.get(mod_path)
+    if m is None or isinstance(m, Adapted) or keys[-1] != _kernel_name(m):
+      what = "is already adapted" if isinstance(m, Adapted) else "is not a supported module"
+      raise ValueError(
+          f"cannot attach the adapter at {path_str(keys)!r}: {path_str(mod_path) or '<root>'} "
+          f"{what} (supported: {[t.__name__ for t in SUPPORTED]})"
+      )
+    if not mod_path:
+      raise ValueError("cannot adapt the root module itself; wrap it in a parent module")
+    _replace(model, mod_path, Adapted(m, ad))
+  return model
+
+
+def adapt(
+    model: nnx.Module,
+    rules: Sequence[Rule | tuple],
+    *,
+    key: jax.Array,
+    sds_on: bool = False,
+) -> nnx.Module:
+  """Selects kernels by the rules and attaches freshly initialised adapters (in place).
+
+  Rules see the original "/"-joined ``nnx.Param`` paths (e.g.
+  ``"encoder/layers/0/attention/query/kernel"``); layouts come from the module
+  types. The update is exactly zero after this call.
+
+  Raises:
+    ValueError: rule errors (see ``targets.select_targets``), or a rule selects
+      a kernel of an unsupported module type.
+  """
+  mods = [(p, m) for p, m in _modules(model) if not isinstance(m, Adapted)]
+  layouts = {}
+  unsupported = []
+  for p, m in mods:
+    lay = _layout(m)
+    kpath = path_str((*p, _kernel_name(m)))
+    if lay is None:
+      unsupported.append(kpath)
+    else:
+      layouts[kpath] = lay
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  targets = select_targets(params, rules, layouts=layouts)
+  for t in targets:
+    if t.path not in layouts:
+      raise ValueError(
+          f"rule {t.rule.label} selects {t.path!r}, which does not belong to a supported module "
+          f"(Linear, LinearGeneral without batch_axis, plain-matmul Einsum, Conv, Embed)"
+      )
+  return attach(model, adapters_from_targets(key, targets, sds_on=sds_on))
+
+
+def adapter_state(model: nnx.Module) -> nnx.State:
+  """``nnx.state(model, AdapterVariable)``: the trainable adapter state."""
+  return nnx.state(model, AdapterVariable)
+
+
+def adapters(model: nnx.Module) -> dict:
+  """The adapters as a plain tree keyed by the original kernel paths."""
+  tree: dict = {}
+  for path, m in _modules(model):
+    if isinstance(m, Adapted):
+      node = tree
+      for k in path:
+        node = node.setdefault(k, {})
+      node[_kernel_name(m.base)] = m.adapter.get_value()
+  return tree
+
+
+def unwrap(model: nnx.Module) -> nnx.Module:
+  """Puts the original modules back (in place); returns the unadapted model."""
+  for path, m in _modules(model):
+    if isinstance(m, Adapted):
+      _replace(model, path, m.base)
+  return model
+
+
+def merged(model: nnx.Module) -> nnx.Module:
+  """A copy of the model with every update folded into its kernel, no wrappers."""
+  out = nnx.clone(model)
+  for path, m in _modules(out):
+    if isinstance(m, Adapted):
+      var = getattr(m.base, _kernel_name(m.base))
+      old = var.get_value()
+      var.set_value((old.astype("float32") + kernel_delta(m.adapter.get_value())).astype(old.dtype))
+      _replace(out, path, m.base)
+  return out
+
+
+def is_adapted(model: nnx.Module) -> bool:
+  """Whether any submodule is an ``Adapted`` wrapper."""
+  return any(isinstance(m, Adapted) for _, m in _modules(model))
+

@@ -1,0 +1,171 @@
+"""PEFT export / import: exact round trips, file layout, error paths."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from sdslora_jax import peft
+from sdslora_jax.adapter import Adapter, kernel_delta
+from sdslora_jax.basis import factor_bases
+
+
+def _ad(key, shape, in_axes, *, method="sds", sds_on=1.0, rank=2, scale=0.75, kind=None):
+  d_in = int(np.prod([shape[i] for i in in_axes]))
+  d_out = int(np.prod(shape)) // d_in
+  ka, kb = jax.random.split(key)
+  a = jax.random.normal(ka, (d_in, rank))
+  b = jax.random.normal(kb, (rank, d_out))
+  extra = {}
+  if method == "sds":
+    qa, qb = factor_bases(a, b)
+    qa = qa + 0.1 * jax.random.normal(kb, qa.shape)  # stale bases: the 2r export must still be exact
+    extra = dict(qa=qa, qb=qb, sds_on=jnp.float32(sds_on))
+  return Adapter(a=a, b=b, method=method, scale=scale, kernel_shape=shape, in_axes=in_axes, kind=kind,
+                 **extra)
+
+
+PARAMS = {
+    "dense": {"kernel": jnp.zeros((6, 5))},
+    "q": {"kernel": jnp.zeros((8, 2, 4))},
+    "o": {"kernel": jnp.zeros((2, 4, 8))},
+    "emb": {"embedding": jnp.zeros((10, 6))},
+    "conv": {"kernel": jnp.zeros((3, 3, 2, 4))},
+}
+NAMES = {"dense/kernel": "m.dense", "q": "m.attn.q", "o": "m.attn.o", "emb": "m.emb", "conv": "m.conv"}
+
+
+def _adapters():
+  k = jax.random.split(jax.random.key(0), 5)
+  return {
+      "dense": {"kernel": _ad(k[0], (6, 5), (0,), method="lora", rank=3, scale=2.0)},
+      "q": {"kernel": _ad(k[1], (8, 2, 4), (0,))},
+      "o": {"kernel": _ad(k[2], (2, 4, 8), (0, 1), sds_on=0.0)},
+      "emb": {"embedding": _ad(k[3], (10, 6), (0,), kind="embed")},
+      "conv": {"kernel": _ad(k[4], (3, 3, 2, 4), (0, 1, 2), kind="conv")},
+  }
+
+
+def test_round_trip_is_exact(tmp_path):
+  ads = _adapters()
+  peft.export_peft(tmp_path, ads, module_names=NAMES, base_model_name_or_path="base")
+  back = peft.import_peft(tmp_path, PARAMS, module_names=NAMES)
+  for path in [("dense", "kernel"), ("q", "kernel"), ("o", "kernel"), ("emb", "embedding"),
+               ("conv", "kernel")]:
+    src, dst = ads[path[0]][path[1]], back[path[0]][path[1]]
+    assert dst.method == "lora" and dst.kernel_shape == src.kernel_shape
+    np.testing.assert_allclose(kernel_delta(dst), kernel_delta(src), rtol=1e-5, atol=1e-5)
+  assert back["q"]["kernel"].rank == 4  # SDS phase -> rank 2r
+  assert back["o"]["kernel"].rank == 2  # warm-up -> plain rank r
+
+
+def test_file_layout_matches_peft(tmp_path):
+  ads = _adapters()
+  peft.export_peft(tmp_path, ads, module_names=lambda p: "model." + p.replace("/", "."))
+  cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+  t = load_file(str(tmp_path / "adapter_model.safetensors"))
+  assert cfg["peft_type"] == "LORA" and cfg["target_modules"] == sorted(
+      ["model.dense", "model.q", "model.o", "model.emb", "model.conv"])
+  assert t["base_model.model.model.q.lora_A.weight"].shape == (4, 8)
+  assert t["base_model.model.model.q.lora_B.weight"].shape == (8, 4)
+  assert t["base_model.model.model.emb.lora_embedding_A"].shape == (4, 10)
+  assert t["base_model.model.model.conv.lora_A.weight"].shape == (4, 2, 3, 3)
+  assert t["base_model.model.model.conv.lora_B.weight"].shape == (4, 4, 1, 1)
+
+  def rank_alpha(name):
+    return (cfg["rank_pattern"].get(name, cfg["r"]), cfg["alpha_pattern"].get(name, cfg["lora_alpha"]))
+
+  # Independent reference in torch orientation: dW = (alpha / r) * B @ A == dK.T (flattened).
+  for name, key, ad in [("model.q", "q", ads["q"]["kernel"]), ("model.dense", "dense", ads["dense"]["kernel"])]:
+    r, alpha = rank_alpha(name)
+    dw = alpha / r * t[f"base_model.model.{name}.lora_B.weight"] @ t[f"base_model.model.{name}.lora_A.weight"]
+    np.testing.assert_allclose(dw, np.asarray(kernel_delta(ad)).reshape(ad.shape).T, rtol=1e-5, atol=1e-5)
+  sds = ads["q"]["kernel"]
+  np.testing.assert_allclose(t["base_model.model.model.q.lora_B.weight"],
+                             np.concatenate([sds.b.T, sds.qb], axis=1), rtol=1e-6)
+  np.testing.assert_allclose(t["base_model.model.model.q.lora_A.weight"],
+                             np.concatenate([sds.qa.T, sds.a.T], axis=0), rtol=1e-6)
+  assert rank_alpha("model.q") == (4, pytest.approx(4 * 0.75))
+  # Conv: dW[o, c, h, w] = s * sum_r B[o, r] A[r, c, h, w] == K[h, w, c, o].
+  r, alpha = rank_alpha("model.conv")
+  a_c, b_c = t["base_model.model.model.conv.lora_A.weight"], t["base_model.model.model.conv.lora_B.weight"]
+  dw = alpha / r * np.einsum("or,rchw->hwco", b_c[:, :, 0, 0], a_c)
+  np.testing.assert_allclose(dw, kernel_delta(ads["conv"]["kernel"]), rtol=1e-5, atol=1e-5)
+
+
+def test_rslora_import_and_exact_truncation(tmp_path):
+  a_t = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)  # r=4 > min(3, 2)
+  b_t = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
+  save_file({"base_model.model.lin.lora_A.weight": a_t, "base_model.model.lin.lora_B.weight": b_t},
+            str(tmp_path / "adapter_model.safetensors"))
+  (tmp_path / "adapter_config.json").write_text(json.dumps(
+      {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": True}))
+  back = peft.import_peft(tmp_path, {"lin": {"kernel": jnp.zeros((3, 2))}}, module_names={"lin": "lin"})
+  ad = back["lin"]["kernel"]
+  assert ad.rank == 2 and ad.scale == pytest.approx(8 / 2.0)
+  np.testing.assert_allclose(kernel_delta(ad), (8 / 2.0 * b_t @ a_t).T, rtol=1e-5, atol=1e-5)
+
+
+def test_overwrite_refused(tmp_path):
+  peft.export_peft(tmp_path, _adapters(), module_names=NAMES)
+  with pytest.raises(FileExistsError, match=r"adapter_config.json exists; pass overwrite=True"):
+    peft.export_peft(tmp_path, _adapters(), module_names=NAMES)
+  peft.export_peft(tmp_path, _adapters(), module_names=NAMES, overwrite=True)
+
+
+def test_export_errors(tmp_path):
+  with pytest.raises(KeyError, match=r"module_names has no entry for 'conv/kernel'"):
+    peft.export_peft(tmp_path, _adapters(), module_names={k: v for k, v in NAMES.items() if k != "conv"})
+  with pytest.raises(ValueError, match=r"module name 'x' is given to both"):
+    peft.export_peft(tmp_path, _adapters(), module_names=lambda p: "x")
+
+
+def _write(tmp_path, tensors, config):
+  save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+  (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+
+
+GOOD = {"base_model.model.lin.lora_A.weight": np.ones((2, 3), np.float32),
+        "base_model.model.lin.lora_B.weight": np.ones((4, 2), np.float32)}
+CFG = {"peft_type": "LORA", "r": 2, "lora_alpha": 2}
+P = {"lin": {"kernel": jnp.zeros((3, 4))}}
+
+
+@pytest.mark.parametrize("tensors,config,error,match", [
+    (GOOD, {**CFG, "r": 3}, ValueError, r"module 'lin': tensors have rank 2 but the config says r=3"),
+    ({k: v for k, v in GOOD.items() if "lora_B" in k}, CFG, ValueError, r"module 'lin': lora_A is missing"),
+    ({**GOOD, "base_model.model.lin.lora_B.weight": np.ones((5, 2), np.float32)}, CFG, ValueError,
+     r"lora_B \(5, 2\) do not fit the kernel 'lin/kernel' of shape \(3, 4\)"),
+    ({**GOOD, "junk": np.ones(2, np.float32)}, CFG, ValueError, r"unexpected tensor 'junk'"),
+    ({"base_model.model.other.lora_A.weight": GOOD["base_model.model.lin.lora_A.weight"],
+      "base_model.model.other.lora_B.weight": GOOD["base_model.model.lin.lora_B.weight"]}, CFG,
+     ValueError, r"module 'other' in the adapter has no Flax kernel"),
+    (GOOD, {**CFG, "peft_type": "IA3"}, ValueError, r"peft_type is 'IA3'"),
+    (GOOD, {**CFG, "use_dora": True}, NotImplementedError, r"DoRA"),
+    (GOOD, {"peft_type": "LORA"}, ValueError, r"'r' must be a positive number"),
+])
+def test_import_errors(tmp_path, tensors, config, error, match):
+  _write(tmp_path, tensors, config)
+  with pytest.raises(error, match=match):
+    peft.import_peft(tmp_path, P, module_names={"lin": "lin"})
+
+
+def test_corrupted_files(tmp_path):
+  _write(tmp_path, GOOD, CFG)
+  assert peft.import_peft(tmp_path, P, module_names={"lin": "lin"})["lin"]["kernel"].rank == 2
+  (tmp_path / "adapter_config.json").write_text("{not json")
+  with pytest.raises(ValueError, match=r"adapter_config.json is not valid JSON"):
+    peft.import_peft(tmp_path, P, module_names={"lin": "lin"})
+  _write(tmp_path, GOOD, CFG)
+  (tmp_path / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage")
+  with pytest.raises(ValueError, match=r"adapter_model.safetensors is not a readable safetensors file"):
+    peft.import_peft(tmp_path, P, module_names={"lin": "lin"})
+  (tmp_path / "adapter_model.safetensors").unlink()
+  with pytest.raises(FileNotFoundError, match=r"adapter_model.safetensors is missing"):
+    peft.import_peft(tmp_path, P, module_names={"lin": "lin"})
+  with pytest.raises(ValueError, match=r"module_names keys \['nope'\] name no kernel"):
+    _write(tmp_path, GOOD, CFG)
+    peft.import_peft(tmp_path, P, module_names={"nope": "lin"})
