@@ -1,0 +1,331 @@
+"""``sds_lora``: an Optax wrapper that trains SDS-LoRA adapters with any optimizer.
+
+The wrapped ("inner") optimizer sees only the trainable leaves: the factors
+``a``, ``b`` of every adapter and every other leaf of the tree (a head, a frozen
+base handled by the user's own partition, ...). The bases ``qa``, ``qb`` and the
+phase flag ``sds_on`` of SDS adapters are removed from the tree it sees, so they
+get no optimizer state and no weight decay. Around the inner update the
+wrapper runs the SDS-LoRA life cycle, as data inside one compiled step:
+
+1. Warm-up: for the first ``warmup_steps`` updates SDS adapters train as plain
+   LoRA (``sds_on == 0``; the forward pass switches on the flag).
+2. Switch, at the end of update number ``warmup_steps``: the factors after this
+   update are re-expressed exactly in SDS form (``activate_sds``: the adapted
+   function is unchanged), ``sds_on`` becomes 1, the bases are set, and the
+   inner optimizer's per-parameter state for those factors is reset.
+3. SDS phase: after the update the bases are recomputed from the updated
+   factors (``refresh_bases``, signs aligned to the previous bases) on a
+   schedule (``schedules.py``).
+
+The returned updates are ``new - old`` for every leaf, so
+``optax.apply_updates(params, updates)`` gives factors and bases that belong
+together. Where nothing but the inner update happens, the factor updates are
+the inner updates unchanged (bit for bit).
+
+Moment reset rule (structural). A subtree of the inner state "mirrors" the
+parameters when it has the containers of the tree the inner optimizer sees,
+with an ``Adapter`` wherever that tree has one (``optax.MaskedNode`` may stand
+for any subtree): Adam's ``mu`` and ``nu``, the masked copies inside
+``optax.partition``, factored second moments, stored parameter copies, ... In
+such a subtree, the ``a`` and ``b`` entries of every adapter that switches are
+replaced by their values in a freshly initialised inner state, ``inner.init``
+of the switched parameters. Everything else carries on unchanged: step counts
+(including Adam's bias-correction count), schedule states, injected
+hyper-parameters, and the state of every other leaf. An optimizer that stores
+per-parameter state in another layout (e.g. a flat list) is not reset.
+
+References:
+  Oh, Baik & Lee, "SDS-LoRA: Overcoming Anisotropic Gradient Scaling in
+  Low-Rank Adaptation", arXiv 2606.16454, 2026.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sdslora_jax.adapter import is_adapter
+from sdslora_jax.basis import refresh_bases
+from sdslora_jax.optim.schedules import RefreshSchedule, make_refresh_schedule
+from sdslora_jax.reparam import activate_sds
+
+_F32 = jnp.float32
+
+
+class SdsLoraState(NamedTuple):
+  """State of ``sds_lora``.
+
+  Attributes:
+    count: int32, the number of updates applied so far (warm-up included).
+    num_refreshes: int32, the number of updates at the end of which bases were
+      recomputed from the factors (the switch itself not counted).
+    inner_state: the wrapped optimizer's state, for the trainable leaves only.
+  """
+
+  count: jax.Array
+  num_refreshes: jax.Array
+  inner_state: optax.OptState
+
+
+def _is_sds(x: Any) -> bool:
+  return is_adapter(x) and x.method == "sds"
+
+
+def _strip(x: Any) -> Any:
+  if not _is_sds(x):
+    return x
+  return dataclasses.replace(x, qa=None, qb=None, sds_on=None)
+
+
+def trainable_params(tree: Any) -> Any:
+  """The tree an inner optimizer sees: SDS adapters without ``qa``, ``qb``, ``sds_on``.
+
+  Build ``optax.partition`` / ``optax.masked`` label and mask trees against this
+  structure (or pass a callable such as ``factor_labels``).
+  """
+  return jax.tree.map(_strip, tree, is_leaf=is_adapter)
+
+
+def _apply(p: jax.Array, u: jax.Array) -> jax.Array:
+  """``optax.apply_updates`` for one leaf."""
+  return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
+
+
+def _children(x: Any) -> tuple[list[Any], Any]:
+  """Flattens one level of ``x``."""
+  return jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)
+
+
+def _is_leaf_def(treedef: Any) -> bool:
+  return treedef.num_nodes == 1 and treedef.num_leaves == 1
+
+
+def _mirrors(ref: Any, node: Any) -> bool:
+  """Whether ``node`` is a per-parameter copy of ``ref`` (see the module docs)."""
+  if isinstance(node, optax.MaskedNode):
+    return True
+  if is_adapter(ref) or is_adapter(node):
+    return is_adapter(ref) and is_adapter(node)
+  ref_children, ref_def = _children(ref)
+  node_children, node_def = _children(node)
+  if _is_leaf_def(ref_def):
+    return _is_leaf_def(node_def)
+  if ref_def != node_def:
+    return False
+  return all(_mirrors(r, n) for r, n in zip(ref_children, node_children))
+
+
+def _reset_mirror(ref: Any, old: Any, fresh: Any, flags: dict[int, jax.Array]) -> Any:
+  """Resets the factors of flagged adapters inside a per-parameter subtree."""
+  if isinstance(old, optax.MaskedNode):
+    return old
+  if is_adapter(ref):
+    flag = flags.get(id(ref))
+    if flag is None:
+      return old
+
+    def select(f, o):
+      return jax.tree.map(lambda fl, ol: jnp.where(flag, fl, ol).astype(ol.dtype), f, o)
+
+    return dataclasses.replace(old, a=select(fresh.a, old.a), b=select(fresh.b, old.b))
+  ref_children, ref_def = _children(ref)
+  if _is_leaf_def(ref_def):
+    return old
+  old_children, old_def = _children(old)
+  fresh_children, _ = _children(fresh)
+  return old_def.unflatten(
+      [_reset_mirror(r, o, f, flags) for r, o, f in zip(ref_children, old_children, fresh_children)]
+  )
+
+
+def _reset_state(ref: Any, old: Any, fresh: Any, flags: dict[int, jax.Array]) -> Any:
+  """Walks the inner state; resets flagged factors in every subtree mirroring ``ref``."""
+  if _mirrors(ref, old):
+    return _reset_mirror(ref, old, fresh, flags)
+  old_children, old_def = _children(old)
+  if not old_children or _is_leaf_def(old_def):
+    return old
+  fresh_children, _ = _children(fresh)
+  return old_def.unflatten(
+      [_reset_state(ref, o, f, flags) for o, f in zip(old_children, fresh_children)]
+  )
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+  return value
+
+
+def sds_lora(
+    inner: optax.GradientTransformation,
+    *,
+    warmup_steps: int = 10,
+    refresh: str | int | RefreshSchedule = "every_step",
+    phases: int = 5,
+    total_steps: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Trains a tree of ``Adapter`` nodes as SDS-LoRA with the optimizer ``inner``.
+
+  Add it once, around the whole optimizer chain; see the module docstring for
+  the life cycle and the moment-reset rule. ``update`` needs ``params``.
+
+  Args:
+    inner: the user's optimizer (any ``GradientTransformation``, e.g. an
+      ``optax.chain``); it sees ``trainable_params(params)``.
+    warmup_steps: plain-LoRA updates before the switch. ``0`` is allowed:
+      adapters already in SDS mode (``sds_on == 1``) train as SDS-LoRA from the
+      first update; adapters still in warm-up mode switch at the end of the
+      first update (the usual ``b = 0`` initialisation has no basis, so at
+      least one LoRA update is needed). An adapter found with ``sds_on == 0``
+      after the warm-up (e.g. added later) switches at the next update.
+    refresh: when to recompute the bases after the switch: ``"every_step"``
+      (default; the bases are a function of the factors), an int ``k`` (every
+      ``k`` updates), ``"phases"`` (growing intervals ``1, 2, ..., phases``
+      over ``total_steps - warmup_steps`` updates) or a callable ``j -> bool``
+      of the post-warm-up step ``j >= 1``. Adapters already in SDS mode during
+      the warm-up are refreshed after every warm-up update.
+    phases: the number of phases for ``refresh="phases"`` (default 5).
+    total_steps: the total number of updates, warm-up included; needed by
+      ``refresh="phases"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; extra arguments go to ``inner``.
+
+  Raises:
+    TypeError: if ``inner`` is not a gradient transformation.
+    ValueError: on invalid arguments (at construction), or when ``update`` is
+      called without ``params`` or with an SDS adapter that has no ``sds_on``.
+
+  Examples:
+    >>> import jax, optax, sdslora_jax as sl
+    >>> from sdslora_jax.optim import sds_lora
+    >>> params = {"w": sl.init_adapter(jax.random.key(0), 16, 8, rank=2, scale=1.0)}
+    >>> tx = sds_lora(optax.adamw(1e-3), warmup_steps=10)
+    >>> state = tx.init(params)
+
+  References:
+    Oh, Baik & Lee, "SDS-LoRA: Overcoming Anisotropic Gradient Scaling in
+    Low-Rank Adaptation", arXiv 2606.16454, 2026.
+  """
+  if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+    raise TypeError(f"inner must be an optax GradientTransformation, got {inner!r}")
+  warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+  phases = _check_int("phases", phases, 1)
+  if total_steps is not None:
+    total_steps = _check_int("total_steps", total_steps, 1)
+  should_refresh = make_refresh_schedule(
+      refresh, warmup_steps=warmup_steps, phases=phases, total_steps=total_steps
+  )
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return SdsLoraState(
+        count=jnp.zeros([], jnp.int32),
+        num_refreshes=jnp.zeros([], jnp.int32),
+        inner_state=inner.init(trainable_params(params)),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("sds_lora needs params: call update(updates, state, params)")
+    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_adapter)
+    sds_idx = [i for i, leaf in enumerate(leaves) if _is_sds(leaf)]
+    for i in sds_idx:
+      if leaves[i].sds_on is None or leaves[i].qa is None or leaves[i].qb is None:
+        raise ValueError("an SDS adapter needs qa, qb and sds_on (see init_adapter)")
+    view = trainable_params(params)
+    inner_updates, inner_state = inner.update(
+        trainable_params(updates), state.inner_state, view, **extra_args
+    )
+    count = optax.safe_increment(state.count)
+    if not sds_idx:
+      return inner_updates, SdsLoraState(count, state.num_refreshes, inner_state)
+
+    view_leaves = treedef.flatten_up_to(view)
+    upd_leaves = treedef.flatten_up_to(inner_updates)
+    old = {i: leaves[i] for i in sds_idx}
+    was_on = {i: jnp.asarray(p.sds_on) > 0.5 for i, p in old.items()}
+    switch = {i: (count >= warmup_steps) & ~on for i, on in was_on.items()}
+
+    # Switch: activate_sds on the updated factors, reset their moments.
+    def do_switch(operand):
+      step, istate = operand
+      out, new_view = {}, {}
+      for i, p in old.items():
+        a1, b1 = _apply(p.a, step[i][0]), _apply(p.b, step[i][1])
+        a2, b2, qa2, qb2 = activate_sds(a1, b1, scale=p.scale)
+        sw = switch[i]
+        ua = jnp.where(sw, a2.astype(_F32) - p.a.astype(_F32), step[i][0])
+        ub = jnp.where(sw, b2.astype(_F32) - p.b.astype(_F32), step[i][1])
+        out[i] = (
+            ua.astype(step[i][0].dtype),
+            ub.astype(step[i][1].dtype),
+            jnp.where(sw, qa2, p.qa).astype(p.qa.dtype),
+            jnp.where(sw, qb2, p.qb).astype(p.qb.dtype),
+            jnp.where(sw, 1.0, p.sds_on).astype(jnp.asarray(p.sds_on).dtype),
+        )
+        new_view[i] = dataclasses.replace(
+            view_leaves[i], a=_apply(p.a, out[i][0]), b=_apply(p.b, out[i][1])
+        )
+      fresh_leaves = [new_view.get(i, v) for i, v in enumerate(view_leaves)]
+      fresh = inner.init(treedef.unflatten(fresh_leaves))
+      flags = {id(view_leaves[i]): switch[i] for i in sds_idx}
+      return out, _reset_state(view, istate, fresh, flags)
+
+    def no_switch(operand):
+      step, istate = operand
+      return {
+          i: (step[i][0], step[i][1], jnp.asarray(p.qa), jnp.asarray(p.qb),
+              jnp.asarray(p.sds_on))
+          for i, p in old.items()
+      }, istate
+
+    step = {i: (upd_leaves[i].a, upd_leaves[i].b) for i in sds_idx}
+    any_switch = jnp.any(jnp.stack([switch[i] for i in sds_idx]))
+    out, inner_state = jax.lax.cond(any_switch, do_switch, no_switch, (step, inner_state))
+
+    # Refresh the bases of adapters that were already in SDS mode.
+    j = count - warmup_steps
+    refresh_now = jnp.where(j <= 0, True, jnp.asarray(should_refresh(jnp.maximum(j, 1))))
+    any_refresh = refresh_now & jnp.any(jnp.stack([was_on[i] for i in sds_idx]))
+
+    def do_refresh(bases):
+      new = {}
+      for i, p in old.items():
+        a1, b1 = _apply(p.a, out[i][0]), _apply(p.b, out[i][1])
+        qa, qb = bases[i]
+        qa2, qb2 = refresh_bases(a1, b1, qa, qb)
+        new[i] = (
+            jnp.where(was_on[i], qa2, qa).astype(qa.dtype),
+            jnp.where(was_on[i], qb2, qb).astype(qb.dtype),
+        )
+      return new
+
+    bases = {i: (out[i][2], out[i][3]) for i in sds_idx}
+    bases = jax.lax.cond(any_refresh, do_refresh, lambda b: b, bases)
+
+    result = list(upd_leaves)
+    for i, p in old.items():
+      ua, ub, _, _, on = out[i]
+      qa, qb = bases[i]
+      result[i] = dataclasses.replace(
+          p, a=ua, b=ub, qa=qa - p.qa, qb=qb - p.qb, sds_on=on - p.sds_on
+      )
+    new_state = SdsLoraState(
+        count=count,
+        num_refreshes=jnp.where(
+            any_refresh, optax.safe_increment(state.num_refreshes), state.num_refreshes
+        ),
+        inner_state=inner_state,
+    )
+    return treedef.unflatten(result), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+__all__ = ["SdsLoraState", "sds_lora", "trainable_params"]

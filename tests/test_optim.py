@@ -1,0 +1,439 @@
+"""Tests of ``sdslora_jax.optim.sds_lora`` and its refresh schedules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sdslora_jax as sl
+from experiments import teacher
+from sdslora_jax.optim import (
+    SdsLoraState,
+    make_refresh_schedule,
+    refresh_phases,
+    refresh_steps,
+    sds_lora,
+    trainable_params,
+)
+
+D_IN, D_OUT, RANK = 12, 10, 3
+
+
+def _sds(key, d_in=D_IN, d_out=D_OUT, rank=RANK, scale=0.5, on=False):
+  return sl.init_adapter(key, d_in, d_out, rank=rank, scale=scale, method="sds", sds_on=on)
+
+
+def _tree(seed=0, on=False):
+  """Two SDS adapters, one LoRA adapter, a head: a small model's trainable tree."""
+  k = jax.random.split(jax.random.key(seed), 4)
+  return {
+      "layer0": {"kernel": _sds(k[0], on=on)},
+      "layer1": {"kernel": _sds(k[1], d_in=D_OUT, d_out=6, rank=2, scale=2.0, on=on)},
+      "lora": sl.init_adapter(k[2], D_IN, 6, rank=2, scale=1.0, method="lora"),
+      "head": jax.random.normal(k[3], (6, 4)) * 0.1,
+  }
+
+
+def _data(seed=1, n=32):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(kx, (n, D_IN)), jax.random.normal(ky, (n, 4))
+
+
+def _forward(params, x):
+  h = sl.adapter_matmul(x, params["layer0"]["kernel"])
+  h = jnp.tanh(h + x[:, :D_OUT])
+  h = (
+      sl.adapter_matmul(h, params["layer1"]["kernel"])
+      + sl.adapter_matmul(x, params["lora"])
+      + h[:, :6]
+  )
+  return h @ params["head"]
+
+
+def _loss(params, x, y):
+  return jnp.mean((_forward(params, x) - y) ** 2)
+
+
+def _make_step(tx, counter=None):
+  @jax.jit
+  def step(params, state, x, y):
+    if counter is not None:
+      counter.append(1)
+    grads = jax.grad(_loss)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, updates
+
+  return step
+
+
+def _sds_adapters(tree):
+  leaves = jax.tree.leaves(tree, is_leaf=sl.is_adapter)
+  return [x for x in leaves if sl.is_adapter(x) and x.method == "sds"]
+
+
+def _assert_bases_consistent(adapter, atol=2e-5):
+  """Bases orthonormal and spanning the factors (projection residual ~ 0)."""
+  qa, qb = adapter.qa, adapter.qb
+  r = qa.shape[1]
+  np.testing.assert_allclose(qa.T @ qa, np.eye(r), atol=atol)
+  np.testing.assert_allclose(qb.T @ qb, np.eye(r), atol=atol)
+  a, bt = adapter.a, adapter.b.T
+  res_a = jnp.linalg.norm(a - qa @ (qa.T @ a)) / (jnp.linalg.norm(a) + 1e-30)
+  res_b = jnp.linalg.norm(bt - qb @ (qb.T @ bt)) / (jnp.linalg.norm(bt) + 1e-30)
+  assert float(res_a) < atol and float(res_b) < atol, (res_a, res_b)
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"warmup_steps": -1},
+        {"warmup_steps": 1.5},
+        {"warmup_steps": True},
+        {"refresh": "sometimes"},
+        {"refresh": 0},
+        {"refresh": "phases"},  # needs total_steps
+        {"refresh": "phases", "total_steps": 10, "warmup_steps": 10},
+        {"phases": 0},
+        {"total_steps": 0},
+    ],
+)
+def test_factory_validates_arguments(kwargs):
+  with pytest.raises(ValueError):
+    sds_lora(optax.sgd(0.1), **kwargs)
+
+
+def test_factory_rejects_non_transform():
+  with pytest.raises(TypeError):
+    sds_lora(0.1)
+
+
+def test_update_needs_params():
+  params = _tree()
+  tx = sds_lora(optax.sgd(0.1))
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="params"):
+    tx.update(params, state)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def test_refresh_every_k():
+  assert refresh_steps(make_refresh_schedule(3, warmup_steps=0), 10) == [3, 6, 9]
+  assert refresh_steps(make_refresh_schedule("every_step", warmup_steps=0), 4) == [1, 2, 3, 4]
+
+
+def test_refresh_phases_growing_intervals():
+  # P = 3 phases over T = 12 steps: interval ceil(3 j / 12) = 1 (j <= 4), 2, 3.
+  steps = refresh_steps(refresh_phases(3, 12), 15)
+  assert steps == [1, 2, 3, 4, 6, 8, 9, 12, 15]
+  # Beyond T the interval stays P; the same as a direct evaluation of the rule.
+  expected = [j for j in range(1, 13) if j % -(-3 * j // 12) == 0]
+  assert steps[: len(expected)] == expected
+  # total_steps counts the warm-up: T = total_steps - warmup_steps.
+  sched = make_refresh_schedule("phases", warmup_steps=5, phases=3, total_steps=17)
+  assert refresh_steps(sched, 12) == expected
+
+
+# ---------------------------------------------------------------------------- behaviour
+
+
+def test_inner_optimizer_sees_only_trainable_leaves():
+  params = _tree()
+  tx = sds_lora(optax.adamw(1e-2, weight_decay=0.5), warmup_steps=2)
+  state = tx.init(params)
+  adam = optax.tree_utils.tree_get(state, "mu")
+  # The moments mirror the trainable view: no entries for qa, qb, sds_on.
+  assert jax.tree.structure(adam) == jax.tree.structure(trainable_params(params))
+  mu0 = adam["layer0"]["kernel"]
+  assert mu0.qa is None and mu0.qb is None and mu0.sds_on is None
+  n_trainable = sum(x.size for x in jax.tree.leaves(trainable_params(params)))
+  assert sum(x.size for x in jax.tree.leaves(adam)) == n_trainable
+
+
+def test_warmup_is_plain_inner_optimizer_then_switch_preserves_function():
+  params = _tree()
+  x, y = _data()
+  inner = optax.adam(3e-2)
+  tx = sds_lora(inner, warmup_steps=4)
+  step = _make_step(tx)
+  state = tx.init(params)
+  # Reference: the inner optimizer on the trainable leaves, adapters never switched.
+  ref_params = params
+  ref_state = inner.init(trainable_params(params))
+
+  @jax.jit
+  def ref_step(p, s):
+    g = jax.grad(_loss)(p, x, y)
+    u, s = inner.update(trainable_params(g), s, trainable_params(p))
+    return optax.apply_updates(trainable_params(p), u), s
+
+  for t in range(1, 5):
+    prev = params
+    params, state, _ = step(params, state, x, y)
+    new_view, ref_state = ref_step(ref_params, ref_state)
+    ref_params = jax.tree.map(
+        lambda p, v: dataclasses.replace(p, a=v.a, b=v.b) if sl.is_adapter(p) else v,
+        ref_params, new_view, is_leaf=sl.is_adapter)
+    if t < 4:  # warm-up: the inner updates (to XLA fusion round-off), bases untouched
+      chex.assert_trees_all_close(params, ref_params, rtol=1e-5, atol=1e-7)
+      for ad, old in zip(_sds_adapters(params), _sds_adapters(prev)):
+        assert float(ad.sds_on) == 0.0
+        chex.assert_trees_all_equal((ad.qa, ad.qb), (old.qa, old.qb))
+  # Update 4 is the switch: SDS mode, consistent bases, same function.
+  for ad, ref in zip(_sds_adapters(params), _sds_adapters(ref_params)):
+    assert float(ad.sds_on) == 1.0
+    _assert_bases_consistent(ad)
+    want = sl.lora_delta(ref.a, ref.b, scale=ref.scale)
+    np.testing.assert_allclose(sl.adapter_delta(ad), want, atol=1e-5 * float(jnp.abs(want).max()))
+  np.testing.assert_allclose(_forward(params, x), _forward(ref_params, x), rtol=1e-5, atol=1e-6)
+  # Non-SDS leaves are untouched by the switch.
+  chex.assert_trees_all_close(params["head"], ref_params["head"], rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(params["lora"], ref_params["lora"], rtol=1e-5, atol=1e-7)
+
+
+def test_moments_reset_at_switch_counts_continue():
+  params = _tree()
+  x, y = _data()
+  tx = sds_lora(optax.adamw(1e-2), warmup_steps=3)
+  step = _make_step(tx)
+  state = tx.init(params)
+  for _ in range(2):
+    params, state, _ = step(params, state, x, y)
+  before = optax.tree_utils.tree_get(state, "ScaleByAdamState")
+  assert jnp.any(before.mu["layer0"]["kernel"].a != 0)  # so the reset below means something
+  params, state, _ = step(params, state, x, y)  # the switch
+  adam = optax.tree_utils.tree_get(state, "ScaleByAdamState")
+  assert int(adam.count) == 3 and int(state.count) == 3  # counts continue
+  for name in ("layer0", "layer1"):
+    for moments in (adam.mu, adam.nu):
+      assert not jnp.any(moments[name]["kernel"].a)
+      assert not jnp.any(moments[name]["kernel"].b)
+  # Moments of the head and of the LoRA adapter continue (non-zero).
+  for moments, old in ((adam.mu, before.mu), (adam.nu, before.nu)):
+    assert jnp.all(moments["head"] != 0) and jnp.any(moments["lora"].b != 0)
+    assert not jnp.allclose(moments["head"], old["head"])
+  # Next update: Adam runs again from the fresh moments.
+  params, state, _ = step(params, state, x, y)
+  adam = optax.tree_utils.tree_get(state, "ScaleByAdamState")
+  assert jnp.any(adam.mu["layer0"]["kernel"].a != 0)
+
+
+@pytest.mark.parametrize("refresh", ["every_step", 3, "phases"])
+def test_bases_after_every_refresh(refresh):
+  params = _tree()
+  x, y = _data()
+  warm, total = 3, 20
+  inner = optax.adamw(2e-2, weight_decay=0.5)  # decay must never reach the bases
+  tx = sds_lora(inner, warmup_steps=warm, refresh=refresh, phases=3, total_steps=total)
+  sched = make_refresh_schedule(refresh, warmup_steps=warm, phases=3, total_steps=total)
+  expected = set(refresh_steps(sched, total - warm))
+  step = _make_step(tx)
+  state = tx.init(params)
+  seen = set()
+  for t in range(1, total + 1):
+    prev = params
+    params, state, _ = step(params, state, x, y)
+    j = t - warm
+    for ad, old in zip(_sds_adapters(params), _sds_adapters(prev)):
+      if j == 0:
+        _assert_bases_consistent(ad)  # the switch
+      elif j > 0 and j in expected:
+        _assert_bases_consistent(ad)
+        assert not jnp.array_equal(ad.qa, old.qa)
+        seen.add(j)
+      elif j > 0:  # no refresh: bases exactly unchanged
+        chex.assert_trees_all_equal((ad.qa, ad.qb, ad.sds_on), (old.qa, old.qb, old.sds_on))
+  assert seen == expected
+  assert int(state.num_refreshes) == len(expected)
+
+
+def test_factor_updates_bit_exact_between_events():
+  """After the switch, factors move by exactly the inner optimizer's updates."""
+  params = _tree()
+  x, y = _data()
+  inner = optax.sgd(0.05, momentum=0.9)
+  tx = sds_lora(inner, warmup_steps=1, refresh=4)
+  step = _make_step(tx)
+  state = tx.init(params)
+  inner_update = jax.jit(
+      lambda p, s: inner.update(trainable_params(jax.grad(_loss)(p, x, y)), s, trainable_params(p))
+  )
+  for _ in range(3):
+    want, _ = inner_update(params, state.inner_state)
+    params_next, state, updates = step(params, state, x, y)
+    if int(state.count) > 1:
+      for got, ref in zip(_sds_adapters(updates), _sds_adapters(want)):
+        chex.assert_trees_all_close((got.a, got.b), (ref.a, ref.b), rtol=1e-6, atol=1e-7)
+        assert not jnp.any(got.qa) and not jnp.any(got.sds_on)
+    params = params_next
+
+
+def test_one_trace_for_warmup_switch_and_refreshes():
+  params = _tree()
+  x, y = _data()
+  traces = []
+  tx = sds_lora(optax.adamw(1e-2), warmup_steps=3, refresh="phases", phases=2, total_steps=12)
+  step = _make_step(tx, traces)
+  state = tx.init(params)
+  for _ in range(12):
+    params, state, _ = step(params, state, x, y)
+  assert int(state.count) == 12 and int(state.num_refreshes) > 0
+  assert len(traces) == 1
+
+
+def test_init_with_shape_dtype_structs_and_stable_state():
+  params = _tree()
+  x, y = _data()
+  tx = sds_lora(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)), warmup_steps=1)
+  abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
+  s_abstract = tx.init(abstract)
+  s0 = tx.init(params)
+  s_jit = jax.jit(tx.init)(params)
+  step = _make_step(tx)
+  params1, s1, _ = step(params, s0, x, y)  # the switch
+  _, s2, _ = step(params1, s1, x, y)  # a refresh
+  grads = jax.eval_shape(jax.grad(_loss), params, x, y)
+  u_abstract, s_update = jax.eval_shape(tx.update, grads, s0, params)  # un-jitted update
+  assert isinstance(s1, SdsLoraState)
+  for s in (s_abstract, s_jit, s1, s2, s_update):
+    assert jax.tree.structure(s) == jax.tree.structure(s0)
+    chex.assert_trees_all_equal_shapes_and_dtypes(s, s0)
+  assert s0.count.dtype == jnp.int32
+  chex.assert_trees_all_equal_shapes_and_dtypes(u_abstract, params)
+
+
+def test_warmup_zero():
+  """sds_on=1 adapters train as SDS from update 1; sds_on=0 ones switch after update 1."""
+  x, y = _data()
+  for on in (True, False):
+    params = _tree(on=on)
+    tx = sds_lora(optax.adam(1e-2), warmup_steps=0)
+    state = tx.init(params)
+    new, state, updates = _make_step(tx)(params, state, x, y)
+    for ad, old, u in zip(_sds_adapters(new), _sds_adapters(params), _sds_adapters(updates)):
+      assert float(ad.sds_on) == 1.0
+      _assert_bases_consistent(ad)
+      if on:  # no reparameterization: the factors took the plain inner step
+        chex.assert_trees_all_equal(ad.a, optax.apply_updates(old.a, u.a))
+        assert int(state.num_refreshes) == 1
+      else:
+        assert int(state.num_refreshes) == 0
+        adam = optax.tree_utils.tree_get(state, "ScaleByAdamState")
+        assert not jnp.any(adam.mu["layer0"]["kernel"].a)
+
+
+def test_tree_without_sds_adapters_is_plain_inner():
+  params = {"lora": sl.init_adapter(jax.random.key(0), 5, 4, rank=2, scale=1.0, method="lora"),
+            "w": jnp.ones(3)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  inner = optax.adam(0.1)
+  tx = sds_lora(inner)
+  u, s = tx.update(grads, tx.init(params), params)
+  want, _ = inner.update(grads, inner.init(params), params)
+  chex.assert_trees_all_equal(u, want)
+  assert int(s.count) == 1
+
+
+# -------------------------------------------------------- independent reference (teacher)
+
+
+def _teacher_adapter(cfg, method):
+  a, b = teacher.init_factors(cfg)
+  if method == "lora":
+    return sl.Adapter(a=a, b=b, method="lora", scale=cfg.scale)
+  qa, qb = sl.factor_bases(a, b)
+  off = jnp.zeros((), jnp.float32)
+  return sl.Adapter(a=a, b=b, qa=qa, qb=qb, sds_on=off, method="sds", scale=cfg.scale)
+
+
+@pytest.mark.parametrize("kappa", [1.0, 100.0])
+def test_sgd_matches_hand_written_loop(kappa):
+  """LoRA steps, activate_sds, SDS steps with bases recomputed every step."""
+  cfg = teacher.Teacher(kappa=kappa, scale=0.5)
+  steps, warm, lr = 60, 10, 1.0
+  target = teacher.make_target(cfg)
+  tx = sds_lora(optax.sgd(lr), warmup_steps=warm)
+  loss = lambda p: 0.5 * jnp.sum((sl.adapter_delta(p) - target) ** 2)
+
+  def body(carry, _):
+    p, s = carry
+    u, s = tx.update(jax.grad(loss)(p), s, p)
+    p = optax.apply_updates(p, u)
+    return (p, s), teacher.relative_loss(sl.adapter_delta(p), target)
+
+  p0 = _teacher_adapter(cfg, "sds")
+  (p, _), curve = jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), None, length=steps))(p0)
+  ref = teacher.train(cfg, "sds", "sgd", lr, steps=steps, warmup_steps=warm)
+  np.testing.assert_allclose(np.asarray(curve), ref, rtol=2e-3, atol=1e-9)
+  # The run converges at SDS-LoRA's conditioning-free GD rate; LoRA lags at kappa=100.
+  assert ref[-1] < 1e-4
+  if kappa > 1:
+    assert ref[-1] < 1e-2 * teacher.train(cfg, "lora", "sgd", lr, steps=steps)[-1]
+  _assert_bases_consistent(p)
+
+
+# ------------------------------------------------------------------ teacher comparison
+
+LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+
+
+def teacher_sweep(method, kappa, *, steps=400, warmup_steps=10, refresh="every_step",
+                  lrs=LRS, weight_decay=1e-4):
+  """Final relative losses of AdamW + warm-up cosine on the teacher problem, per lr."""
+  cfg = teacher.Teacher(kappa=kappa)
+  target = teacher.make_target(cfg)
+  p0 = _teacher_adapter(cfg, method)
+  unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(1, steps // 20), steps, end_value=0.01)
+  loss = lambda p: 0.5 * jnp.sum((sl.adapter_delta(p) - target) ** 2)
+
+  def run(lr):
+    tx = optax.adamw(lambda c: lr * unit(c), weight_decay=weight_decay)
+    if method == "sds":
+      tx = sds_lora(tx, warmup_steps=warmup_steps, refresh=refresh, total_steps=steps)
+
+    def body(carry, _):
+      p, s = carry
+      u, s = tx.update(jax.grad(loss)(p), s, p)
+      return (optax.apply_updates(p, u), s), None
+
+    (p, _), _ = jax.lax.scan(body, (p0, tx.init(p0)), None, length=steps)
+    return teacher.relative_loss(sl.adapter_delta(p), target)
+
+  return np.asarray(jax.jit(jax.vmap(run))(jnp.asarray(lrs)))
+
+
+FLOOR = 1e-10  # below this both methods have converged to float32 round-off
+
+
+@pytest.mark.parametrize(
+    "steps,kappa",
+    [
+        (400, 1.0),
+        pytest.param(
+            400,
+            100.0,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="measured: with AdamW + warm-up cosine over 400 steps, SDS-LoRA's best "
+                "final loss (7.6e-3) is above LoRA's (5.6e-4) at kappa=100; the hand-written "
+                "reference loop in experiments/teacher.py shows the same",
+            ),
+        ),
+        (1500, 1.0),
+        (1500, 100.0),
+    ],
+)
+def test_sds_at_least_as_good_as_lora_at_best_lr(steps, kappa):
+  lora = teacher_sweep("lora", kappa, steps=steps)
+  sds = teacher_sweep("sds", kappa, steps=steps)
+  assert sds.min() <= max(lora.min(), FLOOR), (lora, sds)
