@@ -204,8 +204,9 @@ def _two_branch_bwd(scale, residuals, g):
   x, x_left, a, b, left, right, coef = residuals
   dt = x.dtype
   r = a.shape[1]
-  g_proj = _mm(g, jnp.concatenate([b.T.astype(dt), right.astype(dt)], axis=1), dt)  # (..., 2r)
-  g_bt, g_right = g_proj[..., :r], g_proj[..., r:]
+  # g_proj = [g @ b.T, g @ right]: (..., 2r)
+  g_proj = _mm(g, jnp.concatenate([b.T.astype(dt), right.astype(dt)], axis=1), dt)
+  g_right = g_proj[..., r:]
   d_b = scale * _contract_batch(x_left, g, dt)  # (r, d_out) = s left.T G
   d_a = scale * _contract_batch(x, g_right, dt)  # (d_in, r) = s G right
   d_x = _mm(g_proj, jnp.concatenate([left.T.astype(dt), a.T.astype(dt)], axis=0), dt)

@@ -1,11 +1,8 @@
 """Adapters on real architectures: a MiniLM-layout BERT encoder and a ConvNet, Linen and NNX."""
 
-import dataclasses
-import math
 import re
 
 import jax
-import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,9 +12,9 @@ from sdslora_jax import linen as sl
 from sdslora_jax import nnx as snnx
 from sdslora_jax import peft, tree
 from sdslora_jax.adapter import is_adapter
-from sdslora_jax.basis import factor_bases
 from sdslora_jax.models import bert, convnet
 from sdslora_jax.targets import rule
+from testing_utils import big_intermediates, randomize
 
 BERT_RULES = [
     rule(r".*attention/(query|key|value|output)/kernel", rank=4, alpha=8.0),
@@ -25,21 +22,6 @@ BERT_RULES = [
          rank=4, method="lora", rslora=True),
 ]
 CONV_RULES = [rule(r".*conv.*kernel", rank=2), rule(r"head/kernel", rank=2, method="lora")]
-
-
-def randomize(adapters, key, sds_on=1.0):
-  leaves, treedef = jax.tree.flatten(adapters, is_leaf=is_adapter)
-  out = []
-  for ad, k in zip(leaves, jax.random.split(key, len(leaves))):
-    ka, kb = jax.random.split(k)
-    a = jax.random.normal(ka, ad.a.shape) / math.sqrt(ad.a.shape[0])
-    b = jax.random.normal(kb, ad.b.shape) / math.sqrt(ad.b.shape[0])
-    ad = dataclasses.replace(ad, a=a, b=b)
-    if ad.method == "sds":
-      qa, qb = factor_bases(a, b)
-      ad = dataclasses.replace(ad, qa=qa, qb=qb, sds_on=jnp.float32(sds_on))
-    out.append(ad)
-  return jax.tree.unflatten(treedef, out)
 
 
 def assert_trees_close(t1, t2, rtol=1e-3, atol=2e-5):
@@ -178,27 +160,6 @@ def test_convnet(frontend):
   assert_trees_close(g_fast, jax.grad(dense)(ads))
 
 
-def _largest_intermediates(closed, min_size):
-  found, largest = [], [0]
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      for v in eqn.outvars:
-        size = math.prod(getattr(v.aval, "shape", ()))
-        largest[0] = max(largest[0], size)
-        if size >= min_size:
-          found.append((eqn.primitive.name, v.aval.shape))
-      for p in eqn.params.values():
-        for sub in p if isinstance(p, (list, tuple)) else [p]:
-          if isinstance(sub, jcore.ClosedJaxpr):
-            walk(sub.jaxpr)
-          elif isinstance(sub, jcore.Jaxpr):
-            walk(sub)
-
-  walk(closed.jaxpr)
-  return found, largest[0]
-
-
 @pytest.mark.parametrize("frontend", ["linen", "nnx"])
 def test_bert_layer_384_training_step_jaxpr(frontend):
   cfg = bert.BertConfig(vocab_size=64, hidden_size=384, num_layers=1, num_heads=12,
@@ -220,6 +181,6 @@ def test_bert_layer_384_training_step_jaxpr(frontend):
     graphdef, state, rest = nnx.split(nnx.eval_shape(build), snnx.AdapterVariable, ...)
     step = jax.grad(lambda s, r, i: jnp.mean(nnx.merge(graphdef, s, r)(i) ** 2))
     closed = jax.make_jaxpr(step)(state, rest, ids)
-  big, largest = _largest_intermediates(closed, smallest_kernel)
+  big, largest = big_intermediates(closed, smallest_kernel)
   assert big == [], big
   assert largest < smallest_kernel

@@ -1,11 +1,8 @@
 """Linen frontend on a model with every supported layer type, and the jaxpr check."""
 
-import dataclasses
-import math
 
 import flax.linen as nn
 import jax
-import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -14,8 +11,8 @@ import pytest
 from sdslora_jax import linen as sl
 from sdslora_jax import tree
 from sdslora_jax.adapter import is_adapter
-from sdslora_jax.basis import factor_bases
 from sdslora_jax.targets import rule
+from testing_utils import big_intermediates, randomize
 
 
 class Zoo(nn.Module):
@@ -32,43 +29,6 @@ class Zoo(nn.Module):
 
 
 RULES = [rule(r"(q|o|ein|conv)/kernel|emb/embedding", rank=2, alpha=3.0), rule(r"head/kernel", rank=3, method="lora")]
-
-
-def randomize(adapters, key, sds_on=1.0):
-  leaves, treedef = jax.tree.flatten(adapters, is_leaf=is_adapter)
-  out = []
-  for ad, k in zip(leaves, jax.random.split(key, len(leaves))):
-    ka, kb = jax.random.split(k)
-    a = jax.random.normal(ka, ad.a.shape) / math.sqrt(ad.a.shape[0])
-    b = jax.random.normal(kb, ad.b.shape) / math.sqrt(ad.b.shape[0])
-    ad = dataclasses.replace(ad, a=a, b=b)
-    if ad.method == "sds":
-      qa, qb = factor_bases(a, b)
-      ad = dataclasses.replace(ad, qa=qa, qb=qb, sds_on=jnp.float32(sds_on))
-    out.append(ad)
-  return jax.tree.unflatten(treedef, out)
-
-
-def big_intermediates(closed, min_size):
-  """Shapes of all equation outputs (incl. sub-jaxprs) with at least ``min_size`` elements."""
-  found, largest = [], [0]
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      for v in eqn.outvars:
-        size = math.prod(getattr(v.aval, "shape", ()))
-        largest[0] = max(largest[0], size)
-        if size >= min_size:
-          found.append((eqn.primitive.name, v.aval.shape))
-      for p in eqn.params.values():
-        for sub in p if isinstance(p, (list, tuple)) else [p]:
-          if isinstance(sub, jcore.ClosedJaxpr):
-            walk(sub.jaxpr)
-          elif isinstance(sub, jcore.Jaxpr):
-            walk(sub)
-
-  walk(closed.jaxpr)
-  return found, largest[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,5 @@
 """NNX frontend: model surgery, adapter state, merge, unwrap."""
 
-import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +11,8 @@ from flax import nnx
 from sdslora_jax import nnx as snnx
 from sdslora_jax import tree
 from sdslora_jax.adapter import Adapter, is_adapter
-from sdslora_jax.basis import factor_bases
 from sdslora_jax.targets import rule
+from testing_utils import randomize_adapter
 
 
 class Zoo(nnx.Module):
@@ -44,15 +42,9 @@ IDS = jnp.arange(12).reshape(2, 6) % 40
 def randomize(model, key, sds_on=1.0):
   for i, (_, m) in enumerate(sorted(((p, m) for p, m in nnx.iter_graph(model)
                                      if isinstance(m, snnx.Adapted)), key=lambda t: str(t[0]))):
-    ad = m.adapter.get_value()
-    ka, kb = jax.random.split(jax.random.fold_in(key, i))
-    a = jax.random.normal(ka, ad.a.shape) / math.sqrt(ad.a.shape[0])
-    b = jax.random.normal(kb, ad.b.shape) / math.sqrt(ad.b.shape[0])
-    ad = dataclasses.replace(ad, a=a, b=b)
-    if ad.method == "sds":
-      qa, qb = factor_bases(a, b)
-      ad = dataclasses.replace(ad, qa=qa, qb=qb, sds_on=jnp.float32(sds_on))
-    m.adapter.set_value(ad)
+    m.adapter.set_value(
+        randomize_adapter(m.adapter.get_value(), jax.random.fold_in(key, i), sds_on)
+    )
   return model
 
 

@@ -1,13 +1,13 @@
 """LoRA / SDS-LoRA ops against a dense naive reference and autodiff of it."""
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
 
 import sdslora_jax as sds
+from testing_utils import big_intermediates
 
 D_IN, D_OUT, R, S = 12, 10, 3, 1.7
 
@@ -132,19 +132,6 @@ def test_singular_values_decoupled_from_backward():
       assert float(jnp.abs(db - db_scaled).max()) > 1e-2
 
 
-def _largest_intermediate(jaxpr):
-  """(size, shape) of the largest value produced by any equation, sub-jaxprs included."""
-  best = (0, None)
-  for eqn in jaxpr.eqns:
-    for v in eqn.outvars:
-      shape = getattr(v.aval, "shape", ())
-      size = int(np.prod(shape)) if shape else 1
-      best = max(best, (size, shape), key=lambda t: t[0])
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      best = max(best, _largest_intermediate(sub), key=lambda t: t[0])
-  return best
-
-
 def _train_step_jaxpr(fn, d, r, n=8):
   x = jax.ShapeDtypeStruct((n, d), jnp.float32)
   a = jax.ShapeDtypeStruct((d, r), jnp.float32)
@@ -155,16 +142,16 @@ def _train_step_jaxpr(fn, d, r, n=8):
 
 def test_jaxpr_has_no_kernel_sized_value_at_realistic_size():
   d, r = 4096, 16
-  size, shape = _largest_intermediate(
-      _train_step_jaxpr(lambda x, a, b: sds.sds_matmul(x, a, b, scale=S), d, r)
+  big, largest = big_intermediates(
+      _train_step_jaxpr(lambda x, a, b: sds.sds_matmul(x, a, b, scale=S), d, r), d * d
   )
-  print(f"sds_matmul fwd+bwd at d={d}, r={r}: largest intermediate {shape} ({size} elements)")
-  assert size < d * d // 8, shape
+  print(f"sds_matmul fwd+bwd at d={d}, r={r}: largest intermediate {largest} elements")
+  assert not big and largest < d * d // 8, big
   # The checker itself sees a dense path.
-  dense_size, _ = _largest_intermediate(
-      _train_step_jaxpr(lambda x, a, b: x @ sds.sds_delta(a, b, scale=S), d, r)
+  big, _ = big_intermediates(
+      _train_step_jaxpr(lambda x, a, b: x @ sds.sds_delta(a, b, scale=S), d, r), d * d
   )
-  assert dense_size >= d * d
+  assert big
 
 
 @pytest.mark.parametrize("transform", ["jit", "vmap", "checkpoint", "scan", "grad_of_jit"])
