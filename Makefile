@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 experiment: $(STAMP)
-	$(VENV)/bin/python -m experiments.condition_number
+	$(VENV)/bin/python -m experiments.condition_number --overwrite
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -6,6 +6,7 @@ from a small sweep. Prints a table (steps to reach a relative loss of 1e-6 and t
 final relative loss) and writes a plot and the table to experiments/results/.
 
 Run: python -m experiments.condition_number [--steps 3000] [--out experiments/results]
+[--overwrite]. Existing result files are not replaced without --overwrite.
 """
 
 from __future__ import annotations
@@ -121,7 +122,12 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=3000)
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("experiments/results"))
+  parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
   args = parser.parse_args()
+  outputs = [args.out / f"condition_number.{ext}" for ext in ("md", "json", "png")]
+  existing = [str(p) for p in outputs if p.exists()]
+  if existing and not args.overwrite:
+    parser.error(f"{', '.join(existing)} already exist; pass --overwrite to replace them")
   args.out.mkdir(parents=True, exist_ok=True)
   results = run(args.steps)
   md = table(results)

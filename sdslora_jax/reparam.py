@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from sdslora_jax import _checks
+from sdslora_jax.basis import factor_bases
 
 
 def activate_sds(
@@ -34,7 +35,8 @@ def activate_sds(
   Returns:
     ``(a_new, b_new, qa, qb)`` with ``sds_delta(a_new, b_new, scale=scale,
     qa=qa, qb=qb) == lora_delta(a, b, scale=scale)`` up to float rounding.
-    Factors keep their input dtypes; bases are float32.
+    Factors keep their input dtypes; the bases are float32 and equal
+    ``orthonormal_basis(a_new)`` and ``orthonormal_basis(b_new.T)``.
   """
   _checks.check_factors(jnp.shape(a), jnp.shape(b))
   scale = _checks.check_scale(scale)
@@ -48,7 +50,10 @@ def activate_sds(
   half = s / (2.0 * scale)
   a_new = (qa * half[None, :]).astype(jnp.asarray(a).dtype)
   b_new = (half[:, None] * qb.T).astype(jnp.asarray(b).dtype)
-  # qa = orth(a_new) and qb = orth(b_new.T) exactly where S > 0 (the QR of
-  # qa diag(c) with c > 0 is unique). A direction the warm-up left at zero keeps
-  # its SVD basis vector: the identity holds and the bases stay orthonormal.
+  # Where S > 0, orth(a_new) = qa (the QR of qa diag(c) with c > 0 is unique), so
+  # the bases below equal qa, qb up to rounding. Where the warm-up left a
+  # direction at zero, the column of a_new / row of b_new is zero and any
+  # orthonormal completion preserves the update; taking the package's
+  # orthonormal_basis makes the bases exactly what a refresh would compute.
+  qa, qb = factor_bases(a_new, b_new)
   return a_new, b_new, qa, qb

@@ -48,6 +48,18 @@ def test_activate_sds_keeps_dtypes_and_handles_zero_b():
   np.testing.assert_allclose(qb.T @ qb, np.eye(3), atol=1e-5)
 
 
+def test_activate_sds_rank_deficient_bases_are_those_of_the_new_factors():
+  a = _rand(7, (12, 4))
+  b = _rand(8, (4, 10)).at[2:].set(0.0)  # the warm-up moved only two directions
+  a2, b2, qa, qb = sds.activate_sds(a, b, scale=2.0)
+  np.testing.assert_allclose(
+      sds.sds_delta(a2, b2, scale=2.0, qa=qa, qb=qb), 2.0 * a @ b, atol=1e-5
+  )
+  np.testing.assert_allclose(qa, sds.orthonormal_basis(a2), atol=1e-6)
+  np.testing.assert_allclose(qb, sds.orthonormal_basis(b2.T), atol=1e-6)
+  np.testing.assert_allclose(qa.T @ qa, np.eye(4), atol=1e-5)
+
+
 def test_activate_sds_under_jit_and_errors():
   a, b = _rand(5, (10, 2)), _rand(6, (2, 7))
   out = jax.jit(lambda a, b: sds.activate_sds(a, b, scale=1.5))(a, b)
