@@ -202,6 +202,7 @@ def test_warmup_is_plain_inner_optimizer_then_switch_preserves_function():
 
 
 def test_moments_reset_at_switch_counts_continue():
+  """A head shares Adam's state: its count continues, switching factors keep ``nu``."""
   params = _tree()
   x, y = _data()
   tx = sds_lora(optax.adamw(1e-2), warmup_steps=3)
@@ -215,9 +216,9 @@ def test_moments_reset_at_switch_counts_continue():
   adam = optax.tree_utils.tree_get(state, "ScaleByAdamState")
   assert int(adam.count) == 3 and int(state.count) == 3  # counts continue
   for name in ("layer0", "layer1"):
-    for moments in (adam.mu, adam.nu):
-      assert not jnp.any(moments[name]["kernel"].a)
-      assert not jnp.any(moments[name]["kernel"].b)
+    for f in ("a", "b"):
+      assert not jnp.any(getattr(adam.mu[name]["kernel"], f))  # first moments reset
+      assert jnp.all(getattr(adam.nu[name]["kernel"], f) > 0)  # second moments kept
   # Moments of the head and of the LoRA adapter continue (non-zero).
   for moments, old in ((adam.mu, before.mu), (adam.nu, before.nu)):
     assert jnp.all(moments["head"] != 0) and jnp.any(moments["lora"].b != 0)
@@ -226,6 +227,114 @@ def test_moments_reset_at_switch_counts_continue():
   params, state, _ = step(params, state, x, y)
   adam = optax.tree_utils.tree_get(state, "ScaleByAdamState")
   assert jnp.any(adam.mu["layer0"]["kernel"].a != 0)
+
+
+def _sds_only(seed=0):
+  k = jax.random.split(jax.random.key(seed), 2)
+  return {"q": _sds(k[0]), "v": _sds(k[1], d_in=D_OUT, d_out=6, rank=2, scale=2.0)}
+
+
+def _const_grads(params):
+  return jax.tree.map(lambda v: jnp.full(jnp.shape(v), 0.3, jnp.asarray(v).dtype), params)
+
+
+def _max_post_switch_update(params, tx, warm, post):
+  """Largest |factor update| over ``post`` updates after the switch, and the last state."""
+  update = jax.jit(tx.update)
+  state, worst = tx.init(params), 0.0
+  for t in range(1, warm + post + 1):
+    u, state = update(_const_grads(params), state, params)
+    params = optax.apply_updates(params, u)
+    if t > warm:
+      steps = [float(jnp.abs(v).max()) for ad in _sds_adapters(u) for v in (ad.a, ad.b)]
+      worst = max(worst, *steps)
+  return worst, state
+
+
+@pytest.mark.parametrize("with_head", [False, True])
+def test_no_step_size_spike_after_long_warmup(with_head):
+  """Constant gradients: post-switch AdamW updates stay at lr (fresh Adam: exactly lr)."""
+  lr, warm = 1e-3, 200
+  params = _sds_only()
+  if with_head:
+    params["head"] = jnp.ones((6, 4))
+  tx = sds_lora(optax.adamw(lr, weight_decay=0.0), warmup_steps=warm)
+  worst, state = _max_post_switch_update(params, tx, warm, 30)
+  assert worst <= 1.05 * lr, worst / lr
+  adam = optax.tree_utils.tree_get(state, "ScaleByAdamState")
+  # SDS adapters only: Adam's bias-correction count restarted at the switch.
+  assert int(adam.count) == (warm + 30 if with_head else 30)
+  assert int(state.count) == warm + 30
+
+
+def test_sds_only_tree_restarts_adam_exactly():
+  """Without other leaves, post-switch updates are a fresh Adam's on the same gradients."""
+  lr, warm = 1e-2, 200
+  params = _sds_only()
+  tx = sds_lora(optax.adamw(lr, weight_decay=0.0), warmup_steps=warm)
+  x = jax.random.normal(jax.random.key(3), (16, D_IN))
+  y = jax.random.normal(jax.random.key(4), (16, 6))
+
+  def loss(p):
+    h = jnp.tanh(sl.adapter_matmul(x, p["q"]) + x[:, :D_OUT])
+    return jnp.mean((sl.adapter_matmul(h, p["v"]) - y) ** 2)
+
+  grad = jax.jit(jax.grad(loss))
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  for _ in range(warm):
+    u, state = update(grad(params), state, params)
+    params = optax.apply_updates(params, u)
+  adam = optax.tree_utils.tree_get(state, "ScaleByAdamState")
+  assert int(adam.count) == 0
+  for moments in (adam.mu, adam.nu):
+    assert not any(jnp.any(v) for v in jax.tree.leaves(moments))
+  ref = optax.adam(lr)
+  ref_state = ref.init(trainable_params(params))
+  ref_update = jax.jit(ref.update)
+  for _ in range(5):
+    g = grad(params)
+    u, state = update(g, state, params)
+    want, ref_state = ref_update(trainable_params(g), ref_state)
+    for got, exp in zip(_sds_adapters(u), _sds_adapters(want)):
+      chex.assert_trees_all_close((got.a, got.b), (exp.a, exp.b), rtol=1e-5, atol=1e-9)
+    params = optax.apply_updates(params, u)
+
+
+def test_schedule_continues_when_adam_count_restarts():
+  warm, lr = 5, 1e-2
+  sched = optax.warmup_cosine_decay_schedule(0.0, lr, 3, 40, end_value=1e-4)
+  tx = sds_lora(optax.adamw(sched, weight_decay=0.0), warmup_steps=warm)
+  params = _sds_only()
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  for t in range(1, warm + 3):
+    u, state = update(_const_grads(params), state, params)
+    params = optax.apply_updates(params, u)
+    if t > warm:  # fresh Adam on constant gradients: |update| = lr(t - 1) exactly
+      for ad in _sds_adapters(u):
+        np.testing.assert_allclose(ad.a, -sched(t - 1), rtol=1e-4)
+  assert float(sched(warm)) > 2 * float(sched(1))  # not the schedule restarted
+  assert int(optax.tree_utils.tree_get(state, "ScaleByScheduleState").count) == warm + 2
+  assert int(optax.tree_utils.tree_get(state, "ScaleByAdamState").count) == 2
+
+
+@pytest.mark.parametrize(
+    "inner, name",
+    [
+        (optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2).gradient_transformation(),
+         "MultiSteps"),
+        (optax.chain(optax.clip(1.0), optax.apply_if_finite(optax.adam(1e-2), 3)),
+         "apply_if_finite"),
+    ],
+)
+def test_outer_only_wrappers_rejected_inside(inner, name):
+  params = _tree()
+  tx = sds_lora(inner)
+  with pytest.raises(ValueError, match=f"{name}.*outside sds_lora"):
+    tx.init(params)
+  with pytest.raises(ValueError, match=f"{name}.*outside sds_lora"):
+    jax.jit(tx.init)(params)
 
 
 @pytest.mark.parametrize("refresh", ["every_step", 3, "phases"])
@@ -425,7 +534,7 @@ FLOOR = 1e-10  # below this both methods have converged to float32 round-off
             marks=pytest.mark.xfail(
                 strict=True,
                 reason="measured: with AdamW + warm-up cosine over 400 steps, SDS-LoRA's best "
-                "final loss (7.6e-3) is above LoRA's (5.6e-4) at kappa=100; the hand-written "
+                "final loss (1.4e-3) is above LoRA's (5.6e-4) at kappa=100; the hand-written "
                 "reference loop in experiments/teacher.py shows the same",
             ),
         ),

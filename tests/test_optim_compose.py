@@ -252,6 +252,9 @@ def test_loraplus_adam_moments_reset_inside_partition():
     assert not jnp.any(mu_a["adapters"][name].a)
     assert not jnp.any(mu_b["adapters"][name].b)
   assert jnp.any(mu_other["adapters"]["bias"] != 0)  # other leaves keep their moments
+  # Groups of switching factors only restart Adam's count; the bias group's continues.
+  count = lambda group: int(optax.tree_utils.tree_get(inner_groups[group], "count"))
+  assert (count("a"), count("b"), count("other")) == (0, 0, 2)
 
 
 def test_frozen_base_has_no_optimizer_state():

@@ -29,10 +29,34 @@ for any subtree): Adam's ``mu`` and ``nu``, the masked copies inside
 ``optax.partition``, factored second moments, stored parameter copies, ... In
 such a subtree, the ``a`` and ``b`` entries of every adapter that switches are
 replaced by their values in a freshly initialised inner state, ``inner.init``
-of the switched parameters. Everything else carries on unchanged: step counts
-(including Adam's bias-correction count), schedule states, injected
-hyper-parameters, and the state of every other leaf. An optimizer that stores
+of the switched parameters, with one exception below. The state of every other
+leaf carries on unchanged.
+
+Step counts. A state node whose direct children include both mirroring
+subtrees and an integer scalar (``ScaleByAdamState(count, mu, nu)``, Lion,
+AMSGrad, Novograd, ...) keeps that scalar as its per-parameter statistics'
+step count (Adam's bias correction). Such a count is restarted (set to its
+fresh value) together with the moments iff every trainable leaf its mirroring
+subtrees cover (``MaskedNode`` entries excluded) is a factor of an SDS adapter
+that switches at this update: the factors then restart exactly like a fresh
+optimizer, with no post-switch step-size spike. Otherwise (the node also
+covers, e.g., a head, a LoRA adapter, or an SDS adapter that is not switching
+now) the count continues for the other leaves and, for the switching factors,
+only the non-second-moment entries are reset: the second moments (fields
+``nu``, ``nu_max``) are kept, so that bias correction at the continued count
+is not applied to freshly zeroed second moments (which would scale the first
+post-switch updates up to ``~5 x`` the learning rate after a 1000-step warm-up;
+kept second moments only enlarge Adam's denominator, so the steps are never
+larger than with zeroed ones for the same gradients).
+Counts that do not sit next to mirroring subtrees (``ScaleByScheduleState``,
+``inject_hyperparams``' count, ``sds_lora``'s own count, ...) always continue,
+so learning-rate schedules run on across the switch. An optimizer that stores
 per-parameter state in another layout (e.g. a flat list) is not reset.
+
+Composition. ``optax.MultiSteps`` and ``optax.apply_if_finite`` must wrap
+``sds_lora``, not sit inside it (inside, the warm-up would count micro-steps
+and the switch could land mid-accumulation); ``init`` raises a ``ValueError``
+when it finds their state in the inner optimizer.
 
 References:
   Oh, Baik & Lee, "SDS-LoRA: Overcoming Anisotropic Gradient Scaling in
@@ -119,6 +143,30 @@ def _mirrors(ref: Any, node: Any) -> bool:
   return all(_mirrors(r, n) for r, n in zip(ref_children, node_children))
 
 
+# Per-parameter fields kept (not zeroed) for switching factors when the step
+# count next to them cannot be restarted: second-moment estimates.
+_SECOND_MOMENTS = frozenset({"nu", "nu_max"})
+
+# Wrappers that must sit outside ``sds_lora``.
+_OUTER_ONLY = (
+    (optax.MultiStepsState, "optax.MultiSteps"),
+    (optax.ApplyIfFiniteState, "optax.apply_if_finite"),
+)
+
+
+def _check_inner_state(inner_state: Any) -> None:
+  """Raises if an outer-only wrapper's state is found inside ``inner_state``."""
+  types = tuple(t for t, _ in _OUTER_ONLY)
+  for node in jax.tree.leaves(inner_state, is_leaf=lambda x: isinstance(x, types)):
+    for t, name in _OUTER_ONLY:
+      if isinstance(node, t):
+        raise ValueError(  # noqa: TRY004 (an invalid composition)
+            f"{name} found inside sds_lora's inner optimizer: put it outside sds_lora "
+            f"({name}(sds_lora(...)), not sds_lora({name}(...))) so that the warm-up "
+            "counts real updates and the switch never lands mid-step"
+        )
+
+
 def _reset_mirror(ref: Any, old: Any, fresh: Any, flags: dict[int, jax.Array]) -> Any:
   """Resets the factors of flagged adapters inside a per-parameter subtree."""
   if isinstance(old, optax.MaskedNode):
@@ -142,17 +190,63 @@ def _reset_mirror(ref: Any, old: Any, fresh: Any, flags: dict[int, jax.Array]) -
   )
 
 
+def _coverage(ref: Any, node: Any, flags: dict[int, jax.Array], sw: list[jax.Array]) -> bool:
+  """Appends the switch flags of covered SDS factors; whether other leaves are covered."""
+  if isinstance(node, optax.MaskedNode):
+    return False
+  if is_adapter(ref):
+    covered = [not isinstance(x, optax.MaskedNode) for x in (node.a, node.b)]
+    if id(ref) not in flags:
+      return any(covered)
+    sw.extend(flags[id(ref)] for c in covered if c)
+    return False
+  ref_children, ref_def = _children(ref)
+  if _is_leaf_def(ref_def):
+    return True
+  node_children, _ = _children(node)
+  other = [_coverage(r, n, flags, sw) for r, n in zip(ref_children, node_children)]
+  return any(other)
+
+
+def _is_count(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jnp.ndim(x) == 0 and jnp.issubdtype(dtype, jnp.integer)
+
+
+def _key_name(path: tuple[Any, ...]) -> Any:
+  key = path[-1]
+  return getattr(key, "name", getattr(key, "key", None))
+
+
 def _reset_state(ref: Any, old: Any, fresh: Any, flags: dict[int, jax.Array]) -> Any:
-  """Walks the inner state; resets flagged factors in every subtree mirroring ``ref``."""
+  """Walks the inner state; applies the moment-reset rule (see the module docs)."""
   if _mirrors(ref, old):
     return _reset_mirror(ref, old, fresh, flags)
-  old_children, old_def = _children(old)
-  if not old_children or _is_leaf_def(old_def):
+  with_path, old_def = jax.tree_util.tree_flatten_with_path(old, is_leaf=lambda y: y is not old)
+  if not with_path or _is_leaf_def(old_def):
     return old
+  names = [_key_name(path) for path, _ in with_path]
+  old_children = [c for _, c in with_path]
   fresh_children, _ = _children(fresh)
-  return old_def.unflatten(
-      [_reset_state(ref, o, f, flags) for o, f in zip(old_children, fresh_children)]
-  )
+  mirror = [not isinstance(c, optax.MaskedNode) and _mirrors(ref, c) for c in old_children]
+  count = [_is_count(c) for c in old_children]
+  restart = None  # None: no count next to mirrors; else a bool (array): restart it
+  if any(mirror) and any(count):
+    sw = []  # every covered leaf visited (no short-circuit): it collects all flags
+    other = [_coverage(ref, c, flags, sw) for c, m in zip(old_children, mirror) if m]
+    restart = False if any(other) or not sw else jnp.all(jnp.stack(sw))
+  kept_flags = flags
+  if restart is not None:
+    kept_flags = {} if restart is False else {k: v & restart for k, v in flags.items()}
+  out = []
+  for name, o, f, m, c in zip(names, old_children, fresh_children, mirror, count):
+    if m:
+      out.append(_reset_mirror(ref, o, f, kept_flags if name in _SECOND_MOMENTS else flags))
+    elif c and restart is not None and restart is not False:  # a traced restart flag
+      out.append(jnp.where(restart, f, o).astype(o.dtype))
+    else:
+      out.append(_reset_state(ref, o, f, flags))
+  return old_def.unflatten(out)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -198,8 +292,10 @@ def sds_lora(
 
   Raises:
     TypeError: if ``inner`` is not a gradient transformation.
-    ValueError: on invalid arguments (at construction), or when ``update`` is
-      called without ``params`` or with an SDS adapter that has no ``sds_on``.
+    ValueError: on invalid arguments (at construction); in ``init`` when
+      ``inner`` contains ``optax.MultiSteps`` or ``optax.apply_if_finite``
+      (wrap ``sds_lora`` with them instead); or when ``update`` is called
+      without ``params`` or with an SDS adapter that has no ``sds_on``.
 
   Examples:
     >>> import jax, optax, sdslora_jax as sl
@@ -224,15 +320,18 @@ def sds_lora(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    inner_state = inner.init(trainable_params(params))
+    _check_inner_state(inner_state)
     return SdsLoraState(
         count=jnp.zeros([], jnp.int32),
         num_refreshes=jnp.zeros([], jnp.int32),
-        inner_state=inner.init(trainable_params(params)),
+        inner_state=inner_state,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("sds_lora needs params: call update(updates, state, params)")
+    _check_inner_state(state.inner_state)
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_adapter)
     sds_idx = [i for i, leaf in enumerate(leaves) if _is_sds(leaf)]
     for i in sds_idx:
