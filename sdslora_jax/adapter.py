@@ -43,9 +43,11 @@ class Adapter:
       ``None`` means ``(0,)``). The update's ``d_in`` is the product of these
       axes' sizes and ``d_out`` that of the others, each flattened in kernel
       order.
-    kind: ``"dense"`` (Dense, DenseGeneral, Einsum), ``"conv"`` or ``"embed"``
-      (static; ``None`` means ``"dense"``); decides how the frontends apply the
-      update and how it is exported.
+    kind: ``"dense"`` (Dense, DenseGeneral, Einsum), ``"embed"``, ``"conv"``,
+      or one of ``"conv_grouped"``, ``"conv_transpose"``, ``"conv_local"``
+      (merged per call like ``"conv"``, not exportable to PEFT) (static;
+      ``None`` means ``"dense"``); decides how the frontends apply the update
+      and how it is exported.
   """
 
   a: jax.Array

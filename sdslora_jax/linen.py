@@ -15,6 +15,9 @@ name,)``, its output gets the adapter's contribution:
   (``K + delta`` formed once per call, and its gradient) and the module re-run
   on the merged parameters.
 
+Kernels stacked by ``nn.scan`` / ``nn.vmap`` cannot be targeted (an error at
+initialisation).
+
 Example::
 
   adapters = sdslora_jax.linen.init_adapters(key, model, params, rules, x)
@@ -60,8 +63,17 @@ def _einsum_str(module, args, kwargs):
 
 
 def _dense_general_axis(module, ndim):
+  """The input axes ``DenseGeneral`` contracts, sorted as Flax pairs them with the kernel."""
   axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
-  return tuple(a % ndim for a in axis)
+  return tuple(sorted(a % ndim for a in axis))
+
+
+def _conv_kind(module) -> str:
+  if isinstance(module, nn.ConvTranspose):
+    return "conv_transpose"
+  if isinstance(module, nn.ConvLocal):
+    return "conv_local"
+  return "conv_grouped" if module.feature_group_count > 1 else "conv"
 
 
 def module_layouts(
@@ -70,7 +82,9 @@ def module_layouts(
   """Kernel layouts by "/"-joined path, read from the module types.
 
   Traces ``model.init`` abstractly (``jax.eval_shape``) on the example inputs
-  and records every Dense / DenseGeneral / Einsum / Conv / Embed call.
+  and records every Dense / DenseGeneral / Einsum / Conv / Embed call. A layout's
+  shape is the kernel as the module sees it per call (per layer under
+  ``nn.scan``), so ``select_targets`` can refuse stacked kernels.
   """
   found: dict[str, KernelLayout] = {}
 
@@ -79,24 +93,26 @@ def module_layouts(
     m = ctx.module
     if ctx.method_name != "__call__":
       return out
-    base = "/".join(str(p) for p in m.path)
+    base = "".join(f"{p}/" for p in m.path)  # "" for the root module
     if isinstance(m, nn.Dense):
-      found[f"{base}/kernel"] = KernelLayout(tuple(m.variables["params"]["kernel"].shape), (0,))
+      found[f"{base}kernel"] = KernelLayout(tuple(m.variables["params"]["kernel"].shape), (0,))
     elif isinstance(m, nn.DenseGeneral) and not m.batch_dims:
       k = m.variables["params"]["kernel"]
       n = len(_dense_general_axis(m, _inputs(a, kw).ndim))
-      found[f"{base}/kernel"] = KernelLayout(tuple(k.shape), tuple(range(n)))
+      found[f"{base}kernel"] = KernelLayout(tuple(k.shape), tuple(range(n)))
     elif isinstance(m, nn.Einsum):
       k = m.variables["params"]["kernel"]
       axes = einsum_in_axes(_einsum_str(m, a, kw), k.ndim)
       if axes is not None:
-        found[f"{base}/kernel"] = KernelLayout(tuple(k.shape), axes)
+        found[f"{base}kernel"] = KernelLayout(tuple(k.shape), axes)
     elif isinstance(m, _CONV_TYPES):
       k = m.variables["params"]["kernel"]
-      found[f"{base}/kernel"] = KernelLayout(tuple(k.shape), tuple(range(k.ndim - 1)), "conv")
+      found[f"{base}kernel"] = KernelLayout(
+          tuple(k.shape), tuple(range(k.ndim - 1)), _conv_kind(m)
+      )
     elif isinstance(m, nn.Embed):
       k = m.variables["params"]["embedding"]
-      found[f"{base}/embedding"] = KernelLayout(tuple(k.shape), (0,), "embed")
+      found[f"{base}embedding"] = KernelLayout(tuple(k.shape), (0,), "embed")
     return out
 
   def init(*a, **kw):

@@ -11,6 +11,8 @@ original module (``.base``, unchanged) and the ``Adapter`` in an
 * Linear / LinearGeneral (without ``batch_axis``) / plain-matmul Einsum use the
   rank-r path; Embed gathers the update's rows; Conv (and any other case)
   merges the kernel per call.
+* Kernels of layers stacked by ``nnx.vmap`` cannot be targeted (an error in
+  ``adapt``).
 * ``adapters(model)`` gives the adapters keyed by the original kernel paths
   (for ``tree.merge`` and PEFT export); ``unwrap`` restores the original
   modules in place; ``merged`` returns a copy with the updates folded in.
@@ -64,10 +66,30 @@ def _kernel_name(module: nnx.Module) -> str:
   return "embedding" if isinstance(module, nnx.Embed) else "kernel"
 
 
+def _call_shape(module: nnx.Module) -> tuple[int, ...]:
+  """The kernel shape a module uses per call, from its settings.
+
+  It differs from the stored kernel's shape when the module was created under
+  ``nnx.vmap`` (stacked layers); ``select_targets`` then raises.
+  """
+  if isinstance(module, nnx.Embed):
+    return (module.num_embeddings, module.features)
+  if isinstance(module, nnx.Linear):
+    return (module.in_features, module.out_features)
+  if isinstance(module, nnx.LinearGeneral):
+    return (*module.batch_axis.values(), *module.in_features, *module.out_features)
+  return tuple(module.kernel_shape)  # Einsum, Conv, ConvTranspose
+
+
+def _conv_kind(module: nnx.Module) -> str:
+  if isinstance(module, nnx.ConvTranspose):
+    return "conv_transpose"
+  return "conv_grouped" if module.feature_group_count > 1 else "conv"
+
+
 def _layout(module: nnx.Module) -> KernelLayout | None:
   """The kernel layout implied by a module's type and settings."""
-  k = getattr(module, _kernel_name(module))
-  shape = tuple(k.shape)
+  shape = _call_shape(module)
   if isinstance(module, nnx.Embed):
     return KernelLayout(shape, (0,), "embed")
   if isinstance(module, nnx.Linear):
@@ -80,7 +102,7 @@ def _layout(module: nnx.Module) -> KernelLayout | None:
     axes = einsum_in_axes(module.einsum_str, len(shape)) if module.einsum_str else None
     return None if axes is None else KernelLayout(shape, axes)
   if isinstance(module, _CONV_TYPES):
-    return KernelLayout(shape, tuple(range(len(shape) - 1)), "conv")
+    return KernelLayout(shape, tuple(range(len(shape) - 1)), _conv_kind(module))
   return None
 
 
@@ -97,6 +119,12 @@ class Adapted(nnx.Module):
       raise TypeError(f"cannot adapt a {type(base).__name__}; supported: "
                       f"{[t.__name__ for t in SUPPORTED]}")
     shape = tuple(getattr(base, _kernel_name(base)).shape)
+    if shape != _call_shape(base):
+      raise ValueError(
+          f"cannot adapt a {type(base).__name__} whose kernel has shape {shape} but which uses "
+          f"a kernel of shape {_call_shape(base)} per call: stacked layers (nnx.vmap) are not "
+          "supported"
+      )
     if adapter.target_shape != shape:
       raise ValueError(
           f"adapter for a kernel of shape {adapter.target_shape} cannot wrap a "
@@ -131,7 +159,7 @@ class Adapted(nnx.Module):
       y = base(*args, **kwargs)
       return y + apply_dense_general(x.astype(y.dtype), ad, (-1,))
     if isinstance(base, nnx.LinearGeneral) and not base.batch_axis:
-      axis = tuple(a % x.ndim for a in base.axis)
+      axis = tuple(sorted(a % x.ndim for a in base.axis))  # Flax pairs sorted axes with the kernel
       if ad.input_axes == tuple(range(len(axis))):
         y = base(*args, **kwargs)
         return y + apply_dense_general(x.astype(y.dtype), ad, axis)

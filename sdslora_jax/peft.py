@@ -12,6 +12,10 @@ A PEFT adapter directory holds ``adapter_config.json`` and
   ``.lora_A.weight`` ``(r, in, *kernel_size)`` and ``.lora_B.weight``
   ``(out, r, 1, ..., 1)``, as PEFT's Conv layers.
 
+Grouped convolutions, ``ConvTranspose`` and ``ConvLocal`` kernels have no
+equivalent PEFT LoRA layer here and raise ``NotImplementedError`` (merge them
+into the base weights with ``tree.merge`` instead).
+
 Kernels with more than two axes that are not convolutions are exported as
 torch ``Linear`` layers over the flattened kernel: ``in`` is the product of the
 input axes and ``out`` of the output axes, each flattened row-major in kernel
@@ -85,8 +89,24 @@ def _name_for(module_names: ModuleNames, kernel_path: str) -> str | None:
   return name
 
 
+_UNEXPORTABLE = {
+    "conv_grouped": "a grouped convolution (feature_group_count > 1)",
+    "conv_transpose": "a ConvTranspose (its kernel orientation differs from torch's)",
+    "conv_local": "a ConvLocal (unshared weights; torch has no such layer)",
+}
+
+
 def _kind(ad: Adapter) -> str:
   return ad.kind or "dense"
+
+
+def _refuse(kind: str, kpath: str, shape: tuple[int, ...], verb: str) -> None:
+  if kind in _UNEXPORTABLE:
+    raise NotImplementedError(
+        f"cannot {verb} the adapter at {kpath!r} (kernel shape {shape}): it is on "
+        f"{_UNEXPORTABLE[kind]}, which has no PEFT LoRA equivalent; merge it into the base "
+        "weights with sdslora_jax.tree.merge instead"
+    )
 
 
 def _lora_factors(ad: Adapter) -> tuple[np.ndarray, np.ndarray, float]:
@@ -145,6 +165,8 @@ def export_peft(
   Raises:
     FileExistsError: a file exists and ``overwrite`` is false.
     KeyError / ValueError: a module has no name, or two share one.
+    NotImplementedError: an adapter is on a grouped, transposed or local
+      convolution (checked before anything is written).
   """
   from safetensors.numpy import save_file
 
@@ -170,6 +192,7 @@ def export_peft(
     if name in owner:
       raise ValueError(f"module name {name!r} is given to both {owner[name]!r} and {kpath!r}")
     owner[name] = kpath
+    _refuse(_kind(ad), kpath, ad.target_shape, "export")
     left, right, scale = _lora_factors(ad)
     a_t, b_t, (sa, sb) = _to_torch(ad, left, right, name)
     tensors[f"{_PREFIX}{name}{sa}"] = np.ascontiguousarray(a_t, np.float32)
@@ -283,6 +306,8 @@ def import_peft(
   Raises:
     FileNotFoundError, ValueError: missing, corrupt or mismatching files, with
       the offending file, key or module named.
+    NotImplementedError: ``layouts`` marks a targeted kernel as a grouped,
+      transposed or local convolution.
   """
   directory = os.fspath(directory)
   config, tensors = _read(directory)
@@ -339,6 +364,8 @@ def import_peft(
     alpha = float(_pattern(config.get("alpha_pattern"), name, config["lora_alpha"]))
     scale = alpha / (math.sqrt(r) if use_rslora else r)
     shape = tuple(leaf.shape)
+    if kpath in layouts:
+      _refuse(layouts[kpath].kind, kpath, shape, "import")
     if a_t.ndim > 2:  # convolution: A (r, cin, *k), B (cout, r, 1...)
       layout = KernelLayout(shape, tuple(range(len(shape) - 1)), "conv")
       want_a = (r, shape[-2], *shape[:-2])

@@ -14,7 +14,10 @@ A kernel is flattened to the ``(d_in, d_out)`` matrix of the adapter by its
 * ``embedding`` tables ``(num_embeddings, features)``: ``(0,)`` (a row is
   selected by the token id, like a one-hot input).
 * Conv kernels ``(*spatial, in_features, out_features)``: all axes but the last
-  (known from the module type; see the Linen and NNX frontends).
+  (known from the module type; see the Linen and NNX frontends). Kinds
+  ``"conv_grouped"`` (``feature_group_count > 1``), ``"conv_transpose"`` and
+  ``"conv_local"`` use the same layout; they are kept apart because their
+  kernels do not map to a PEFT ``Conv`` LoRA.
 * Other kernels with more than two axes (DenseGeneral, Einsum), by size:
   ``(D, H, K)`` with ``D == H * K`` -> ``(0,)``; ``(H, K, D)`` with
   ``H * K == D`` -> all axes but the last. Anything else needs the module type
@@ -38,7 +41,8 @@ import jax.numpy as jnp
 from sdslora_jax.adapter import METHODS
 
 KERNEL_NAMES = ("kernel", "embedding")
-KINDS = ("dense", "conv", "embed")
+CONV_KINDS = ("conv", "conv_grouped", "conv_transpose", "conv_local")
+KINDS = ("dense", *CONV_KINDS, "embed")
 
 Predicate = Callable[[str, Any], bool]
 
@@ -117,7 +121,7 @@ class KernelLayout:
   Attributes:
     shape: the kernel's shape.
     in_axes: the input-side axes, sorted; the others are the output side.
-    kind: ``"dense"``, ``"conv"`` or ``"embed"``.
+    kind: ``"dense"``, ``"embed"`` or one of ``CONV_KINDS``.
   """
 
   shape: tuple[int, ...]
@@ -190,7 +194,7 @@ def infer_layout(
     path: "/"-joined path (for messages; a last component ``embedding`` means
       an embedding table).
     shape: the kernel shape.
-    kind: ``"dense"``, ``"conv"`` or ``"embed"`` when the module type is known.
+    kind: one of ``KINDS`` when the module type is known.
     in_axes: explicit input-side axes.
 
   Raises:
@@ -209,7 +213,7 @@ def infer_layout(
   ndim = len(shape)
   if ndim == 2 or kind == "embed":
     axes = (0,)
-  elif kind == "conv":
+  elif kind in CONV_KINDS:
     axes = tuple(range(ndim - 1))
   elif shape[0] == math.prod(shape[1:]):
     axes = (0,)
@@ -281,15 +285,17 @@ def select_targets(
       ``params``, or an NNX ``State``'s pure dict).
     rules: ordered target rules; the first that matches a parameter wins.
     layouts: known layouts by "/"-joined kernel path (from the module types);
-      a rule's ``in_axes`` must agree with them.
+      a rule's ``in_axes`` must agree with them, and so must the parameter's
+      shape (a stacked kernel from ``nn.scan`` / ``nnx.vmap`` does not).
 
   Returns:
     The targets, in the tree's flattening order.
 
   Raises:
     ValueError: a rule claims no parameter, matches a parameter that is not a
-      supported kernel, asks for a rank above ``min(d_in, d_out)``, or a
-      layout cannot be decided.
+      supported kernel, asks for a rank above ``min(d_in, d_out)``, selects a
+      stacked kernel (its shape differs from the one its module uses per
+      call), or a layout cannot be decided.
   """
   rules = [_as_rule(r) for r in rules]
   if not rules:
@@ -321,6 +327,13 @@ def select_targets(
       )
     known = layouts.get(path)
     if known is not None:
+      if tuple(leaf.shape) != known.shape:
+        raise ValueError(
+            f"rule {r.label} selects {path!r}, a parameter of shape {tuple(leaf.shape)}, but "
+            f"its module uses a kernel of shape {known.shape} per call: stacked kernels "
+            "(layers under nn.scan / nn.vmap, or nnx.vmap / nnx.scan layers) are not supported; "
+            "target unstacked layers"
+        )
       if r.in_axes is not None:
         given = infer_layout(path, leaf.shape, in_axes=r.in_axes).in_axes
         if given != known.in_axes:

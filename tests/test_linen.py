@@ -1,5 +1,6 @@
 """Linen frontend on a model with every supported layer type, and the jaxpr check."""
 
+import re
 
 import flax.linen as nn
 import jax
@@ -132,3 +133,97 @@ def test_training_step_jaxpr_has_no_kernel_sized_intermediate():
   dense = jax.make_jaxpr(jax.grad(lambda a, p, x: jnp.mean(
       model.apply({"params": tree.merge(p, a)}, x) ** 2)))(ads, params, x)
   assert big_intermediates(dense, kernel_size)[0]
+
+
+@pytest.mark.parametrize("x_shape", [(3, 4, 4), (2, 3, 4)], ids=["equal_sizes", "different_sizes"])
+def test_dense_general_unsorted_axis(x_shape):
+  # Flax contracts sorted(axis): kernel input axis i pairs with sorted(axis)[i].
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.DenseGeneral(5, axis=(-1, -2), name="dg")(x)
+
+  model = M()
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  params = model.init(jax.random.key(1), x)["params"]
+  assert params["dg"]["kernel"].shape == (*x_shape[1:], 5)
+  ads = sl.init_adapters(jax.random.key(2), model, params, [rule("dg/kernel", rank=2)], x)
+  ads = randomize(ads, jax.random.key(3))
+  y = sl.apply(model, {"params": params}, ads, x)
+  y_merged = model.apply({"params": tree.merge(params, ads)}, x)
+  diff = float(jnp.abs(y - y_merged).max())
+  print(f"DenseGeneral axis=(-1, -2), x {x_shape}: max |adapted - merged| = {diff:.2e}")
+  assert float(jnp.abs(y_merged - model.apply({"params": params}, x)).max()) > 1e-1
+  np.testing.assert_allclose(y, y_merged, rtol=1e-5, atol=1e-5)
+
+
+class Scanned(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    class Block(nn.Module):
+      @nn.compact
+      def __call__(self, h, _):
+        return nn.relu(nn.Dense(8, name="fc")(h)), None
+
+    stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    h, _ = stack(name="layers")(x, None)
+    return nn.Dense(2, name="head")(h)
+
+
+def test_scanned_stacked_kernel_is_rejected():
+  model, x = Scanned(), jnp.ones((2, 8))
+  params = model.init(jax.random.key(0), x)["params"]
+  assert params["layers"]["fc"]["kernel"].shape == (3, 8, 8)
+  with pytest.raises(ValueError, match=r"selects 'layers/fc/kernel', a parameter of shape \(3, 8, 8\), "
+                     r"but its module uses a kernel of shape \(8, 8\) per call: stacked kernels"):
+    sl.init_adapters(jax.random.key(1), model, params, [rule(r".*/kernel", rank=2)], x)
+  # Unstacked kernels of the same model can still be targeted.
+  ads = sl.init_adapters(jax.random.key(1), model, params, [rule("head/kernel", rank=2)], x)
+  ads = randomize(ads, jax.random.key(2))
+  np.testing.assert_allclose(sl.apply(model, {"params": params}, ads, x),
+                             model.apply({"params": tree.merge(params, ads)}, x), rtol=1e-5, atol=1e-5)
+
+
+class Convs(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3,), name="conv")(x)
+    x = nn.Conv(4, (3,), feature_group_count=2, name="grouped")(x)
+    x = nn.ConvTranspose(4, (3,), name="transpose")(x)
+    return nn.ConvLocal(3, (3,), name="local")(x)
+
+
+def test_conv_kinds_forward_and_export(tmp_path):
+  from sdslora_jax import peft
+
+  model = Convs()
+  x = jax.random.normal(jax.random.key(0), (2, 6, 4))
+  params = model.init(jax.random.key(1), x)["params"]
+  ads = sl.init_adapters(jax.random.key(2), model, params, [rule(r".*/kernel", rank=2)], x)
+  kinds = {k: v["kernel"].kind for k, v in ads.items()}
+  assert kinds == {"conv": "conv", "grouped": "conv_grouped", "transpose": "conv_transpose",
+                   "local": "conv_local"}
+  ads = randomize(ads, jax.random.key(3))
+  np.testing.assert_allclose(sl.apply(model, {"params": params}, ads, x),
+                             model.apply({"params": tree.merge(params, ads)}, x), rtol=1e-5, atol=1e-5)
+  names = lambda p: p
+  peft.export_peft(tmp_path / "ok", {"conv": ads["conv"]}, module_names=names)
+  for mod, what in [("grouped", r"grouped convolution \(feature_group_count > 1\)"),
+                    ("transpose", "ConvTranspose"), ("local", "ConvLocal")]:
+    shape = re.escape(str(tuple(params[mod]["kernel"].shape)))
+    with pytest.raises(NotImplementedError, match=rf"cannot export the adapter at '{mod}/kernel' "
+                       rf"\(kernel shape {shape}\): it is on (a )?{what}"):
+      peft.export_peft(tmp_path / mod, {mod: ads[mod]}, module_names=names)
+    assert not (tmp_path / mod).exists()
+
+
+def test_root_module_layouts():
+  x = jnp.ones((2, 3, 4))
+  assert set(sl.module_layouts(nn.DenseGeneral(5, axis=(-1, -2)), x)) == {"kernel"}
+  model = nn.Conv(4, (3,), feature_group_count=2)
+  params = model.init(jax.random.key(0), x[..., :2].repeat(2, -1))["params"]
+  ads = sl.init_adapters(jax.random.key(1), model, params, [rule("kernel", rank=2)], x)
+  assert ads["kernel"].kind == "conv_grouped"
+  ads = randomize(ads, jax.random.key(2))
+  np.testing.assert_allclose(sl.apply(model, {"params": params}, ads, x),
+                             model.apply({"params": tree.merge(params, ads)}, x), rtol=1e-5, atol=1e-5)

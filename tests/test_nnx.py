@@ -127,3 +127,91 @@ def test_attach_errors():
 
   with pytest.raises(ValueError, match=r"selects 'inner/kernel', which does not belong to a supported module"):
     snnx.adapt(Custom(), [rule("inner/kernel", rank=2)], key=jax.random.key(1))
+
+
+@pytest.mark.parametrize("x_shape", [(3, 4, 4), (2, 3, 4)], ids=["equal_sizes", "different_sizes"])
+def test_linear_general_unsorted_axis(x_shape):
+  # Flax contracts sorted(axis): kernel input axis i pairs with sorted(axis)[i].
+  class M(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.LinearGeneral(x_shape[1:], 5, axis=(-1, -2), rngs=rngs)
+
+    def __call__(self, x):
+      return self.lin(x)
+
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  model = M(nnx.Rngs(0))
+  y0 = model(x)
+  snnx.adapt(model, [rule("lin/kernel", rank=2)], key=jax.random.key(1))
+  randomize(model, jax.random.key(2))
+  y, y_merged = model(x), snnx.merged(model)(x)
+  diff = float(jnp.abs(y - y_merged).max())
+  print(f"LinearGeneral axis=(-1, -2), x {x_shape}: max |adapted - merged| = {diff:.2e}")
+  assert float(jnp.abs(y_merged - y0).max()) > 1e-1
+  np.testing.assert_allclose(y, y_merged, rtol=1e-5, atol=1e-5)
+
+
+class Stacked(nnx.Module):
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return Block(rngs)
+
+    self.layers = make(rngs)
+    self.head = nnx.Linear(8, 2, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(h, block):
+      return nnx.relu(block.fc(h))
+
+    return self.head(body(x, self.layers))
+
+
+class Block(nnx.Module):
+  def __init__(self, rngs):
+    self.fc = nnx.Linear(8, 8, rngs=rngs)
+
+
+def test_vmapped_stacked_kernel_is_rejected():
+  model, x = Stacked(nnx.Rngs(0)), jnp.ones((2, 8))
+  assert model.layers.fc.kernel.shape == (3, 8, 8)
+  with pytest.raises(ValueError, match=r"selects 'layers/fc/kernel', a parameter of shape \(3, 8, 8\), "
+                     r"but its module uses a kernel of shape \(8, 8\) per call: stacked kernels"):
+    snnx.adapt(model, [rule(r".*/kernel", rank=2)], key=jax.random.key(1))
+  assert not snnx.is_adapted(model)
+  stacked = Adapter(a=jnp.zeros((3, 2)), b=jnp.zeros((2, 64)), kernel_shape=(3, 8, 8), in_axes=(0,))
+  with pytest.raises(ValueError, match=r"cannot adapt a Linear whose kernel has shape \(3, 8, 8\) but "
+                     r"which uses a kernel of shape \(8, 8\) per call: stacked layers"):
+    snnx.attach(model, {"layers": {"fc": {"kernel": stacked}}})
+  # Unstacked kernels of the same model can still be targeted.
+  snnx.adapt(model, [rule("head/kernel", rank=2)], key=jax.random.key(1))
+  randomize(model, jax.random.key(2))
+  np.testing.assert_allclose(model(x), snnx.merged(model)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_kinds_forward_and_export(tmp_path):
+  from sdslora_jax import peft
+
+  class Convs(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(4, 4, (3,), rngs=rngs)
+      self.grouped = nnx.Conv(4, 4, (3,), feature_group_count=2, rngs=rngs)
+      self.transpose = nnx.ConvTranspose(4, 3, (3,), rngs=rngs)
+
+    def __call__(self, x):
+      return self.transpose(self.grouped(self.conv(x)))
+
+  x = jax.random.normal(jax.random.key(0), (2, 6, 4))
+  model = Convs(nnx.Rngs(0))
+  snnx.adapt(model, [rule(r".*/kernel", rank=2)], key=jax.random.key(1))
+  randomize(model, jax.random.key(2))
+  ads = snnx.adapters(model)
+  assert {k: v["kernel"].kind for k, v in ads.items()} == {
+      "conv": "conv", "grouped": "conv_grouped", "transpose": "conv_transpose"}
+  np.testing.assert_allclose(model(x), snnx.merged(model)(x), rtol=1e-5, atol=1e-5)
+  peft.export_peft(tmp_path / "ok", {"conv": ads["conv"]}, module_names=lambda p: p)
+  for mod, what in [("grouped", "grouped convolution"), ("transpose", "ConvTranspose")]:
+    with pytest.raises(NotImplementedError, match=rf"cannot export the adapter at '{mod}/kernel'.*{what}"):
+      peft.export_peft(tmp_path / mod, {mod: ads[mod]}, module_names=lambda p: p)

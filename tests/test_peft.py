@@ -11,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 from sdslora_jax import peft
 from sdslora_jax.adapter import Adapter, kernel_delta
 from sdslora_jax.basis import factor_bases
+from sdslora_jax.targets import KernelLayout
 
 
 def _ad(key, shape, in_axes, *, method="sds", sds_on=1.0, rank=2, scale=0.75, kind=None):
@@ -169,3 +170,22 @@ def test_corrupted_files(tmp_path):
   with pytest.raises(ValueError, match=r"module_names keys \['nope'\] name no kernel"):
     _write(tmp_path, GOOD, CFG)
     peft.import_peft(tmp_path, P, module_names={"nope": "lin"})
+
+
+@pytest.mark.parametrize("kind,what", [
+    ("conv_grouped", r"a grouped convolution \(feature_group_count > 1\)"),
+    ("conv_transpose", r"a ConvTranspose \(its kernel orientation differs from torch.s\)"),
+    ("conv_local", r"a ConvLocal \(unshared weights.*\)"),
+])
+def test_unexportable_conv_kinds(tmp_path, kind, what):
+  ads = _adapters()
+  ads["conv"]["kernel"] = _ad(jax.random.key(1), (3, 3, 2, 4), (0, 1, 2), kind=kind)
+  with pytest.raises(NotImplementedError, match=r"cannot export the adapter at 'conv/kernel' "
+                     rf"\(kernel shape \(3, 3, 2, 4\)\): it is on {what}, which has no PEFT LoRA"):
+    peft.export_peft(tmp_path, ads, module_names=NAMES)
+  assert not (tmp_path / peft.CONFIG_NAME).exists() and not (tmp_path / peft.WEIGHTS_NAME).exists()
+  # A PEFT Conv adapter is not read onto such a kernel when the layouts say what it is.
+  peft.export_peft(tmp_path, _adapters(), module_names=NAMES)
+  lay = {"conv/kernel": KernelLayout((3, 3, 2, 4), (0, 1, 2), kind)}
+  with pytest.raises(NotImplementedError, match=r"cannot import the adapter at 'conv/kernel'"):
+    peft.import_peft(tmp_path, PARAMS, module_names=NAMES, layouts=lay)

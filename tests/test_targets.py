@@ -130,3 +130,21 @@ def test_einsum_in_axes():
   assert targets.einsum_in_axes("btnh,nhk->btnk", 3) is None  # n is shared
   with pytest.raises(ValueError, match="kernel spec 'dh' is not 3-D"):
     targets.einsum_in_axes("btd,dh->bth", 3)
+
+
+def test_known_layout_shape_must_match_parameter():
+  # A layer stacked by nn.scan / nnx.vmap: the module sees (16, 64) per call, the parameter is stacked.
+  params = {"layers": {"mlp": {"kernel": jax.ShapeDtypeStruct((3, 16, 64), jnp.float32)}}}
+  lay = {"layers/mlp/kernel": targets.KernelLayout((16, 64), (0,))}
+  with pytest.raises(ValueError, match=r"rule 'layers/mlp/kernel' selects 'layers/mlp/kernel', a parameter "
+                     r"of shape \(3, 16, 64\), but its module uses a kernel of shape \(16, 64\) per call: "
+                     r"stacked kernels .* are not supported"):
+    select_targets(params, [rule("layers/mlp/kernel", rank=2)], layouts=lay)
+
+
+@pytest.mark.parametrize("kind", targets.CONV_KINDS)
+def test_conv_kinds_share_the_conv_layout(kind):
+  lay = infer_layout("a/kernel", (3, 12, 8), kind=kind)
+  assert (lay.kind, lay.in_axes, lay.d_in, lay.d_out) == (kind, (0, 1), 36, 8)
+  with pytest.raises(ValueError, match=r"unknown kernel kind 'conv_2d'"):
+    infer_layout("a/kernel", (3, 12, 8), kind="conv_2d")
