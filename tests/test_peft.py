@@ -9,24 +9,14 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from sdslora_jax import peft
-from sdslora_jax.adapter import Adapter, kernel_delta
-from sdslora_jax.basis import factor_bases
+from sdslora_jax.adapter import kernel_delta
 from sdslora_jax.targets import KernelLayout
+from testing_utils import random_adapter
 
 
-def _ad(key, shape, in_axes, *, method="sds", sds_on=1.0, rank=2, scale=0.75, kind=None):
-  d_in = int(np.prod([shape[i] for i in in_axes]))
-  d_out = int(np.prod(shape)) // d_in
-  ka, kb = jax.random.split(key)
-  a = jax.random.normal(ka, (d_in, rank))
-  b = jax.random.normal(kb, (rank, d_out))
-  extra = {}
-  if method == "sds":
-    qa, qb = factor_bases(a, b)
-    qa = qa + 0.1 * jax.random.normal(kb, qa.shape)  # stale bases: the 2r export must still be exact
-    extra = dict(qa=qa, qb=qb, sds_on=jnp.float32(sds_on))
-  return Adapter(a=a, b=b, method=method, scale=scale, kernel_shape=shape, in_axes=in_axes, kind=kind,
-                 **extra)
+def _ad(key, shape, in_axes, *, scale=0.75, **kw):
+  # Stale bases: the rank-2r export must be exact whatever the bases are.
+  return random_adapter(key, shape, in_axes, scale=scale, stale_bases=True, **kw)
 
 
 PARAMS = {

@@ -8,23 +8,9 @@ import numpy as np
 import pytest
 
 from sdslora_jax import tree
-from sdslora_jax.adapter import Adapter, adapter_delta, is_adapter, kernel_delta
-from sdslora_jax.basis import factor_bases
+from sdslora_jax.adapter import adapter_delta, is_adapter, kernel_delta
 from sdslora_jax.targets import rule
-
-
-def _random_adapter(key, shape, in_axes, *, method="sds", sds_on=1.0, rank=2, scale=0.5, kind=None):
-  d_in = int(np.prod([shape[i] for i in in_axes]))
-  d_out = int(np.prod(shape)) // d_in
-  ka, kb = jax.random.split(key)
-  a = jax.random.normal(ka, (d_in, rank))
-  b = jax.random.normal(kb, (rank, d_out))
-  extra = {}
-  if method == "sds":
-    qa, qb = factor_bases(a, b)
-    extra = dict(qa=qa, qb=qb, sds_on=jnp.float32(sds_on))
-  return Adapter(a=a, b=b, method=method, scale=scale, kernel_shape=shape, in_axes=in_axes,
-                 kind=kind, **extra)
+from testing_utils import random_adapter
 
 
 def _params():
@@ -53,7 +39,7 @@ def test_init_is_zero_update_and_mirrors_params():
 @pytest.mark.parametrize("shape,in_axes", [((6, 5), (0,)), ((8, 2, 4), (0,)), ((2, 4, 8), (0, 1)),
                                            ((3, 5, 7), (1,)), ((3, 3, 2, 4), (0, 1, 2))])
 def test_kernel_delta_layout(shape, in_axes):
-  ad = _random_adapter(jax.random.key(2), shape, in_axes)
+  ad = random_adapter(jax.random.key(2), shape, in_axes)
   flat = np.asarray(adapter_delta(ad))
   got = np.asarray(kernel_delta(ad))
   assert got.shape == shape
@@ -66,7 +52,7 @@ def test_kernel_delta_layout(shape, in_axes):
 
 @pytest.mark.parametrize("method,sds_on", [("lora", 0.0), ("sds", 0.0), ("sds", 1.0)])
 def test_apply_dense_general_matches_dense(method, sds_on):
-  ad = _random_adapter(jax.random.key(3), (3, 5, 7), (0, 2), method=method, sds_on=sds_on)
+  ad = random_adapter(jax.random.key(3), (3, 5, 7), (0, 2), method=method, sds_on=sds_on)
   x = jax.random.normal(jax.random.key(4), (7, 2, 3))  # contract axes (2, 0) with kernel (0, 2)
 
   def fast(ad):
@@ -82,14 +68,14 @@ def test_apply_dense_general_matches_dense(method, sds_on):
 
 
 def test_apply_einsum_and_embedding_match_dense():
-  ad = _random_adapter(jax.random.key(5), (2, 4, 8), (0, 1))
+  ad = random_adapter(jax.random.key(5), (2, 4, 8), (0, 1))
   x = jax.random.normal(jax.random.key(6), (3, 5, 4, 2))
   eq = "btkh,hkd->dbt"
   np.testing.assert_allclose(tree.apply_einsum(x, ad, eq), jnp.einsum(eq, x, kernel_delta(ad)),
                              rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match=r"contracts kernel axes \(0,\) but the adapter's input axes are \(0, 1\)"):
     tree.apply_einsum(x[..., 0, :], ad, "bth,hkd->btkd")
-  emb = _random_adapter(jax.random.key(7), (10, 6), (0,), kind="embed")
+  emb = random_adapter(jax.random.key(7), (10, 6), (0,), kind="embed")
   ids = jnp.array([[1, 3, 9], [0, 0, 4]])
   q = jax.random.normal(jax.random.key(8), (2, 6))
 
@@ -108,7 +94,7 @@ def test_apply_einsum_and_embedding_match_dense():
 
 def test_merge_values_and_errors():
   params = _params()
-  ad = _random_adapter(jax.random.key(9), (2, 4, 8), (0, 1))
+  ad = random_adapter(jax.random.key(9), (2, 4, 8), (0, 1))
   merged = tree.merge(params, {"o": {"kernel": ad}})
   np.testing.assert_allclose(merged["o"]["kernel"], params["o"]["kernel"] + kernel_delta(ad), rtol=1e-6)
   assert merged["dense"]["kernel"] is params["dense"]["kernel"]
@@ -122,7 +108,7 @@ def test_merge_values_and_errors():
 
 def test_merge_gradient_is_sds_rule():
   # Independent check of the SDS rule through merge: dL/db = s qa.T G, dL/da = s G qb.
-  ad = _random_adapter(jax.random.key(10), (6, 5), (0,))
+  ad = random_adapter(jax.random.key(10), (6, 5), (0,))
   params = _params()
   target = jax.random.normal(jax.random.key(11), (6, 5))
 

@@ -7,7 +7,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
-from sdslora_jax.adapter import is_adapter
+from sdslora_jax.adapter import Adapter, is_adapter
 from sdslora_jax.basis import factor_bases
 
 
@@ -52,3 +52,25 @@ def big_intermediates(jaxpr, min_size):
       found += sub_found
       largest = max(largest, sub_largest)
   return found, largest
+
+
+def random_adapter(key, shape, in_axes, *, method="sds", sds_on=1.0, rank=2, scale=0.5,
+                   kind=None, stale_bases=False):
+  """An adapter for a kernel of ``shape`` with random factors.
+
+  ``stale_bases`` perturbs ``qa`` so that it no longer spans ``a`` exactly (the
+  state between two refreshes).
+  """
+  d_in = math.prod(shape[i] for i in in_axes)
+  d_out = math.prod(shape) // d_in
+  ka, kb = jax.random.split(key)
+  a = jax.random.normal(ka, (d_in, rank))
+  b = jax.random.normal(kb, (rank, d_out))
+  extra = {}
+  if method == "sds":
+    qa, qb = factor_bases(a, b)
+    if stale_bases:
+      qa = qa + 0.1 * jax.random.normal(kb, qa.shape)
+    extra = dict(qa=qa, qb=qb, sds_on=jnp.float32(sds_on))
+  return Adapter(a=a, b=b, method=method, scale=scale, kernel_shape=tuple(shape),
+                 in_axes=tuple(in_axes), kind=kind, **extra)
