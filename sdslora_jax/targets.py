@@ -143,14 +143,7 @@ class KernelLayout:
 
 def path_str(key_path: Sequence[Any]) -> str:
   """"/"-joins a JAX key path (or a tuple of plain keys)."""
-  parts = []
-  for k in key_path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr) and not isinstance(k, (str, int)):
-        k = getattr(k, attr)
-        break
-    parts.append(str(k))
-  return "/".join(parts)
+  return "/".join(str(k) for k in path_keys(key_path))
 
 
 def path_keys(key_path: Sequence[Any]) -> tuple[Any, ...]:
