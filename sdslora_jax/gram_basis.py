@@ -1,0 +1,420 @@
+"""Orthonormal bases from r x r Gram matrices: a thin QR that never gathers the factor.
+
+``basis.orthonormal_basis`` runs a Householder QR. When a factor ``a: (d, r)`` is
+sharded along ``d`` (FSDP), XLA's SPMD partitioner cannot split a Householder QR
+and all-gathers the whole ``(d, r)`` factor onto every device first. The
+functions here touch the tall matrix only through
+
+* Gram matrices ``Y.T @ Y`` (``r x r``: a local matmul plus an all-reduce of
+  ``r * r`` floats) and column sums (``r`` floats), and
+* right-multiplications ``Y @ W`` by a replicated ``r x r`` matrix (local),
+
+so a sharded factor stays sharded and the only collectives are all-reduces of
+``r x r``, ``2 x r`` and ``r`` floats. Under ``jit`` XLA inserts them itself;
+inside ``shard_map`` pass ``axis_name`` and they are ``psum`` / ``pmax`` over
+that axis. (``R^-1`` is formed explicitly by an ``r x r`` triangular solve:
+XLA all-gathers the tall operand of a ``triangular_solve`` applied to it.)
+
+Algorithm (float32, matmuls at ``Precision.HIGHEST`` so that TPUs and GPUs do
+not drop to bfloat16 / TF32 passes):
+
+1. *Prepare*: columns are scaled by exact powers of two to a max-abs in
+   ``[0.5, 1)`` (no overflow or underflow in the Gram matrix; a column scaling
+   does not change the Q factor, and a power of two changes no rounding).
+   Exactly-zero columns are replaced by the identity column ``e_j``, so an
+   all-zero ``m`` gives ``I[:, :r]`` exactly, as Householder does.
+2. *Fast path*: ``passes`` Cholesky-QR sweeps ``Y <- Y R^-1``,
+   ``R^T R = Y^T Y + s I``. The first sweep factors the column-equilibrated
+   Gram matrix (unit diagonal). The first ``passes - 2`` sweeps are shifted,
+   ``s = SHIFT_FACTOR * u * ||Y||_F^2`` with ``u = 2^-24`` (shifted
+   CholeskyQR3: Fukaya, Kannan, Nakatsukasa, Yamamoto & Yanagisawa, SIAM J.
+   Sci. Comput. 2020), the last two are plain (CholeskyQR2, ``s = 0``). The
+   last sweep's Gram diagonal is summed spike-safely (``_accurate_gram``).
+3. *Acceptance*: the fast path's result is kept when every ``R^-1`` is finite,
+   the Gram matrix of the last sweep's input is within ``ACCEPT_TOL`` of ``I``
+   in Frobenius norm (so the last sweep is a CholeskyQR of a matrix with
+   condition number ``<= sqrt(3)``: orthonormal to float32 rounding), and every
+   column's part independent of the previous columns, the diagonal of the
+   accumulated ``R`` of the equilibrated ``m``, exceeds ``RANK_TOL`` (relative
+   to the column norm). Otherwise a ``lax.cond`` (on a replicated scalar, so
+   the same on every device) runs the safe path.
+4. *Safe path* (rank-deficient or too ill-conditioned ``m``): Cholesky-QR
+   sweeps with a Cholesky that *deflates* a column instead of failing (no
+   later column is orthogonalised against it, its output is zero). Two shifted
+   sweeps spread the spectrum (a direction of relative size ``rho`` grows to
+   ``~ rho / s``), then the pivots of a plain sweep decide which columns are
+   dependent (independent part below ``RANK_TOL``). Those columns of the
+   *input* are replaced by fixed pseudo-random columns (entries in [-1, 1)
+   from a murmur3 hash of the global row and column index: the same on every
+   device and for every sharding), and the modified matrix gets two shifted
+   and two plain deflating sweeps.
+
+Result convention, as ``orthonormal_basis``: ``m = Q R`` with ``R = Q^T m``
+upper-triangular with non-negative diagonal. For full-rank ``m`` this is the
+unique thin-QR factor: both paths give it, equal to the Householder result up
+to rounding (and closer than Householder to the float64 QR, thanks to the
+column equilibration). A column that is zero or numerically dependent on the
+previous ones (``R_jj ~ 0``) gets the QR column of its stand-in (``e_j``,
+resp. the pseudo-random column): orthonormal to the previous columns, later
+columns orthogonalised against it. These completed columns need not match
+what a Householder QR would pick.
+
+Measured (``tests/test_gram_basis.py``, float32 inputs ``U diag(s) V^T``):
+``max|Q^T Q - I|`` 1e-7 to 5e-7 for condition numbers 1 to 1e6 and also for
+rank-deficient, zero and spiky inputs; the fast path covers condition numbers
+up to ~1e6-1e7, the safe path the rest.
+
+No Flax import here: this is part of the functional core.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sdslora_jax import _checks
+
+_F32 = jnp.float32
+_HI = lax.Precision.HIGHEST
+_U = 2.0**-24  # float32 unit roundoff
+
+SHIFT_FACTOR = 4.0
+"""``c`` in the shift ``s = c * u * ||Y||_F^2`` of a shifted Cholesky sweep.
+
+The first sweep sees the equilibrated Gram matrix, ``||Y||_F^2 = r``, so
+``s = 4 r 2^-24``. One shifted sweep maps a condition number ``k`` to about
+``sqrt(s) k``: 2e3 to 4e3 at ``k = 1e6`` for ``r = 16..64``, which CholeskyQR2
+still handles in float32. Measured on singular Gram matrices (``n = 65536``):
+``c = 0.25`` lets the shifted Cholesky fail (NaN; the safe path then takes
+over), ``c >= 1`` did not; ``c = 16`` narrows the fast path's range to
+``k ~ 1e6``. The worst-case shift of the paper, ``11 (d r + r (r + 1)) u``,
+would be of order 1 in float32 and is not used."""
+
+ACCEPT_TOL = 0.5
+"""Fast path accepted when ``||G_last - I||_F <= ACCEPT_TOL`` (see module doc)."""
+
+PIVOT_TOL = 1e-6
+"""Safe path: a plain sweep deflates column j when its pivot in the equilibrated
+Gram matrix (``sin^2`` of its angle to the previous kept columns) is below this."""
+
+RANK_TOL = 2.0**-20
+"""A column whose part independent of the previous columns is below ``RANK_TOL``
+times its norm (16 float32 roundings) counts as dependent: the fast path hands
+such an ``m`` to the safe path, which replaces the column by its stand-in."""
+
+AxisName = Hashable | Sequence[Hashable]
+
+
+def _psum(x, axis_name):
+  return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def _replicated_spec(y):
+  """Out-sharding for a contraction over ``y``'s rows under explicit sharding, else None."""
+  sharding = getattr(jax.typeof(y), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or getattr(mesh, "empty", True):
+    return None
+  explicit = getattr(mesh, "explicit_axes", ())
+  if not explicit:
+    return None
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _cross(y, z, axis_name):
+  """``y.T @ z`` (``r x r``), summed over all shards of the rows."""
+  g = lax.dot_general(
+      y,
+      z,
+      (((0,), (0,)), ((), ())),
+      precision=_HI,
+      preferred_element_type=_F32,
+      out_sharding=_replicated_spec(y),
+  )
+  return _psum(g, axis_name)
+
+
+def _gram(y, axis_name):
+  g = _cross(y, y, axis_name)
+  return 0.5 * (g + g.T)
+
+
+_SPIKE = 2.0**-4
+
+
+def _accurate_gram(y, axis_name):
+  """Gram matrix of a near-orthonormal ``y`` whose diagonal is right for spiky columns too.
+
+  A float32 dot adds many tiny squares to an accumulator that holds a column's
+  one large entry and loses them (``|G_jj - 1|`` reaches 1.5e-6 at ``n ~ 1e4``
+  for a column close to ``e_j``). The diagonal is therefore recomputed with the
+  entries ``>= 2^-4`` (at most 256 in a unit column) summed apart from the rest:
+  an elementwise pass and an all-reduce of ``2 x r`` floats, no second matmul.
+  Off-diagonal entries of a near-orthonormal ``y`` are small sums and need no
+  care. Used for the last sweep, whose Gram error is the final orthogonality
+  error.
+  """
+  g = _cross(y, y, axis_name)
+  sq = y * y
+  big = jnp.abs(y) >= _SPIKE
+  parts = jnp.stack([jnp.where(big, sq, 0.0), jnp.where(big, 0.0, sq)])
+  parts = _psum(jnp.sum(parts, axis=1), axis_name)
+  diag = parts[0] + parts[1]
+  eye = jnp.eye(g.shape[0], dtype=bool)
+  g = 0.5 * (g + g.T)
+  return jnp.where(eye, diag[None, :], g)
+
+
+def _times(y, w):
+  """``y @ w`` with a replicated ``r x r`` matrix ``w``: local on a row-sharded ``y``."""
+  return jnp.matmul(y, w, precision=_HI, preferred_element_type=_F32)
+
+
+def _upper_inverse_of_cholesky(l):
+  """``R^-1`` for ``R = l.T``; upper-triangular (the solve is ``r x r``, replicated)."""
+  eye = jnp.eye(l.shape[0], dtype=_F32)
+  return lax.linalg.triangular_solve(l, eye, left_side=True, lower=True, transpose_a=True)
+
+
+def _shift(g):
+  return SHIFT_FACTOR * _U * jnp.trace(g)
+
+
+def _deflating_cholesky(g, thresholds):
+  """Cholesky ``g = L L^T`` that skips columns instead of failing.
+
+  Column j is *deflated* when its pivot (the Schur complement ``g_jj`` minus the
+  kept previous columns' contribution) is not above ``thresholds[j]`` (or is
+  NaN): then ``L[j, j] = 1`` and ``L[k, j] = 0`` for ``k > j``, so no later
+  column is orthogonalised against it. Returns ``(L, deflated)``.
+  """
+  r = g.shape[0]
+  idx = jnp.arange(r)
+
+  def body(j, carry):
+    l, bad = carry
+    gj = lax.dynamic_index_in_dim(g, j, axis=1, keepdims=False)
+    lj = lax.dynamic_index_in_dim(l, j, axis=0, keepdims=False)  # zero at >= j
+    v = gj - jnp.matmul(l, lj, precision=_HI)
+    d = v[j]
+    is_bad = jnp.logical_not(d > thresholds[j])
+    root = jnp.sqrt(jnp.where(is_bad, 1.0, d))
+    col = jnp.where((idx > j) & ~is_bad, v / root, 0.0)
+    col = jnp.where(idx == j, root, col)
+    l = lax.dynamic_update_index_in_dim(l, col, j, axis=1)
+    bad = bad.at[j].set(is_bad)
+    return l, bad
+
+  init = (jnp.zeros_like(g), jnp.zeros((r,), bool))
+  return lax.fori_loop(0, r, body, init)
+
+
+def _row_ids(n_local, r, axis_name):
+  rows = lax.broadcasted_iota(jnp.uint32, (n_local, r), 0)
+  cols = lax.broadcasted_iota(jnp.uint32, (n_local, r), 1)
+  if axis_name is not None:
+    offset = lax.axis_index(axis_name).astype(jnp.uint32) * jnp.uint32(n_local)
+    rows = rows + offset
+  return rows, cols
+
+
+def _completion_columns(n_local, r, axis_name):
+  """Fixed pseudo-random entries in [-1, 1): murmur3 finaliser of (row, column)."""
+  rows, cols = _row_ids(n_local, r, axis_name)
+  h = rows * jnp.uint32(0x9E3779B1) + cols * jnp.uint32(0x85EBCA77) + jnp.uint32(0x5D5D5D5D)
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  h = h ^ (h >> 16)
+  return (h >> 8).astype(_F32) * jnp.float32(2.0**-23) - 1.0
+
+
+def _prepare(m, axis_name):
+  """float32, columns scaled by powers of two, zero columns replaced by ``e_j``.
+
+  Returns ``(xs, finite)``, ``finite`` telling whether every entry of ``m`` is.
+  """
+  x = jnp.asarray(m, _F32)
+  n_local, r = x.shape
+  colmax = jnp.max(jnp.abs(x), axis=0)
+  if axis_name is not None:
+    colmax = lax.pmax(colmax, axis_name)
+  zero = colmax == 0
+  _, exponent = jnp.frexp(jnp.where(zero, 1.0, colmax))
+  scale = jnp.ldexp(jnp.ones((r,), _F32), -jnp.clip(exponent, -125, 125))
+  rows, cols = _row_ids(n_local, r, axis_name)
+  eye = (rows == cols).astype(_F32)
+  return jnp.where(zero[None, :], eye, x * scale[None, :]), jnp.all(jnp.isfinite(colmax))
+
+
+def _fast_path(xs, passes, axis_name):
+  """CholeskyQR sweeps; returns ``(q, ok)``."""
+  g = _gram(xs, axis_name)
+  dinv = lax.rsqrt(jnp.diagonal(g))
+  g = g * dinv[:, None] * dinv[None, :]
+  y, finite, g_last = xs, jnp.bool_(True), g
+  rho = jnp.ones_like(dinv)  # diagonal of the R factor of the equilibrated m
+  for k in range(passes):
+    if k:
+      g = (_accurate_gram if k == passes - 1 else _gram)(y, axis_name)
+    g_last = g
+    if k < passes - 2:
+      g = g + _shift(g) * jnp.eye(g.shape[0], dtype=_F32)
+    l = jnp.linalg.cholesky(g)
+    rho = rho * jnp.diagonal(l)
+    rinv = _upper_inverse_of_cholesky(l)
+    if k == 0:
+      rinv = dinv[:, None] * rinv
+    finite = finite & jnp.all(jnp.isfinite(rinv))
+    y = _times(y, rinv)
+  eye = jnp.eye(g_last.shape[0], dtype=_F32)
+  near_identity = jnp.sqrt(jnp.sum((g_last - eye) ** 2)) <= ACCEPT_TOL
+  ok = finite & near_identity & jnp.all(rho > RANK_TOL)
+  return y, ok
+
+
+_DECIDE = (True, True, False)  # shifted?, per sweep, before the rank decision
+_FINISH = (True, True, False, False)  # on the input with dependent columns replaced
+
+
+def _safe_path(xs, axis_name):
+  """Dependent columns replaced by fixed pseudo-random ones, then a guarded CholeskyQR4.
+
+  Seven Cholesky-QR sweeps in one ``lax.scan`` (one compiled body), all with
+  the deflating Cholesky, an equilibrated Gram matrix and the spike-safe
+  diagonal. Sweeps 1-3 (shifted, shifted, plain) only decide which columns
+  are dependent: after the two shifts a direction of relative size ``rho`` has
+  grown to ``~ rho / s``, and the plain sweep deflates column j when
+  ``rho_j``, the diagonal of the R factor of the column-normalised input,
+  ``diag(T)_j * nu_j * l_jj`` (``xs / |xs| = y_k T``, ``nu_j = |y_k[:, j]|``),
+  is below ``RANK_TOL``. Sweep 4 restarts from the input with those columns
+  replaced (so no kept column has been orthogonalised against a dropped one)
+  and sweeps 4-7 (shifted, shifted, plain, plain) orthonormalise it.
+  """
+  n_local, r = xs.shape
+  stand_ins = _completion_columns(n_local, r, axis_name)
+  n_decide = len(_DECIDE)
+  schedule = _DECIDE + _FINISH
+  params = tuple(
+      jnp.asarray(flags, bool)
+      for flags in (
+          schedule,
+          [k == n_decide - 1 for k in range(len(schedule))],  # decide the rank
+          [k in (0, n_decide) for k in range(len(schedule))],  # first sweep of a phase
+          [k == n_decide for k in range(len(schedule))],  # restart from the input
+      )
+  )
+
+  def sweep(carry, param):
+    y, t_diag, keep = carry
+    is_shifted, decide_rank, first, restart = param
+    y = jnp.where(restart, jnp.where(keep[None, :], xs, stand_ins), y)
+    keep = keep | restart
+    g = _accurate_gram(y, axis_name)
+    norm2 = jnp.diagonal(g)
+    live = keep & (norm2 > 0)
+    dinv = jnp.where(live, lax.rsqrt(jnp.where(live, norm2, 1.0)), 0.0)
+    nu = jnp.where(live, jnp.sqrt(norm2), 1.0)
+    t_diag = jnp.where(first, 1.0 / nu, t_diag)
+    g = g * dinv[:, None] * dinv[None, :] + jnp.diag(jnp.where(live, 0.0, 1.0))
+    s = jnp.where(is_shifted, _shift(g), 0.0)
+    g = g + s * jnp.eye(r, dtype=_F32)
+    rank_floor = jnp.where(decide_rank, (RANK_TOL / (t_diag * nu)) ** 2, 0.0)
+    # A shifted pivot is >= s in exact arithmetic; a plain one is relative to 1.
+    thresholds = jnp.where(is_shifted, 0.5 * s, jnp.maximum(PIVOT_TOL, rank_floor))
+    l, bad = _deflating_cholesky(g, jnp.where(live, thresholds, jnp.inf))
+    keep = live & ~bad
+    rinv = dinv[:, None] * _upper_inverse_of_cholesky(l)
+    y = _times(y, rinv) * keep[None, :].astype(_F32)
+    t_diag = t_diag * nu * jnp.diagonal(l)
+    return (y, t_diag, keep), None
+
+  init = (xs, jnp.ones((r,), _F32), jnp.ones((r,), bool))
+  (q, _, _), _ = lax.scan(sweep, init, params)
+  return q
+
+
+@functools.partial(jax.jit, static_argnames=("passes", "axis_name"))
+def _basis(m, passes, axis_name):
+  """Returns ``(q, fast)``: the basis and whether the fast path's result was kept."""
+  xs, finite = _prepare(m, axis_name)
+  q, ok = _fast_path(xs, passes, axis_name)
+  q = lax.cond(ok, lambda q, xs: q, lambda q, xs: _safe_path(xs, axis_name), q, xs)
+  # The safe path would turn NaN columns into stand-ins: keep garbage visible.
+  return jnp.where(finite, q, jnp.nan), ok
+
+
+def _check(m, passes, axis_name):
+  """Validates arguments (before tracing); returns ``axis_name`` made hashable."""
+  if isinstance(axis_name, list):
+    axis_name = tuple(axis_name)
+  shape = tuple(jnp.shape(m))
+  if axis_name is not None and len(shape) == 2:
+    # Inside shard_map ``m`` is a block of rows: the global matrix must be tall.
+    shape = (shape[0] * lax.axis_size(axis_name), shape[1])
+  _checks.check_tall_matrix("m", shape)
+  dtype = m.dtype if hasattr(m, "dtype") else jnp.result_type(m)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    # Same refusal as basis.orthonormal_basis (integers would be cast silently).
+    raise ValueError(f"m must have a real floating dtype, got {jnp.dtype(dtype).name}")
+  if isinstance(passes, bool) or not isinstance(passes, int) or passes < 2:
+    raise ValueError(f"passes must be an integer >= 2, got {passes!r}")
+  return axis_name
+
+
+def gram_orthonormal_basis(
+    m: jax.Array, *, passes: int = 3, axis_name: AxisName | None = None
+) -> jax.Array:
+  """Orthonormal columns spanning the columns of ``m``, from ``r x r`` Gram matrices only.
+
+  Same result as ``basis.orthonormal_basis`` (the thin-QR factor with a
+  non-negative diagonal of ``R``, up to rounding for full-rank ``m``), but a
+  row-sharded ``m`` is never gathered: see the module docstring.
+
+  Args:
+    m: a ``(n, r)`` matrix with ``n >= r``, any float dtype. Inside
+      ``shard_map`` with ``axis_name``: this device's block of rows of such a
+      matrix (a block may have fewer than ``r`` rows).
+    passes: Cholesky-QR sweeps on the fast path (each: one ``r x r`` all-reduce
+      and two ``n r^2`` matmuls). ``2`` is CholeskyQR2 (condition numbers up
+      to ~1e3 in float32), ``3`` (default) is shifted CholeskyQR3 (~1e6),
+      ``4`` shifts twice. Whatever the value, inputs the fast path cannot
+      handle go to the safe path, so the result is orthonormal anyway;
+      ``passes`` only trades fast-path cost against how often the safe path
+      runs (such a call costs about 3-4x a fast one). Under ``vmap`` with a
+      batched decision both paths always run.
+    axis_name: mesh axis name(s) over which the rows of ``m`` are split, for use
+      inside ``shard_map``; Gram matrices are ``psum``-ed over it. ``None``
+      (default) under ``jit`` with sharded inputs, where XLA inserts the
+      all-reduces itself.
+
+  Returns:
+    ``q`` of shape ``m.shape`` (the local block under ``shard_map``), float32,
+    with ``q.T @ q = I``. Non-finite input gives non-finite output.
+
+  Raises:
+    ValueError: if ``m`` is not 2-D, has more columns than rows, has a
+      non-floating dtype, or ``passes`` is not an integer >= 2.
+  """
+  axis_name = _check(m, passes, axis_name)
+  return _basis(m, passes, axis_name)[0]
+
+
+def gram_qr(
+    m: jax.Array, *, passes: int = 3, axis_name: AxisName | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """``(q, r)`` with ``q = gram_orthonormal_basis(m)`` and ``r = triu(q.T @ m)``.
+
+  ``r`` is ``r x r``, replicated (``psum``-ed over ``axis_name``), upper
+  triangular with non-negative diagonal, and ``m = q @ r`` up to rounding. Costs
+  one more ``n r^2`` matmul and ``r x r`` all-reduce than the basis alone.
+  """
+  axis_name = _check(m, passes, axis_name)
+  q = _basis(m, passes, axis_name)[0]
+  r = jnp.triu(_cross(q, jnp.asarray(m, _F32), axis_name))
+  return q, r
