@@ -5,8 +5,19 @@ LoRA factors out of the backward pass: the full fine-tuning gradient reaches the
 factors only through orthonormal bases of their subspaces.
 """
 
-from sdslora_jax.adapter import Adapter, adapter_delta, adapter_matmul, init_adapter, is_adapter
+from sdslora_jax.adapter import (
+    Adapter,
+    adapter_delta,
+    adapter_matmul,
+    init_adapter,
+    is_adapter,
+    kernel_delta,
+    layer_view,
+    restamp,
+    take_layer,
+)
 from sdslora_jax.basis import align_signs, factor_bases, orthonormal_basis, refresh_bases
+from sdslora_jax.gram_basis import gram_orthonormal_basis, gram_qr
 from sdslora_jax.ops import lora_delta, lora_matmul, sds_delta, sds_matmul, warmup_sds_matmul
 from sdslora_jax.reparam import activate_sds
 
@@ -18,9 +29,15 @@ __all__ = [
     "adapter_matmul",
     "init_adapter",
     "is_adapter",
+    "kernel_delta",
+    "layer_view",
+    "restamp",
+    "take_layer",
     "activate_sds",
     "align_signs",
     "factor_bases",
+    "gram_orthonormal_basis",
+    "gram_qr",
     "lora_delta",
     "lora_matmul",
     "orthonormal_basis",

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 Shape = Sequence[int]
 
@@ -73,3 +77,42 @@ def check_scale(scale) -> float:
   if not math.isfinite(scale) or scale <= 0:
     raise ValueError(f"scale must be finite and positive, got {scale}")
   return scale
+
+
+def check_rank(rank: Any) -> int:
+  """A rank must be a positive Python / numpy integer (not a bool, not a float)."""
+  if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, numbers.Integral):
+    raise ValueError(f"rank must be a positive int, got {rank!r} ({type(rank).__name__})")
+  rank = operator.index(rank)
+  if rank < 1:
+    raise ValueError(f"rank must be a positive int, got {rank}")
+  return rank
+
+
+def check_float(name: str, dtype: Any) -> None:
+  """Refuses non-floating dtypes (integer, bool, complex) with a ``ValueError``.
+
+  Integer activations or factors would be truncated by the matmuls (an int32
+  input gives int32 zeros) and complex ones lose their imaginary part, so the
+  library refuses them instead of promoting silently.
+  """
+  if dtype is None:
+    return
+  try:
+    dt = np.dtype(dtype)
+  except TypeError:
+    dt = None
+  import jax.numpy as jnp  # local: keeps this module importable without JAX set-up
+
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(
+        f"{name} must have a real floating dtype (float32, bfloat16, float16, float64), "
+        f"got {dt.name if dt is not None else dtype}; cast integer inputs (e.g. x.astype(jnp.float32)) before the adapter"
+    )
+
+
+def check_float_arrays(**arrays: Any) -> None:
+  """``check_float`` on the dtype of every given array that is not ``None``."""
+  for name, value in arrays.items():
+    if value is not None:
+      check_float(name, getattr(value, "dtype", None) or np.result_type(value))

@@ -15,9 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sdslora_jax import _checks
-from sdslora_jax.basis import factor_bases
+from sdslora_jax.basis import factor_bases, orthonormal_basis
 from sdslora_jax.ops import lora_delta, lora_matmul, sds_delta, warmup_sds_matmul
 
 METHODS = ("lora", "sds")
@@ -43,11 +44,24 @@ class Adapter:
       ``None`` means ``(0,)``). The update's ``d_in`` is the product of these
       axes' sizes and ``d_out`` that of the others, each flattened in kernel
       order.
+    stamp: float32 scalar, an exact integer hash of ``a``, ``b``, ``qa``, ``qb``
+      and ``sds_on`` as left by the library (``init_adapter``, ``sds_lora``,
+      ``restamp``) (SDS-LoRA only; ``None`` turns the check off). When
+      gradients flow through an SDS adapter whose arrays no longer match
+      their stamp, the backward pass raises: that is an adapter trained
+      without ``sdslora_jax.optim.sds_lora``, or with a transformation
+      chained after it (see ``guard``).
     kind: ``"dense"`` (Dense, DenseGeneral, Einsum), ``"embed"``, ``"conv"``,
       or one of ``"conv_grouped"``, ``"conv_transpose"``, ``"conv_local"``
       (merged per call like ``"conv"``, not exportable to PEFT) (static;
       ``None`` means ``"dense"``); decides how the frontends apply the update
       and how it is exported.
+    layer_axes: kernel axes that stack layers (``nn.scan`` / ``nnx.vmap``), in
+      kernel order (static; ``None``: an unstacked kernel). A stacked adapter
+      holds one adapter per layer: ``a: (*L, d_in, r)``, ``b: (*L, r, d_out)``,
+      ``qa: (*L, d_in, r)``, ``qb: (*L, d_out, r)``, ``sds_on`` and ``stamp``
+      of shape ``L``, with ``L`` the sizes of the layer axes. ``in_axes`` index
+      the full (stacked) kernel and never include a layer axis.
   """
 
   a: jax.Array
@@ -55,11 +69,13 @@ class Adapter:
   qa: jax.Array | None = None
   qb: jax.Array | None = None
   sds_on: jax.Array | None = None
+  stamp: jax.Array | None = None
   method: str = "lora"
   scale: float = 1.0
   kernel_shape: tuple[int, ...] | None = None
   in_axes: tuple[int, ...] | None = None
   kind: str | None = None
+  layer_axes: tuple[int, ...] | None = None
 
   @property
   def rank(self) -> int:
@@ -67,8 +83,18 @@ class Adapter:
 
   @property
   def shape(self) -> tuple[int, int]:
-    """The ``(d_in, d_out)`` shape of the kernel update."""
-    return self.a.shape[0], self.b.shape[-1]
+    """The ``(d_in, d_out)`` shape of one layer's kernel update."""
+    return self.a.shape[-2], self.b.shape[-1]
+
+  @property
+  def stacked_axes(self) -> tuple[int, ...]:
+    """The layer axes (``()`` for an unstacked adapter)."""
+    return () if self.layer_axes is None else tuple(self.layer_axes)
+
+  @property
+  def layer_shape(self) -> tuple[int, ...]:
+    """Sizes of the layer axes (``()`` for an unstacked adapter)."""
+    return tuple(self.target_shape[i] for i in self.stacked_axes)
 
   @property
   def target_shape(self) -> tuple[int, ...]:
@@ -83,18 +109,73 @@ class Adapter:
   @property
   def output_axes(self) -> tuple[int, ...]:
     """Kernel axes forming the output side, in kernel order."""
-    return tuple(i for i in range(len(self.target_shape)) if i not in self.input_axes)
+    skip = set(self.input_axes) | set(self.stacked_axes)
+    return tuple(i for i in range(len(self.target_shape)) if i not in skip)
 
 
 jax.tree_util.register_dataclass(
     Adapter,
-    data_fields=["a", "b", "qa", "qb", "sds_on"],
-    meta_fields=["method", "scale", "kernel_shape", "in_axes", "kind"],
+    data_fields=["a", "b", "qa", "qb", "sds_on", "stamp"],
+    meta_fields=["method", "scale", "kernel_shape", "in_axes", "kind", "layer_axes"],
 )
 
 
 def is_adapter(x: Any) -> bool:
   return isinstance(x, Adapter)
+
+
+_STAMP_BITS = 24  # stamps are integers below 2**24: float32 adds them exactly
+
+
+def _bits_hash(x: jax.Array, salt: int) -> jax.Array:
+  """A position-weighted wrapping uint32 sum of ``x``'s float32 bit patterns.
+
+  Integer arithmetic modulo 2**32 is exact and associative, so the value does
+  not depend on reduction order, fusion or sharding. Signed zeros hash alike
+  (a zero update turns ``-0.0`` into ``+0.0``).
+  """
+  x = jnp.asarray(x, jnp.float32)
+  x = jnp.where(x == 0, jnp.zeros_like(x), x)  # -0.0 + 0.0 is +0.0: hash both zeros alike
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  # Row-major position from per-axis iotas: no reshape, so a sharded array is not gathered.
+  position = jnp.zeros(bits.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(bits.ndim)):
+    position = position + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(
+        stride % 2**32)
+    stride *= bits.shape[axis]
+  weights = position * jnp.uint32(2) + jnp.uint32(salt)
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+def adapter_stamp(a, b, qa, qb, sds_on) -> jax.Array:
+  """A float32 integer in ``[0, 2**24)`` that changes with any bit of the adapter's arrays.
+
+  The value ``Adapter.stamp`` records. Because it is an integer below ``2**24``,
+  ``stamp + (new - old)`` is exact in float32: an update that reaches
+  ``optax.apply_updates`` unchanged leaves a stamp that matches the new
+  arrays bit for bit, and any other change does not (except with probability
+  about ``2**-24``).
+  """
+  h = jnp.uint32(0)
+  for salt, x in ((1, a), (3, b), (5, qa), (7, qb), (9, sds_on)):
+    h = h + _bits_hash(x, salt) * jnp.uint32(2 * salt + 0x9E3779B1)
+  h = h ^ (h >> jnp.uint32(_STAMP_BITS))
+  return (h & jnp.uint32((1 << _STAMP_BITS) - 1)).astype(jnp.float32)
+
+
+def restamp(adapter: Adapter) -> Adapter:
+  """The adapter with its stamp recomputed from its arrays (SDS-LoRA only).
+
+  Call it after editing an SDS adapter by hand (loading factors from
+  elsewhere, surgery in a test); the optimizer transform keeps it current.
+  """
+  if adapter.method != "sds":
+    return adapter
+  return dataclasses.replace(
+      adapter,
+      stamp=adapter_stamp(adapter.a, adapter.b, adapter.qa, adapter.qb, adapter.sds_on),
+  )
 
 
 def init_adapter(
@@ -108,36 +189,109 @@ def init_adapter(
     dtype: Any = jnp.float32,
     sds_on: bool = False,
 ) -> Adapter:
-  """LoRA initialisation: ``a`` Kaiming-uniform (as in PEFT), ``b = 0``.
+  """An adapter whose update is exactly zero, so the adapted model equals the base.
 
-  The update is exactly zero, so the adapted model equals the base model. For
-  ``method="sds"`` the adapter starts in the plain-LoRA warm-up
-  (``sds_on=False``) unless asked otherwise; the bases are then ``orth(a)`` and
-  a deterministic completion for ``b = 0``.
+  * ``method="lora"``, and ``method="sds"`` with ``sds_on=False`` (default):
+    the LoRA initialisation, ``a`` Kaiming-uniform (as in PEFT), ``b = 0``. An
+    SDS adapter then starts in the plain-LoRA warm-up that ``sds_lora``
+    switches off; its bases are ``orth(a)`` and a deterministic completion for
+    ``b = 0``, unused until the switch.
+  * ``method="sds"`` with ``sds_on=True``: zero factors with random
+    orthonormal bases (``qa``, ``qb`` from ``fold_in(key, 1)``, ``fold_in(key,
+    2)``). The update ``s (qa b + a qb.T)`` is zero and the SDS gradients
+    ``s qa.T G``, ``s G qb`` are not, so it trains as SDS-LoRA from the first
+    step without a warm-up (``sds_lora(..., warmup_steps=0)``).
+
+  Raises:
+    ValueError: unknown method, a rank that is not a positive int or exceeds
+      ``min(d_in, d_out)``, or a non-floating ``dtype``.
   """
   if method not in METHODS:
     raise ValueError(f"unknown adapter method {method!r}; choose from {METHODS}")
+  rank = _checks.check_rank(rank)
   _checks.check_factors((d_in, rank), (rank, d_out))
+  _checks.check_float("dtype", dtype)
   scale = _checks.check_scale(scale)
+  if sds_on and method != "sds":
+    raise ValueError("sds_on=True needs method='sds'")
+  b = jnp.zeros((rank, d_out), dtype)
+  if sds_on:
+    a = jnp.zeros((d_in, rank), dtype)
+    qa = orthonormal_basis(jax.random.normal(jax.random.fold_in(key, 1), (d_in, rank)))
+    qb = orthonormal_basis(jax.random.normal(jax.random.fold_in(key, 2), (d_out, rank)))
+    return restamp(Adapter(a=a, b=b, qa=qa, qb=qb, sds_on=jnp.ones((), jnp.float32),
+                           method="sds", scale=scale))
   bound = 1.0 / jnp.sqrt(d_in)  # kaiming_uniform(a=sqrt(5)) on a (r, d_in) weight
   a = jax.random.uniform(key, (d_in, rank), jnp.float32, -bound, bound).astype(dtype)
-  b = jnp.zeros((rank, d_out), dtype)
   if method == "lora":
     return Adapter(a=a, b=b, method="lora", scale=scale)
   qa, qb = factor_bases(a, b)
-  return Adapter(
-      a=a,
-      b=b,
-      qa=qa,
-      qb=qb,
-      sds_on=jnp.asarray(1.0 if sds_on else 0.0, jnp.float32),
-      method="sds",
-      scale=scale,
+  return restamp(Adapter(
+      a=a, b=b, qa=qa, qb=qb, sds_on=jnp.zeros((), jnp.float32), method="sds", scale=scale
+  ))
+
+
+_MISUSE = (
+    "an SDS-LoRA adapter reached the backward pass changed since sdslora_jax.optim.sds_lora "
+    "last updated it (its stamp no longer matches its factors, bases and flag): it is being "
+    "trained without sds_lora, or not only by it. Train SDS adapters with "
+    "sds_lora(your_optimizer) as the outermost transformation: a plain Optax optimizer "
+    "trains them as plain LoRA and decays their bases, and a transformation chained "
+    "after sds_lora (optax.chain(sds_lora(...), optax.scale(...)), add_decayed_weights, "
+    "...) rescales their basis and flag updates; put such transformations inside "
+    "sds_lora(optax.chain(...)). After editing factors by hand, call "
+    "sdslora_jax.adapter.restamp(adapter)."
+)
+
+
+def _raise_misuse(bad):
+  if np.any(bad):
+    raise ValueError(_MISUSE)
+
+
+@jax.custom_vjp
+def _guarded(a, b, qa, qb, sds_on, stamp):
+  return a, b, qa, qb, sds_on, stamp
+
+
+def _guarded_fwd(a, b, qa, qb, sds_on, stamp):
+  bad = adapter_stamp(a, b, qa, qb, sds_on) != stamp
+  return (a, b, qa, qb, sds_on, stamp), bad
+
+
+def _guarded_bwd(bad, cotangents):
+  jax.lax.cond(jnp.any(bad), lambda: jax.debug.callback(_raise_misuse, bad), lambda: None)
+  return cotangents
+
+
+_guarded.defvjp(_guarded_fwd, _guarded_bwd)
+
+
+def guard(adapter: Adapter) -> Adapter:
+  """The adapter itself; under differentiation, checks it was trained by ``sds_lora``.
+
+  An identity with a custom VJP: the forward pass is free, and only when
+  gradients are taken does the backward pass compare the stamp with the
+  adapter's arrays (one integer reduction per array, exact, so no tolerance)
+  and raise a ``ValueError`` (as a ``JaxRuntimeError`` from inside a compiled
+  step) if the adapter was changed other than by ``sds_lora``'s updates.
+  LoRA adapters and SDS adapters without a stamp pass unchecked.
+  """
+  if adapter.method != "sds" or adapter.stamp is None:
+    return adapter
+  a, b, qa, qb, sds_on, stamp = _guarded(
+      adapter.a, adapter.b, adapter.qa, adapter.qb, adapter.sds_on, adapter.stamp
   )
+  return dataclasses.replace(adapter, a=a, b=b, qa=qa, qb=qb, sds_on=sds_on, stamp=stamp)
 
 
 def adapter_matmul(x: jax.Array, adapter: Adapter) -> jax.Array:
-  """``x @ adapter_delta(adapter)`` through rank-r projections (no kernel-sized value)."""
+  """``x @ adapter_delta(adapter)`` through rank-r projections (no kernel-sized value).
+
+  A stacked adapter is applied one layer at a time, inside a scan over the
+  layers (``layer_view``); applied to a whole stack it raises.
+  """
+  adapter = guard(layer_view(adapter))
   if adapter.method == "lora":
     return lora_matmul(x, adapter.a, adapter.b, scale=adapter.scale)
   return warmup_sds_matmul(
@@ -146,7 +300,13 @@ def adapter_matmul(x: jax.Array, adapter: Adapter) -> jax.Array:
 
 
 def adapter_delta(adapter: Adapter) -> jax.Array:
-  """The dense ``(d_in, d_out)`` update in float32 (merge and export path)."""
+  """The dense ``(d_in, d_out)`` update in float32 (merge and export path).
+
+  A stacked adapter gives ``(*L, d_in, d_out)``, one update per layer.
+  """
+  if adapter.stacked_axes and adapter.a.ndim > 2:
+    return _stacked(adapter_delta, adapter)
+  adapter = guard(layer_view(adapter))
   a = adapter.a.astype(jnp.float32)
   b = adapter.b.astype(jnp.float32)
   if adapter.method == "lora":
@@ -155,12 +315,66 @@ def adapter_delta(adapter: Adapter) -> jax.Array:
   return jnp.where(adapter.sds_on > 0.5, sds, lora_delta(a, b, scale=adapter.scale))
 
 
+def layer_view(adapter: Adapter) -> Adapter:
+  """One layer of a stacked adapter, as seen inside ``nn.scan`` / ``nnx.scan``.
+
+  For an adapter whose static metadata says it is stacked but whose arrays
+  are one layer's (a scan body sliced them), returns the per-layer adapter:
+  ``kernel_shape`` without the layer axes, ``in_axes`` shifted, no
+  ``layer_axes``. An unstacked adapter is returned as is.
+  """
+  n = len(adapter.stacked_axes)
+  if not n:
+    return adapter
+  if adapter.a.ndim != 2:
+    raise ValueError(
+        f"a stacked adapter (layer axes {adapter.stacked_axes} of kernel shape "
+        f"{adapter.target_shape}) was applied to one layer with factors of shape "
+        f"{adapter.a.shape}: apply it inside the scan over layers, or take a layer first"
+    )
+  return dataclasses.replace(
+      adapter,
+      kernel_shape=adapter.target_shape[n:],
+      in_axes=tuple(i - n for i in adapter.input_axes),
+      layer_axes=None,
+  )
+
+
+def take_layer(adapter: Adapter, index: int | tuple[int, ...]) -> Adapter:
+  """Layer ``index`` of a stacked adapter (its arrays indexed, ``layer_view`` applied)."""
+  index = (index,) if isinstance(index, int) else tuple(index)
+  arrays = {f: (None if getattr(adapter, f) is None else getattr(adapter, f)[index])
+            for f in ("a", "b", "qa", "qb", "sds_on", "stamp")}
+  return layer_view(dataclasses.replace(adapter, **arrays))
+
+
+def _stacked(fn, adapter: Adapter) -> jax.Array:
+  """``fn`` of every layer of a stacked adapter, stacked along the layer axes."""
+  n = len(adapter.stacked_axes)
+  per_layer = dataclasses.replace(
+      adapter, kernel_shape=adapter.target_shape[n:],
+      in_axes=tuple(i - n for i in adapter.input_axes), layer_axes=None,
+  )
+  arrays = {f: getattr(adapter, f) for f in ("a", "b", "qa", "qb", "sds_on", "stamp")}
+
+  def one(arrs):
+    return fn(dataclasses.replace(per_layer, **arrs))
+
+  for _ in range(n):
+    one = jax.vmap(one)
+  return one(arrays)
+
+
 def kernel_delta(adapter: Adapter) -> jax.Array:
   """The dense update in the targeted kernel's own shape and axis order (float32).
 
   ``adapter_delta`` is ``(d_in, d_out)``; it is unflattened to the input axes'
-  and output axes' sizes and transposed back to the kernel's axis order.
+  and output axes' sizes and transposed back to the kernel's axis order. A
+  stacked adapter gives every layer's update, stacked along the layer axes.
   """
+  if adapter.stacked_axes and adapter.a.ndim > 2:
+    return _stacked(kernel_delta, adapter)
+  adapter = layer_view(adapter)
   delta = adapter_delta(adapter)
   shape = adapter.target_shape
   in_axes, out_axes = adapter.input_axes, adapter.output_axes

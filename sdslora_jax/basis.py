@@ -5,6 +5,8 @@ factors' column / row spaces instead of through the factors themselves
 (Oh, Baik & Lee, "SDS-LoRA", arXiv 2606.16454). This module computes those bases
 deterministically: thin QR in float32 with a non-negative diagonal of R, so that a
 basis is a continuous function of a full-rank factor and identical on every host.
+By default through Gram matrices (``gram_basis.py``), which needs only ``r x r``
+communication when a factor is sharded.
 
 No Flax import here: this is part of the functional core.
 """
@@ -30,9 +32,11 @@ def orthonormal_basis(m: jax.Array) -> jax.Array:
     not determine are completed by the Householder QR).
 
   Raises:
-    ValueError: if ``m`` is not 2-D or has more columns than rows.
+    ValueError: if ``m`` is not 2-D, has more columns than rows, or has a
+      non-floating dtype.
   """
   _checks.check_tall_matrix("m", jnp.shape(m))
+  _checks.check_float_arrays(m=m)
   m32 = jnp.asarray(m, jnp.float32)
   q, r = jnp.linalg.qr(m32, mode="reduced")
   signs = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(jnp.float32)
@@ -54,14 +58,39 @@ def align_signs(new: jax.Array, previous: jax.Array) -> jax.Array:
   return new * jnp.where(dots < 0, -1.0, 1.0).astype(new.dtype)[None, :]
 
 
-def factor_bases(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+BASIS_METHODS = ("gram", "householder")
+
+
+def basis(m: jax.Array, method: str = "gram") -> jax.Array:
+  """``orth(m)`` by ``method``: ``"gram"`` (default) or ``"householder"``.
+
+  ``"gram"`` is ``gram_basis.gram_orthonormal_basis``: shifted Cholesky-QR on
+  ``r x r`` Gram matrices, so a factor sharded along its long axis is never
+  gathered (an ``r x r`` all-reduce per pass instead) and no LAPACK QR runs on
+  the host's BLAS threads. ``"householder"`` is ``orthonormal_basis``. Both
+  give the thin-QR factor with a non-negative diagonal of ``R`` (equal up to
+  rounding for full-rank ``m``; they complete rank-deficient inputs
+  differently).
+  """
+  if method == "gram":
+    from sdslora_jax.gram_basis import gram_orthonormal_basis
+
+    return gram_orthonormal_basis(m)
+  if method == "householder":
+    return orthonormal_basis(m)
+  raise ValueError(f"unknown basis method {method!r}; choose from {BASIS_METHODS}")
+
+
+def factor_bases(
+    a: jax.Array, b: jax.Array, *, method: str = "gram"
+) -> tuple[jax.Array, jax.Array]:
   """Returns ``(qa, qb)``: ``qa = orth(a)`` ``(d_in, r)``, ``qb = orth(b.T)`` ``(d_out, r)``."""
   _checks.check_factors(jnp.shape(a), jnp.shape(b))
-  return orthonormal_basis(a), orthonormal_basis(jnp.swapaxes(b, 0, 1))
+  return basis(a, method), basis(jnp.swapaxes(b, 0, 1), method)
 
 
 def refresh_bases(
-    a: jax.Array, b: jax.Array, qa: jax.Array, qb: jax.Array
+    a: jax.Array, b: jax.Array, qa: jax.Array, qb: jax.Array, *, method: str = "gram"
 ) -> tuple[jax.Array, jax.Array]:
   """Recomputes the bases from the current factors, signs aligned to the old ones.
 
@@ -77,5 +106,5 @@ def refresh_bases(
     product with the corresponding column of the previous basis.
   """
   _checks.check_factors(jnp.shape(a), jnp.shape(b), qa=jnp.shape(qa), qb=jnp.shape(qb))
-  new_qa, new_qb = factor_bases(a, b)
+  new_qa, new_qb = factor_bases(a, b, method=method)
   return align_signs(new_qa, qa), align_signs(new_qb, qb)

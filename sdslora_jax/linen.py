@@ -15,8 +15,10 @@ name,)``, its output gets the adapter's contribution:
   (``K + delta`` formed once per call, and its gradient) and the module re-run
   on the merged parameters.
 
-Kernels stacked by ``nn.scan`` / ``nn.vmap`` cannot be targeted (an error at
-initialisation).
+Kernels stacked by ``nn.scan`` (layer axes first, ``variable_axes={"params":
+0}``; with or without ``nn.remat``) get one adapter per layer, stored stacked;
+``apply`` places each stacked adapter's arrays beside its kernel in ``params``,
+so the scan hands every layer its own adapter, applied through the rank-r path.
 
 Example::
 
@@ -27,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,7 +37,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from sdslora_jax.adapter import Adapter, is_adapter, kernel_delta
+from sdslora_jax.adapter import Adapter, is_adapter, kernel_delta, layer_view
 from sdslora_jax.targets import KernelLayout, Rule, einsum_in_axes, path_str
 from sdslora_jax.tree import (
     adapter_items,
@@ -46,7 +49,14 @@ from sdslora_jax.tree import (
     merge,
 )
 
-__all__ = ["apply", "init_adapters", "intercept", "merge", "module_layouts"]
+__all__ = [
+    "apply",
+    "init_adapters",
+    "intercept",
+    "merge",
+    "module_layouts",
+    "with_stacked_adapters",
+]
 
 _CONV_TYPES = (nn.Conv, nn.ConvTranspose, nn.ConvLocal)
 _state = threading.local()
@@ -60,6 +70,11 @@ def _einsum_str(module, args, kwargs):
   eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
   eq = eq if eq is not None else module.einsum_str
   return eq.replace(" ", "")
+
+
+def _shape(v) -> tuple[int, ...]:
+  """A parameter's shape, through ``nn.Partitioned`` / ``LogicallyPartitioned`` boxes."""
+  return tuple(nn.meta.unbox(v).shape)
 
 
 def _dense_general_axis(module, ndim):
@@ -95,24 +110,24 @@ def module_layouts(
       return out
     base = "".join(f"{p}/" for p in m.path)  # "" for the root module
     if isinstance(m, nn.Dense):
-      found[f"{base}kernel"] = KernelLayout(tuple(m.variables["params"]["kernel"].shape), (0,))
+      found[f"{base}kernel"] = KernelLayout(_shape(m.variables["params"]["kernel"]), (0,))
     elif isinstance(m, nn.DenseGeneral) and not m.batch_dims:
       k = m.variables["params"]["kernel"]
       n = len(_dense_general_axis(m, _inputs(a, kw).ndim))
-      found[f"{base}kernel"] = KernelLayout(tuple(k.shape), tuple(range(n)))
+      found[f"{base}kernel"] = KernelLayout(_shape(k), tuple(range(n)))
     elif isinstance(m, nn.Einsum):
       k = m.variables["params"]["kernel"]
-      axes = einsum_in_axes(_einsum_str(m, a, kw), k.ndim)
+      axes = einsum_in_axes(_einsum_str(m, a, kw), len(_shape(k)))
       if axes is not None:
-        found[f"{base}kernel"] = KernelLayout(tuple(k.shape), axes)
+        found[f"{base}kernel"] = KernelLayout(_shape(k), axes)
     elif isinstance(m, _CONV_TYPES):
       k = m.variables["params"]["kernel"]
       found[f"{base}kernel"] = KernelLayout(
-          tuple(k.shape), tuple(range(k.ndim - 1)), _conv_kind(m)
+          _shape(k), tuple(range(len(_shape(k)) - 1)), _conv_kind(m)
       )
     elif isinstance(m, nn.Embed):
       k = m.variables["params"]["embedding"]
-      found[f"{base}embedding"] = KernelLayout(tuple(k.shape), (0,), "embed")
+      found[f"{base}embedding"] = KernelLayout(_shape(k), (0,), "embed")
     return out
 
   def init(*a, **kw):
@@ -151,6 +166,7 @@ def init_adapters(
   """
   if isinstance(params, Mapping) and isinstance(params.get("params"), Mapping):
     params = params["params"]  # a whole variables dict was passed
+  params = nn.meta.unbox(params)  # nn.with_logical_partitioning / nn.with_partitioning boxes
   layouts = module_layouts(model, *example_args, **example_kwargs) if (
       example_args or example_kwargs
   ) else None
@@ -179,6 +195,75 @@ def _merged_call(module, ad: Adapter, name, next_args, kwargs, method_name):
     _state.bypass -= 1
 
 
+def _check_kernel(module, ad: Adapter, name: str) -> None:
+  """Raises if the module's kernel, as it sees it in this call, is not the adapter's."""
+  params = module.variables.get("params", {})
+  if name not in params:
+    return
+  shape = _shape(params[name])
+  if shape != ad.target_shape:
+    raise ValueError(
+        f"the adapter at {path_str((*module.path, name))!r} is for a kernel of shape "
+        f"{ad.target_shape} (in_axes {ad.input_axes}), but the {type(module).__name__} there "
+        f"uses a kernel of shape {shape} per call: a kernel stored with extra leading axes "
+        "(layers stacked by nn.scan / nn.vmap) cannot be adapted as one matrix; build the "
+        "adapters with example inputs (init_adapters(key, model, params, rules, *inputs)) "
+        "so the module types decide the layout"
+    )
+
+
+_FIELDS = ("a", "b", "qa", "qb", "sds_on", "stamp")
+
+
+def _slot(name: str) -> str:
+  """The params key, beside a stacked kernel, that carries its adapter's arrays."""
+  return f"__sdslora_{name}"
+
+
+def with_stacked_adapters(variables: Mapping[str, Any], adapters: Any) -> dict:
+  """``variables`` with every stacked adapter's arrays beside its kernel in ``params``.
+
+  A scan over layers (``nn.scan(..., variable_axes={"params": 0})``) slices
+  every array of ``params`` along the layer axis, so arrays placed at
+  ``<module path>/__sdslora_kernel`` reach each layer's call as that layer's
+  adapter. ``apply`` does this itself; call it when running ``model.apply``
+  inside ``intercept`` yourself. Unstacked adapters are not copied.
+  """
+  stacked = [(k, ad) for k, ad in adapter_items(adapters) if ad.stacked_axes]
+  if not stacked:
+    return variables
+  out = dict(variables)
+  params = out["params"] = _copy_dicts(variables["params"])
+  for keys, ad in stacked:
+    node = params
+    for k in keys[:-1]:
+      if not isinstance(node, Mapping) or k not in node:
+        raise ValueError(f"the stacked adapter at {path_str(keys)!r} has no module at that path")
+      node = node[k]
+    node[_slot(keys[-1])] = {f: getattr(ad, f) for f in _FIELDS if getattr(ad, f) is not None}
+  return out
+
+
+def _copy_dicts(tree):
+  if isinstance(tree, Mapping):
+    return {k: _copy_dicts(v) for k, v in tree.items()}
+  return tree
+
+
+def _resolve(m, ad: Adapter, name: str) -> Adapter:
+  """The adapter for this call: a stacked one's layer comes from the module's variables."""
+  if not ad.stacked_axes:
+    return ad
+  slot = m.variables.get("params", {}).get(_slot(name))
+  if slot is None:
+    raise ValueError(
+        f"the stacked adapter at {path_str((*m.path, name))!r} did not reach its layer: run the "
+        "model with sdslora_jax.linen.apply, or pass with_stacked_adapters(variables, adapters) "
+        "to model.apply inside intercept()"
+    )
+  return layer_view(dataclasses.replace(ad, **slot))
+
+
 def _make_interceptor(adapters, used: set):
   def interceptor(next_fun, args, kwargs, ctx):
     if getattr(_state, "bypass", 0):
@@ -188,6 +273,8 @@ def _make_interceptor(adapters, used: set):
       ad = _lookup(adapters, m.path, "embedding")
       if ad is None or ctx.method_name not in ("__call__", "attend"):
         return next_fun(*args, **kwargs)
+      ad = _resolve(m, ad, "embedding")
+      _check_kernel(m, ad, "embedding")
       used.add((*m.path, "embedding"))
       y = next_fun(*args, **kwargs)
       if ctx.method_name == "__call__":
@@ -199,6 +286,8 @@ def _make_interceptor(adapters, used: set):
     ad = _lookup(adapters, m.path, "kernel")
     if ad is None:
       return next_fun(*args, **kwargs)
+    ad = _resolve(m, ad, "kernel")
+    _check_kernel(m, ad, "kernel")
     used.add((*m.path, "kernel"))
     if isinstance(m, nn.Dense):
       y = next_fun(*args, **kwargs)
@@ -257,7 +346,7 @@ def apply(
     ValueError: with ``check_unused``, when adapters were not reached.
   """
   with intercept(adapters) as used:
-    out = model.apply(variables, *args, **kwargs)
+    out = model.apply(with_stacked_adapters(variables, adapters), *args, **kwargs)
   if check_unused:
     unused = [path_str(k) for k, _ in adapter_items(adapters) if k not in used]
     if unused:

@@ -11,8 +11,10 @@ original module (``.base``, unchanged) and the ``Adapter`` in an
 * Linear / LinearGeneral (without ``batch_axis``) / plain-matmul Einsum use the
   rank-r path; Embed gathers the update's rows; Conv (and any other case)
   merges the kernel per call.
-* Kernels of layers stacked by ``nnx.vmap`` cannot be targeted (an error in
-  ``adapt``).
+* Kernels of layers stacked by ``nnx.vmap`` (layer axes first) get one
+  adapter per layer, stored stacked in one ``AdapterVariable``; an
+  ``nnx.scan`` over the layers slices it with the kernels, so each layer runs
+  with its own adapter.
 * ``adapters(model)`` gives the adapters keyed by the original kernel paths
   (for ``tree.merge`` and PEFT export); ``unwrap`` restores the original
   modules in place; ``merged`` returns a copy with the updates folded in.
@@ -31,7 +33,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from sdslora_jax.adapter import Adapter, kernel_delta
+from sdslora_jax.adapter import Adapter, kernel_delta, layer_view
 from sdslora_jax.targets import KernelLayout, Rule, einsum_in_axes, path_str, select_targets
 from sdslora_jax.tree import (
     adapter_items,
@@ -119,11 +121,13 @@ class Adapted(nnx.Module):
       raise TypeError(f"cannot adapt a {type(base).__name__}; supported: "
                       f"{[t.__name__ for t in SUPPORTED]}")
     shape = tuple(getattr(base, _kernel_name(base)).shape)
-    if shape != _call_shape(base):
+    call = _call_shape(base)
+    n = len(adapter.stacked_axes)
+    if shape[n:] != call or (n and shape[:n] != adapter.layer_shape):
       raise ValueError(
           f"cannot adapt a {type(base).__name__} whose kernel has shape {shape} but which uses "
-          f"a kernel of shape {_call_shape(base)} per call: stacked layers (nnx.vmap) are not "
-          "supported"
+          f"a kernel of shape {call} per call with an adapter for layer axes "
+          f"{adapter.stacked_axes} (kernel shape {adapter.target_shape})"
       )
     if adapter.target_shape != shape:
       raise ValueError(
@@ -133,13 +137,17 @@ class Adapted(nnx.Module):
     self.base = base
     self.adapter = AdapterVariable(adapter)
 
+  def _adapter(self) -> Adapter:
+    """This call's adapter: one layer's inside a scan over stacked layers."""
+    return layer_view(self.adapter.get_value())
+
   def _merged_call(self, *args, **kwargs):
     """Runs a copy of the base module with ``K + delta`` as its kernel (per call).
 
     The copy is made by ``nnx.split`` / ``nnx.merge`` with fresh variables, so
     no variable of the model is mutated (safe under any JAX transform).
     """
-    ad = self.adapter.get_value()
+    ad = self._adapter()
     name = _kernel_name(self.base)
     graphdef, state = nnx.split(self.base)
     state = jax.tree.map(lambda v: v, state)  # fresh Variable objects at this trace level
@@ -149,7 +157,7 @@ class Adapted(nnx.Module):
     return nnx.merge(graphdef, state)(*args, **kwargs)
 
   def __call__(self, *args, **kwargs):
-    ad = self.adapter.get_value()
+    ad = self._adapter()
     base = self.base
     x = args[0] if args else kwargs["inputs"]
     if isinstance(base, nnx.Embed):
@@ -176,7 +184,7 @@ class Adapted(nnx.Module):
     if not isinstance(self.base, nnx.Embed):
       raise AttributeError(f"{type(self.base).__name__} has no attend")
     y = self.base.attend(query, *args, **kwargs)
-    return y + attend_embedding(query.astype(y.dtype), self.adapter.get_value())
+    return y + attend_embedding(query.astype(y.dtype), self._adapter())
 
 
 def _get(node, key):
@@ -252,10 +260,17 @@ def adapt(
   types. The update is exactly zero after this call.
 
   Raises:
-    ValueError: rule errors (see ``targets.select_targets``), or a rule selects
-      a kernel of an unsupported module type.
+    ValueError: rule errors (see ``targets.select_targets``), a rule selects
+      a kernel of an unsupported module type, or the model is already adapted.
   """
-  mods = [(p, m) for p, m in _modules(model) if not isinstance(m, Adapted)]
+  adapted = [path_str(p) or "<root>" for p, m in _modules(model) if isinstance(m, Adapted)]
+  if adapted:
+    raise ValueError(
+        f"the model is already adapted ({len(adapted)} adapted layers, e.g. {adapted[:3]}): "
+        "adapt a model once, with all its rules; to start over, call "
+        "sdslora_jax.nnx.unwrap(model) first (attach() adds adapters to layers that have none)"
+    )
+  mods = list(_modules(model))
   layouts = {}
   unsupported = []
   for p, m in mods:

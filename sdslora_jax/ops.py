@@ -36,6 +36,7 @@ _F32 = jnp.float32
 def lora_delta(a: jax.Array, b: jax.Array, *, scale: float) -> jax.Array:
   """Dense LoRA update ``scale * a @ b`` of shape ``(d_in, d_out)``."""
   _checks.check_factors(jnp.shape(a), jnp.shape(b))
+  _checks.check_float_arrays(a=a, b=b)
   scale = _checks.check_scale(scale)
   return scale * (a @ b)
 
@@ -43,10 +44,12 @@ def lora_delta(a: jax.Array, b: jax.Array, *, scale: float) -> jax.Array:
 def lora_matmul(x: jax.Array, a: jax.Array, b: jax.Array, *, scale: float) -> jax.Array:
   """``x @ lora_delta(a, b, scale=scale)`` computed as ``scale * (x @ a) @ b``.
 
-  ``x`` may have any leading batch axes; the result has ``x``'s dtype.
+  ``x`` may have any leading batch axes; the result has ``x``'s dtype. ``x``
+  and the factors must have floating dtypes (``ValueError`` otherwise).
   Ordinary autodiff already keeps this rank-r (residuals ``x`` and ``x @ a``).
   """
   _checks.check_factors(jnp.shape(a), jnp.shape(b), x=jnp.shape(x))
+  _checks.check_float_arrays(x=x, a=a, b=b)
   scale = _checks.check_scale(scale)
   xa = jnp.matmul(x, a.astype(x.dtype), preferred_element_type=_F32)
   y = jnp.matmul(xa.astype(x.dtype), b.astype(x.dtype), preferred_element_type=_F32)
@@ -85,6 +88,7 @@ def sds_delta(
       qa=None if qa is None else jnp.shape(qa),
       qb=None if qb is None else jnp.shape(qb),
   )
+  _checks.check_float_arrays(a=a, b=b, qa=qa, qb=qb)
   scale = _checks.check_scale(scale)
   qa, qb = _bases_or_derive(a, b, qa, qb)
   return scale * (qa @ b.astype(_F32) + a.astype(_F32) @ qb.T)
@@ -117,6 +121,17 @@ def sds_matmul(
   Returns:
     ``(..., d_out)`` in ``x``'s dtype. Matmuls run in ``x``'s dtype with float32
     accumulation; bases are kept in float32 and cast for the matmul.
+
+  Raises:
+    ValueError: mismatched shapes, or a non-floating dtype (integer, bool,
+      complex) of ``x``, a factor or a basis.
+
+  Warning:
+    Without bases, ``b = 0`` (the usual LoRA initialisation) has no basis:
+    ``orth(b.T)`` is an arbitrary completion, so ``(x @ a) @ qb.T`` is *not*
+    zero and the update is not the zero update one might expect. Start from
+    ``init_adapter(..., sds_on=True)`` (zero factors, random orthonormal bases)
+    or from a plain-LoRA warm-up followed by ``activate_sds`` instead.
   """
   _checks.check_factors(
       jnp.shape(a),
@@ -125,6 +140,7 @@ def sds_matmul(
       qb=None if qb is None else jnp.shape(qb),
       x=jnp.shape(x),
   )
+  _checks.check_float_arrays(x=x, a=a, b=b, qa=qa, qb=qb)
   scale = _checks.check_scale(scale)
   qa, qb = _bases_or_derive(a, b, qa, qb)
   return _two_branch_matmul(x, a, b, qa, qb, jnp.ones((), _F32), scale)
@@ -154,6 +170,7 @@ def warmup_sds_matmul(
   )
   if jnp.ndim(sds_on) != 0:
     raise ValueError(f"sds_on must be a scalar, got shape {jnp.shape(sds_on)}")
+  _checks.check_float_arrays(x=x, a=a, b=b, qa=qa, qb=qb)
   scale = _checks.check_scale(scale)
   on = jax.lax.stop_gradient(jnp.asarray(sds_on, _F32)) > 0.5
   left = jnp.where(on, jnp.asarray(qa, _F32), a.astype(_F32))

@@ -25,10 +25,17 @@ axis order (e.g. an attention query kernel ``(D, H, K)`` becomes a Linear with
 SDS-LoRA is exported as the exact rank-2r LoRA ``lora_B = [b.T, qb]``,
 ``lora_A = [qa.T; a.T]``; during its warm-up (``sds_on == 0``) as the plain
 rank-r LoRA. The scaling is always written as ``lora_alpha / r`` (per module,
-through ``rank_pattern`` / ``alpha_pattern``) with ``lora_alpha = s * r``, so
-it is exact whether the adapter used ``alpha / r`` or rsLoRA. Tensors are
-written in float32. Import reads LoRA adapters (also rsLoRA and per-module
-patterns) back as ``method="lora"`` adapters.
+through ``rank_pattern`` / ``alpha_pattern``, keyed by module name, or by
+anchored escaped regexes where PEFT would match a plain name to another module)
+with ``lora_alpha = s * r``, so it is exact whether the adapter used
+``alpha / r`` or rsLoRA. Tensors are written in float32; NaN or inf in an
+adapter is refused.
+
+Import reads LoRA adapters (also rsLoRA and per-module patterns) back as
+``method="lora"`` adapters; a module's ``rank_pattern`` / ``alpha_pattern``
+entry is chosen as PEFT chooses it: the first key, in the file's order, whose
+regex matches the end of the module name at a ``.`` boundary. (PEFT writes its
+configs with sorted keys, so that order is the sorted one for its own files.)
 
 No Flax import here: this is part of the functional core.
 """
@@ -47,8 +54,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdslora_jax.adapter import Adapter
-from sdslora_jax.targets import KernelLayout, infer_layout, is_kernel, path_keys, path_str
+from sdslora_jax.adapter import Adapter, take_layer
+from sdslora_jax.targets import (
+    KernelLayout,
+    infer_layout,
+    is_kernel,
+    path_keys,
+    path_str,
+    stacked_layout,
+)
 from sdslora_jax.tree import _set, adapter_items
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_peft", "import_peft"]
@@ -70,10 +84,11 @@ def _module_path(kernel_path: str) -> str:
   return kernel_path.rsplit("/", 1)[0] if "/" in kernel_path else ""
 
 
-def _name_for(module_names: ModuleNames, kernel_path: str) -> str | None:
+def _name_for(module_names: ModuleNames, kernel_path: str, layer: Any = None) -> str | None:
+  """The torch module name of a kernel (of one layer of a stacked kernel)."""
   mod = _module_path(kernel_path)
   if callable(module_names):
-    name = module_names(mod)
+    name = module_names(mod) if layer is None else module_names(mod, layer)
     if name is None:
       return None
   elif kernel_path in module_names:
@@ -84,9 +99,25 @@ def _name_for(module_names: ModuleNames, kernel_path: str) -> str | None:
     raise KeyError(
         f"module_names has no entry for {kernel_path!r} (nor its module path {mod!r})"
     )
+  if layer is not None and not callable(module_names):
+    if not isinstance(name, str) or "{layer}" not in name:
+      raise ValueError(
+          f"{kernel_path!r} is a stacked kernel (one PEFT module per layer): its module_names "
+          f"entry must contain '{{layer}}' (e.g. 'model.layers.{{layer}}.mlp.up_proj'), got "
+          f"{name!r}"
+      )
+    name = name.format(layer=layer if isinstance(layer, int) else ".".join(map(str, layer)))
   if not isinstance(name, str) or not name:
     raise ValueError(f"module name for {kernel_path!r} must be a non-empty string, got {name!r}")
   return name
+
+
+def _layers(ad_or_layout) -> list[Any]:
+  """The layer indices of a stacked adapter or layout (ints for one layer axis), or ``[None]``."""
+  shape = ad_or_layout.layer_shape
+  if not shape:
+    return [None]
+  return [idx[0] if len(shape) == 1 else idx for idx in np.ndindex(*shape)]
 
 
 _UNEXPORTABLE = {
@@ -107,6 +138,18 @@ def _refuse(kind: str, kpath: str, shape: tuple[int, ...], verb: str) -> None:
         f"{_UNEXPORTABLE[kind]}, which has no PEFT LoRA equivalent; merge it into the base "
         "weights with sdslora_jax.tree.merge instead"
     )
+
+
+def _check_finite(ad: Adapter, kpath: str) -> None:
+  """Raises if a factor, basis or the scale of ``ad`` holds NaN or inf."""
+  if not math.isfinite(ad.scale):
+    raise ValueError(f"cannot export the adapter at {kpath!r}: its scale is {ad.scale}")
+  for field in ("a", "b", "qa", "qb"):
+    value = getattr(ad, field)
+    if value is not None and not np.isfinite(np.asarray(value, np.float32)).all():
+      raise ValueError(
+          f"cannot export the adapter at {kpath!r}: {field} holds non-finite values (NaN or inf)"
+      )
 
 
 def _lora_factors(ad: Adapter) -> tuple[np.ndarray, np.ndarray, float]:
@@ -138,6 +181,20 @@ def _to_torch(ad: Adapter, left: np.ndarray, right: np.ndarray, name: str):
   return left.T, right.T, (".lora_A.weight", ".lora_B.weight")
 
 
+def _patterns_for(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
+  r"""A pattern dict giving every module its value under PEFT's matching.
+
+  Keys are the plain module names, unless PEFT would then misread one (a name
+  that ends another at a ``.``, or a ``.`` wildcard hitting another name, in the
+  sorted order the config is written in); then they are anchored, escaped regexes
+  (``^encoder\.layer\.0\.query``) that match only their own module.
+  """
+  plain = {n: v for n, v in sorted(values.items()) if v != default}
+  if all(_pattern(plain, n, default) == v for n, v in values.items()):
+    return plain
+  return {f"^{re.escape(n)}": v for n, v in plain.items()}
+
+
 def export_peft(
     directory: str | os.PathLike,
     adapters: Any,
@@ -155,7 +212,11 @@ def export_peft(
       ``"encoder.layer.0.attention.self.query"``): a dict keyed by the kernel
       path (``".../query/kernel"``) or the module path (``".../query"``), or a
       callable taking the module path (returning ``None`` for a module it does
-      not name; an error on export, skipped on import).
+      not name; an error on export, skipped on import). A stacked adapter
+      (scanned layers) becomes one PEFT module per layer: the callable is
+      called as ``module_names(module_path, layer)`` (``layer`` an int, a
+      tuple for several layer axes), and a dict value must contain
+      ``"{layer}"``, e.g. ``"model.layers.{layer}.self_attn.q_proj"``.
     base_model_name_or_path: written to the config.
     overwrite: replace existing files.
 
@@ -165,8 +226,10 @@ def export_peft(
   Raises:
     FileExistsError: a file exists and ``overwrite`` is false.
     KeyError / ValueError: a module has no name, or two share one.
+    ValueError: a factor, basis or scale holds NaN or inf.
     NotImplementedError: an adapter is on a grouped, transposed or local
-      convolution (checked before anything is written).
+      convolution.
+    All of these are checked before anything is written.
   """
   from safetensors.numpy import save_file
 
@@ -184,15 +247,23 @@ def export_peft(
   ranks: dict[str, int] = {}
   alphas: dict[str, float] = {}
   owner: dict[str, str] = {}
-  for keys, ad in items:
+  per_module = []
+  for keys, stacked in items:
     kpath = path_str(keys)
-    name = _name_for(module_names, kpath)
-    if name is None:
-      raise KeyError(f"module_names gives no module name for {kpath!r}")
-    if name in owner:
-      raise ValueError(f"module name {name!r} is given to both {owner[name]!r} and {kpath!r}")
-    owner[name] = kpath
-    _refuse(_kind(ad), kpath, ad.target_shape, "export")
+    _refuse(_kind(stacked), kpath, stacked.target_shape, "export")
+    _check_finite(stacked, kpath)
+    for layer in _layers(stacked):
+      ad = stacked if layer is None else take_layer(stacked, layer)
+      name = _name_for(module_names, kpath, layer)
+      if name is None:
+        raise KeyError(f"module_names gives no module name for {kpath!r}"
+                       + ("" if layer is None else f" layer {layer}"))
+      where = kpath if layer is None else f"{kpath} (layer {layer})"
+      if name in owner:
+        raise ValueError(f"module name {name!r} is given to both {owner[name]!r} and {where!r}")
+      owner[name] = where
+      per_module.append((name, ad))
+  for name, ad in per_module:
     left, right, scale = _lora_factors(ad)
     a_t, b_t, (sa, sb) = _to_torch(ad, left, right, name)
     tensors[f"{_PREFIX}{name}{sa}"] = np.ascontiguousarray(a_t, np.float32)
@@ -215,8 +286,8 @@ def export_peft(
       "bias": "none",
       "init_lora_weights": True,
       "target_modules": sorted(ranks),
-      "rank_pattern": {n: r for n, r in ranks.items() if r != r_common},
-      "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha_common},
+      "rank_pattern": _patterns_for(ranks, r_common),
+      "alpha_pattern": _patterns_for(alphas, alpha_common),
       "modules_to_save": None,
       "layers_to_transform": None,
       "layers_pattern": None,
@@ -226,6 +297,13 @@ def export_peft(
   with open(cfg_path, "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   return cfg_path, w_path
+
+
+def _check_positive(cfg_path: str, field: str, value: Any) -> None:
+  """Raises unless ``value`` is a finite positive JSON number (not a bool)."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not ok or not math.isfinite(value) or value <= 0:
+    raise ValueError(f"{cfg_path}: {field} must be a finite positive number, got {value!r}")
 
 
 def _read(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -248,10 +326,21 @@ def _read(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
   if config.get("use_dora"):
     raise NotImplementedError(f"{cfg_path}: DoRA adapters (use_dora=true) are not supported")
   for field in ("r", "lora_alpha"):
-    if not isinstance(config.get(field), (int, float)) or config[field] <= 0:
+    _check_positive(cfg_path, repr(field), config.get(field))
+  for field in ("rank_pattern", "alpha_pattern"):
+    patterns = config.get(field)
+    if patterns is None:
+      continue
+    if not isinstance(patterns, dict):
       raise ValueError(
-          f"{cfg_path}: {field!r} must be a positive number, got {config.get(field)!r}"
+          f"{cfg_path}: {field!r} must be a JSON object, got {type(patterns).__name__}"
       )
+    for key, value in patterns.items():
+      _check_positive(cfg_path, f"{field}[{key!r}]", value)
+      try:
+        re.compile(key)
+      except re.error as e:
+        raise ValueError(f"{cfg_path}: {field} key {key!r} is not a valid regex: {e}") from e
   try:
     tensors = load_file(w_path)
   except Exception as e:  # safetensors raises its own error types for corrupt headers
@@ -260,13 +349,18 @@ def _read(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def _pattern(patterns: Mapping[str, Any] | None, name: str, default):
+  r"""The ``rank_pattern`` / ``alpha_pattern`` value for module ``name``, as PEFT picks it.
+
+  Mirrors ``peft.utils.other.get_pattern_key`` (PEFT 0.21.2) and its use in
+  ``LoraModel._create_and_replace``: the first key, in the mapping's order, with
+  ``re.match(rf"(.*\.)?({key})$", name)`` wins (an exact name gets no priority);
+  with none, ``patterns.get(name, default)``.
+  """
   patterns = patterns or {}
-  if name in patterns:
-    return patterns[name]
-  for key, value in patterns.items():
-    if re.fullmatch(rf"(.*\.)?{key}", name):
-      return value
-  return default
+  for key in patterns:
+    if re.match(rf"(.*\.)?({key})$", name):
+      return patterns[key]
+  return patterns.get(name, default)
 
 
 def _exact_truncate(left: np.ndarray, right: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -295,7 +389,10 @@ def import_peft(
     module_names: as for ``export_peft`` (a dict is inverted; a callable is
       applied to every kernel's module path).
     layouts: kernel layouts by path for kernels the shape heuristic cannot
-      decide (e.g. from ``sdslora_jax.linen.module_layouts``).
+      decide (e.g. from ``sdslora_jax.linen.module_layouts``). A layout whose
+      shape is a trailing part of its kernel's shape marks a stacked kernel:
+      its layers' PEFT modules (named as for ``export_peft``) are read into
+      one stacked adapter; layers absent from the file get a zero update.
     dtype: dtype of the factors.
 
   Returns:
@@ -304,8 +401,9 @@ def import_peft(
     re-factored exactly to rank ``min(d_in, d_out)``.
 
   Raises:
-    FileNotFoundError, ValueError: missing, corrupt or mismatching files, with
-      the offending file, key or module named.
+    FileNotFoundError, ValueError: missing, corrupt or mismatching files, or a
+      non-finite or non-positive ``r``, ``lora_alpha`` or pattern value, with
+      the offending file, field, key or module named.
     NotImplementedError: ``layouts`` marks a targeted kernel as a grouped,
       transposed or local convolution.
   """
@@ -314,17 +412,29 @@ def import_peft(
   layouts = dict(layouts or {})
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   kernels = {path_str(kp): (kp, leaf) for kp, leaf in flat if is_kernel(path_str(kp), leaf)}
-  by_name: dict[str, str] = {}
+  # Stacked kernels: a given layout whose shape is a trailing part of the kernel's.
+  for kpath, (_, leaf) in kernels.items():
+    lay = layouts.get(kpath)
+    shape = tuple(leaf.shape)
+    if lay is not None and lay.shape != shape:
+      n = len(shape) - len(lay.shape)
+      if n <= 0 or shape[n:] != lay.shape:
+        raise ValueError(f"layouts[{kpath!r}] has shape {lay.shape}, the kernel {shape}")
+      layouts[kpath] = stacked_layout(lay, shape[:n])
+  by_name: dict[str, tuple[str, Any]] = {}
   for kpath in kernels:
-    try:
-      name = _name_for(module_names, kpath)
-    except KeyError:
-      continue
-    if name is None:
-      continue
-    if name in by_name:
-      raise ValueError(f"module name {name!r} is given to both {by_name[name]!r} and {kpath!r}")
-    by_name[name] = kpath
+    lay = layouts.get(kpath)
+    for layer in ([None] if lay is None else _layers(lay)):
+      try:
+        name = _name_for(module_names, kpath, layer)
+      except KeyError:
+        continue
+      if name is None:
+        continue
+      if name in by_name:
+        raise ValueError(
+            f"module name {name!r} is given to both {by_name[name][0]!r} and {kpath!r}")
+      by_name[name] = (kpath, layer)
   if isinstance(module_names, Mapping):
     unknown = [k for k in module_names if k not in kernels and not any(
         _module_path(p) == k for p in kernels)]
@@ -342,6 +452,7 @@ def import_peft(
     groups.setdefault(name, {})[_SUFFIXES[suffix]] = value
   use_rslora = bool(config.get("use_rslora", False))
   tree: dict = {}
+  stacked: dict[str, dict[Any, tuple]] = {}
   for name, pair in groups.items():
     if set(pair) != {"A", "B"}:
       missing = {"A", "B"} - set(pair)
@@ -351,7 +462,7 @@ def import_peft(
           f"module {name!r} in the adapter has no Flax kernel under module_names; known names: "
           f"{sorted(by_name)[:8]}"
       )
-    kpath = by_name[name]
+    kpath, layer = by_name[name]
     kp, leaf = kernels[kpath]
     a_t = np.asarray(pair["A"], np.float32)
     b_t = np.asarray(pair["B"], np.float32)
@@ -366,6 +477,13 @@ def import_peft(
     shape = tuple(leaf.shape)
     if kpath in layouts:
       _refuse(layouts[kpath].kind, kpath, shape, "import")
+    full_layout = layouts.get(kpath)
+    if layer is not None:  # one layer of a stacked kernel: read it as that layer's kernel
+      shape = shape[len(full_layout.layer_axes):]
+      layouts_one = KernelLayout(shape, tuple(i - len(full_layout.layer_axes)
+                                               for i in full_layout.in_axes), full_layout.kind)
+    else:
+      layouts_one = full_layout
     if a_t.ndim > 2:  # convolution: A (r, cin, *k), B (cout, r, 1...)
       layout = KernelLayout(shape, tuple(range(len(shape) - 1)), "conv")
       want_a = (r, shape[-2], *shape[:-2])
@@ -377,7 +495,7 @@ def import_peft(
       left = np.moveaxis(a_t, 1, -1).reshape(r, -1).T
       right = b_t.reshape(shape[-1], r).T
     else:
-      layout = layouts.get(kpath) or infer_layout(kpath, shape)
+      layout = layouts_one or infer_layout(kpath, shape)
       if a_t.shape != (r, layout.d_in) or b_t.shape != (layout.d_out, r):
         raise ValueError(
             f"module {name!r}: lora_A {a_t.shape} / lora_B {b_t.shape} do not fit the kernel "
@@ -388,6 +506,9 @@ def import_peft(
     k = min(layout.d_in, layout.d_out)
     if r > k:
       left, right = _exact_truncate(left, right, k)
+    if layer is not None:
+      stacked.setdefault(kpath, {})[layer] = (left, right, scale)
+      continue
     ad = Adapter(
         a=jnp.asarray(left, dtype),
         b=jnp.asarray(right, dtype),
@@ -398,4 +519,35 @@ def import_peft(
         kind=layout.kind,
     )
     _set(tree, path_keys(kp), ad)
+  for kpath, per_layer in stacked.items():
+    _set(tree, path_keys(kernels[kpath][0]), _stack_layers(kpath, layouts[kpath], per_layer, dtype))
   return tree
+
+
+def _stack_layers(kpath: str, layout: KernelLayout, per_layer: dict, dtype: Any) -> Adapter:
+  """One stacked adapter from the layers' PEFT modules; absent layers get a zero update."""
+  ranks = {left.shape[1] for left, _, _ in per_layer.values()}
+  scales = {scale for _, _, scale in per_layer.values()}
+  if len(ranks) != 1 or len(scales) != 1:
+    raise ValueError(
+        f"the layers of the stacked kernel {kpath!r} have different ranks {sorted(ranks)} or "
+        f"scales {sorted(scales)}; a stacked adapter has one rank and one scale"
+    )
+  r = ranks.pop()
+  d_in, d_out = layout.d_in, layout.d_out
+  lefts, rights = [], []
+  for layer in _layers(layout):
+    left, right, _ = per_layer.get(layer, (np.zeros((d_in, r)), np.zeros((r, d_out)), None))
+    lefts.append(left)
+    rights.append(right)
+  shape = layout.layer_shape
+  return Adapter(
+      a=jnp.asarray(np.stack(lefts).reshape(shape + (d_in, r)), dtype),
+      b=jnp.asarray(np.stack(rights).reshape(shape + (r, d_out)), dtype),
+      method="lora",
+      scale=scales.pop(),
+      kernel_shape=layout.shape,
+      in_axes=layout.in_axes,
+      kind=layout.kind,
+      layer_axes=layout.layer_axes,
+  )

@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sdslora_jax import _checks
 from sdslora_jax.adapter import METHODS
 
 KERNEL_NAMES = ("kernel", "embedding")
@@ -59,7 +60,11 @@ class Rule:
     alpha: LoRA ``alpha``; ``None`` means ``alpha = rank``.
     rslora: scale ``alpha / sqrt(r)`` (rsLoRA) instead of ``alpha / r``.
     dtype: dtype of the factors.
-    in_axes: kernel axes forming the input side (overrides the default layout).
+    in_axes: kernel axes forming the input side (overrides the default layout);
+      they index the whole stored kernel, layer axes included.
+    layer_axes: leading kernel axes that stack layers (``nn.scan`` /
+      ``nnx.vmap``); by default they are found by comparing the stored kernel
+      with the kernel its module uses per call (the frontends know both).
     name: label used in error messages (defaults to the regex or function name).
   """
 
@@ -70,13 +75,17 @@ class Rule:
   rslora: bool = False
   dtype: Any = jnp.float32
   in_axes: tuple[int, ...] | None = None
+  layer_axes: tuple[int, ...] | None = None
   name: str | None = None
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"rule {self.label}: unknown method {self.method!r}; choose from {METHODS}")
-    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-      raise ValueError(f"rule {self.label}: rank must be a positive int, got {self.rank!r}")
+    try:
+      object.__setattr__(self, "rank", _checks.check_rank(self.rank))
+    except ValueError as e:
+      raise ValueError(f"rule {self.label}: {e}") from None
+    _checks.check_float(f"rule {self.label}: dtype", self.dtype)
     if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
       raise ValueError(f"rule {self.label}: alpha must be finite and positive, got {self.alpha!r}")
     if isinstance(self.match, str):
@@ -88,6 +97,14 @@ class Rule:
       raise TypeError(f"rule match must be a regex string or a callable, got {self.match!r}")
     if self.in_axes is not None:
       object.__setattr__(self, "in_axes", tuple(int(i) for i in self.in_axes))
+    if self.layer_axes is not None:
+      axes = tuple(int(i) for i in self.layer_axes)
+      if axes != tuple(range(len(axes))):
+        raise ValueError(
+            f"rule {self.label}: layer_axes {self.layer_axes} must be the leading kernel axes "
+            "(0,), (0, 1), ... (as nn.scan / nnx.vmap with axis 0 stack them)"
+        )
+      object.__setattr__(self, "layer_axes", axes)
 
   @property
   def label(self) -> str:
@@ -119,18 +136,27 @@ class KernelLayout:
   """How a kernel is seen as a ``(d_in, d_out)`` matrix.
 
   Attributes:
-    shape: the kernel's shape.
-    in_axes: the input-side axes, sorted; the others are the output side.
+    shape: the kernel's shape (as stored, layer axes included).
+    in_axes: the input-side axes, sorted; the others, except layer axes, are the
+      output side.
     kind: ``"dense"``, ``"embed"`` or one of ``CONV_KINDS``.
+    layer_axes: leading axes that stack layers (``()``: one layer); ``d_in``
+      and ``d_out`` are one layer's.
   """
 
   shape: tuple[int, ...]
   in_axes: tuple[int, ...]
   kind: str = "dense"
+  layer_axes: tuple[int, ...] = ()
 
   @property
   def out_axes(self) -> tuple[int, ...]:
-    return tuple(i for i in range(len(self.shape)) if i not in self.in_axes)
+    skip = set(self.in_axes) | set(self.layer_axes)
+    return tuple(i for i in range(len(self.shape)) if i not in skip)
+
+  @property
+  def layer_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[i] for i in self.layer_axes)
 
   @property
   def d_in(self) -> int:
@@ -174,12 +200,24 @@ def _normalize_axes(path: str, shape: tuple[int, ...], in_axes: Sequence[int]) -
   return axes
 
 
+def stacked_layout(layout: KernelLayout, layer_shape: tuple[int, ...]) -> KernelLayout:
+  """A per-layer layout under leading layer axes of sizes ``layer_shape``."""
+  n = len(layer_shape)
+  return KernelLayout(
+      tuple(layer_shape) + tuple(layout.shape),
+      tuple(i + n for i in layout.in_axes),
+      layout.kind,
+      tuple(range(n)),
+  )
+
+
 def infer_layout(
     path: str,
     shape: Sequence[int],
     *,
     kind: str | None = None,
     in_axes: Sequence[int] | None = None,
+    layer_axes: Sequence[int] | None = None,
 ) -> KernelLayout:
   """The layout of a kernel: explicit ``in_axes``, else the defaults above.
 
@@ -195,6 +233,19 @@ def infer_layout(
       input side the size heuristic cannot decide.
   """
   shape = tuple(int(d) for d in shape)
+  if layer_axes:
+    n = len(tuple(layer_axes))
+    if tuple(layer_axes) != tuple(range(n)) or len(shape) - n < 2:
+      raise ValueError(
+          f"{path}: layer_axes {tuple(layer_axes)} must be leading axes of kernel shape {shape} "
+          "that leave at least 2 axes per layer"
+      )
+    inner = None
+    if in_axes is not None:
+      if any(i < n for i in in_axes):
+        raise ValueError(f"{path}: in_axes {tuple(in_axes)} include a layer axis {tuple(layer_axes)}")
+      inner = [i - n for i in in_axes]
+    return stacked_layout(infer_layout(path, shape[n:], kind=kind, in_axes=inner), shape[:n])
   if len(shape) < 2:
     raise ValueError(f"{path}: a kernel needs at least 2 axes, got shape {shape}")
   if kind is None:
@@ -278,8 +329,9 @@ def select_targets(
       ``params``, or an NNX ``State``'s pure dict).
     rules: ordered target rules; the first that matches a parameter wins.
     layouts: known layouts by "/"-joined kernel path (from the module types);
-      a rule's ``in_axes`` must agree with them, and so must the parameter's
-      shape (a stacked kernel from ``nn.scan`` / ``nnx.vmap`` does not).
+      a rule's ``in_axes`` must agree with them. A parameter whose shape is
+      the module's per-call kernel shape behind leading axes is a stacked
+      kernel (``nn.scan`` / ``nnx.vmap``): it gets one adapter per layer.
 
   Returns:
     The targets, in the tree's flattening order.
@@ -287,8 +339,8 @@ def select_targets(
   Raises:
     ValueError: a rule claims no parameter, matches a parameter that is not a
       supported kernel, asks for a rank above ``min(d_in, d_out)``, selects a
-      stacked kernel (its shape differs from the one its module uses per
-      call), or a layout cannot be decided.
+      kernel whose shape does not end with its module's per-call kernel shape,
+      or a layout cannot be decided.
   """
   rules = [_as_rule(r) for r in rules]
   if not rules:
@@ -319,16 +371,25 @@ def select_targets(
           f"{_nearby(r, kernel_paths)}"
       )
     known = layouts.get(path)
+    shape = tuple(leaf.shape)
     if known is not None:
-      if tuple(leaf.shape) != known.shape:
+      if shape != known.shape:
+        n = len(shape) - len(known.shape)
+        if n <= 0 or shape[n:] != known.shape:
+          raise ValueError(
+              f"rule {r.label} selects {path!r}, a parameter of shape {shape}, but its module "
+              f"uses a kernel of shape {known.shape} per call, which is not a trailing part of it "
+              "(stacked layers must have their layer axes first: nn.scan / nnx.vmap with axis 0)"
+          )
+        known = stacked_layout(known, shape[:n])  # a stacked kernel: one adapter per layer
+      if r.layer_axes is not None and r.layer_axes != known.layer_axes:
         raise ValueError(
-            f"rule {r.label} selects {path!r}, a parameter of shape {tuple(leaf.shape)}, but "
-            f"its module uses a kernel of shape {known.shape} per call: stacked kernels "
-            "(layers under nn.scan / nn.vmap, or nnx.vmap / nnx.scan layers) are not supported; "
-            "target unstacked layers"
+            f"rule {r.label}: layer_axes {r.layer_axes} for {path!r} disagree with the module, "
+            f"which uses a kernel of shape {shape[len(known.layer_axes):]} per call (layer axes "
+            f"{known.layer_axes} of {shape})"
         )
       if r.in_axes is not None:
-        given = infer_layout(path, leaf.shape, in_axes=r.in_axes).in_axes
+        given = infer_layout(path, shape, in_axes=r.in_axes, layer_axes=known.layer_axes).in_axes
         if given != known.in_axes:
           raise ValueError(
               f"rule {r.label}: in_axes {r.in_axes} for {path!r} disagree with the module, "
@@ -336,7 +397,7 @@ def select_targets(
           )
       layout = known
     else:
-      layout = infer_layout(path, leaf.shape, in_axes=r.in_axes)
+      layout = infer_layout(path, shape, in_axes=r.in_axes, layer_axes=r.layer_axes)
     if r.rank > min(layout.d_in, layout.d_out):
       raise ValueError(
           f"rule {r.label}: rank {r.rank} exceeds min(d_in, d_out) = "

@@ -17,13 +17,22 @@ No Flax import here: this is part of the functional core.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from sdslora_jax.adapter import Adapter, adapter_matmul, init_adapter, is_adapter, kernel_delta
+from sdslora_jax.adapter import (
+    Adapter,
+    adapter_matmul,
+    guard,
+    init_adapter,
+    is_adapter,
+    kernel_delta,
+    layer_view,
+)
 from sdslora_jax.targets import (
     KernelLayout,
     Rule,
@@ -61,18 +70,24 @@ def adapters_from_targets(
   tree: dict = {}
   for i, t in enumerate(targets):
     r = t.rule
-    ad = init_adapter(
-        jax.random.fold_in(key, i),
-        t.layout.d_in,
-        t.layout.d_out,
-        rank=r.rank,
-        scale=r.scale,
-        method=r.method,
-        dtype=r.dtype,
-        sds_on=sds_on,
-    )
+
+    def init(k, t=t, r=r):
+      return init_adapter(
+          k, t.layout.d_in, t.layout.d_out, rank=r.rank, scale=r.scale, method=r.method,
+          dtype=r.dtype, sds_on=sds_on,
+      )
+
+    k = jax.random.fold_in(key, i)
+    layers = t.layout.layer_shape
+    if layers:  # one adapter per layer (layer j uses fold_in(k, j), j in row-major order)
+      keys = jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(math.prod(layers)))
+      ad = jax.vmap(init)(keys)
+      ad = jax.tree.map(lambda x: x.reshape(layers + x.shape[1:]), ad)
+    else:
+      ad = init(k)
     ad = dataclasses.replace(
-        ad, kernel_shape=t.layout.shape, in_axes=t.layout.in_axes, kind=t.layout.kind
+        ad, kernel_shape=t.layout.shape, in_axes=t.layout.in_axes, kind=t.layout.kind,
+        layer_axes=t.layout.layer_axes or None,
     )
     _set(tree, t.keys, ad)
   return tree
@@ -165,6 +180,7 @@ def apply_dense_general(x: jax.Array, adapter: Adapter, axis: Sequence[int] = (-
   Returns:
     ``(x's other axes..., kernel output axes...)`` in ``x``'s dtype.
   """
+  adapter = layer_view(adapter)
   shape = adapter.target_shape
   in_axes, out_axes = adapter.input_axes, adapter.output_axes
   axis = tuple(a % x.ndim for a in axis)
@@ -184,6 +200,7 @@ def apply_einsum(x: jax.Array, adapter: Adapter, eq: str) -> jax.Array:
   Requires a plain-matmul equation (see ``targets.einsum_in_axes``) whose
   contracted kernel axes are the adapter's input axes.
   """
+  adapter = layer_view(adapter)
   shape = adapter.target_shape
   in_axes = einsum_in_axes(eq, len(shape))
   if in_axes != adapter.input_axes:
@@ -207,6 +224,8 @@ def lookup_embedding(ids: jax.Array, adapter: Adapter) -> jax.Array:
   ``s * (qa[ids] @ b + a[ids] @ qb.T)`` with constant bases for SDS-LoRA.
   Returns float32 ``(*ids.shape, features)``.
   """
+  adapter = layer_view(adapter)
+  adapter = guard(adapter)
   s = adapter.scale
   a_rows = jnp.take(adapter.a, ids, axis=0).astype(jnp.float32)
   b = adapter.b.astype(jnp.float32)
@@ -221,8 +240,11 @@ def lookup_embedding(ids: jax.Array, adapter: Adapter) -> jax.Array:
 
 def attend_embedding(query: jax.Array, adapter: Adapter) -> jax.Array:
   """The update's contribution to ``query @ table.T`` (tied output), rank-r."""
+  adapter = layer_view(adapter)
+  adapter = guard(adapter)  # checked as stored; the transposed view carries no stamp
   transposed = dataclasses.replace(
       adapter,
+      stamp=None,
       a=adapter.b.T,
       b=adapter.a.T,
       qa=adapter.qb,

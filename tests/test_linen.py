@@ -170,18 +170,19 @@ class Scanned(nn.Module):
     return nn.Dense(2, name="head")(h)
 
 
-def test_scanned_stacked_kernel_is_rejected():
+def test_scanned_stacked_kernel_gets_one_adapter_per_layer():
   model, x = Scanned(), jnp.ones((2, 8))
   params = model.init(jax.random.key(0), x)["params"]
   assert params["layers"]["fc"]["kernel"].shape == (3, 8, 8)
-  with pytest.raises(ValueError, match=r"selects 'layers/fc/kernel', a parameter of shape \(3, 8, 8\), "
-                     r"but its module uses a kernel of shape \(8, 8\) per call: stacked kernels"):
-    sl.init_adapters(jax.random.key(1), model, params, [rule(r".*/kernel", rank=2)], x)
-  # Unstacked kernels of the same model can still be targeted.
-  ads = sl.init_adapters(jax.random.key(1), model, params, [rule("head/kernel", rank=2)], x)
+  ads = sl.init_adapters(jax.random.key(1), model, params, [rule(r".*/kernel", rank=2)], x)
+  assert ads["layers"]["fc"]["kernel"].layer_axes == (0,)
   ads = randomize(ads, jax.random.key(2))
   np.testing.assert_allclose(sl.apply(model, {"params": params}, ads, x),
                              model.apply({"params": tree.merge(params, ads)}, x), rtol=1e-5, atol=1e-5)
+  # The interceptor alone cannot reach the layers: a clear error, not a broadcasting failure.
+  with pytest.raises(ValueError, match="did not reach its layer"):
+    with sl.intercept(ads):
+      model.apply({"params": params}, x)
 
 
 class Convs(nn.Module):

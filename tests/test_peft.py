@@ -1,6 +1,8 @@
 """PEFT export / import: exact round trips, file layout, error paths."""
 
+import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -136,7 +138,7 @@ P = {"lin": {"kernel": jnp.zeros((3, 4))}}
      ValueError, r"module 'other' in the adapter has no Flax kernel"),
     (GOOD, {**CFG, "peft_type": "IA3"}, ValueError, r"peft_type is 'IA3'"),
     (GOOD, {**CFG, "use_dora": True}, NotImplementedError, r"DoRA"),
-    (GOOD, {"peft_type": "LORA"}, ValueError, r"'r' must be a positive number"),
+    (GOOD, {"peft_type": "LORA"}, ValueError, r"'r' must be a finite positive number"),
 ])
 def test_import_errors(tmp_path, tensors, config, error, match):
   _write(tmp_path, tensors, config)
@@ -179,3 +181,162 @@ def test_unexportable_conv_kinds(tmp_path, kind, what):
   lay = {"conv/kernel": KernelLayout((3, 3, 2, 4), (0, 1, 2), kind)}
   with pytest.raises(NotImplementedError, match=r"cannot import the adapter at 'conv/kernel'"):
     peft.import_peft(tmp_path, PARAMS, module_names=NAMES, layouts=lay)
+
+
+# ----------------------------------------------------------------------------- rank / alpha patterns
+
+ATTN = {"l0": {n: {"kernel": jnp.zeros((4, 4))} for n in ("query", "key", "value")}}
+ATTN_NAMES = {f"l0/{n}": f"enc.l0.{n}" for n in ("query", "key", "value")}
+
+
+def _write_attn(tmp_path, ranks, config):
+  rng = np.random.default_rng(0)
+  tensors = {}
+  for n in ("query", "key", "value"):
+    tensors[f"base_model.model.enc.l0.{n}.lora_A.weight"] = rng.normal(size=(ranks[n], 4)).astype(
+        np.float32)
+    tensors[f"base_model.model.enc.l0.{n}.lora_B.weight"] = rng.normal(size=(4, ranks[n])).astype(
+        np.float32)
+  _write(tmp_path, tensors, {"peft_type": "LORA", **config})
+  back = peft.import_peft(tmp_path, ATTN, module_names=ATTN_NAMES)
+  return {n: back["l0"][n]["kernel"] for n in ("query", "key", "value")}
+
+
+def test_alpha_pattern_alternation_key(tmp_path):
+  # The key is grouped as PEFT does: "query|value" names both modules.
+  ads = _write_attn(tmp_path, dict(query=2, key=2, value=2),
+                    {"r": 2, "lora_alpha": 2, "alpha_pattern": {"query|value": 8}})
+  assert [ads[n].scale for n in ("query", "key", "value")] == [4.0, 1.0, 4.0]
+
+
+def test_rank_pattern_alternation_key(tmp_path):
+  ads = _write_attn(tmp_path, dict(query=3, key=2, value=3),
+                    {"r": 2, "lora_alpha": 6, "rank_pattern": {"query|value": 3}})
+  assert [ads[n].rank for n in ("query", "key", "value")] == [3, 2, 3]
+  assert [ads[n].scale for n in ("query", "key", "value")] == [2.0, 3.0, 2.0]
+
+
+def test_pattern_first_matching_key_wins(tmp_path):
+  # An exact module name gets no priority over an earlier matching key.
+  ads = _write_attn(tmp_path, dict(query=2, key=2, value=2), {
+      "r": 2, "lora_alpha": 2, "alpha_pattern": {"query": 4, "enc.l0.query": 16, "l0.key": 6}})
+  assert [ads[n].scale for n in ("query", "key", "value")] == [2.0, 3.0, 1.0]
+  ads = _write_attn(tmp_path, dict(query=3, key=3, value=2), {
+      "r": 2, "lora_alpha": 6, "use_rslora": True,
+      "rank_pattern": {"l0.(query|key)": 3, "enc.l0.query": 4}})
+  assert [ads[n].rank for n in ("query", "key", "value")] == [3, 3, 2]
+  assert ads["query"].scale == pytest.approx(6 / np.sqrt(3))
+
+
+DOCS_KEY = "^model.decoder.layers.0.encoder_attn.k_proj"  # LoraConfig's docstring example
+
+
+@pytest.mark.parametrize("patterns,name,want", [
+    ({DOCS_KEY: 16}, "model.decoder.layers.0.encoder_attn.k_proj", 16),
+    ({DOCS_KEY: 16}, "model.decoder.layers.0.self_attn.k_proj", 8),
+    ({DOCS_KEY: 16}, "model.decoder.layers.10.encoder_attn.k_proj", 8),
+    ({DOCS_KEY: 16}, "base.model.decoder.layers.0.encoder_attn.k_proj", 8),  # "^": no prefix
+    ({"k_proj": 4, DOCS_KEY: 16}, "model.decoder.layers.0.encoder_attn.k_proj", 4),
+    ({DOCS_KEY: 16, "k_proj": 4}, "model.decoder.layers.0.encoder_attn.k_proj", 16),
+    ({DOCS_KEY: 16, "k_proj": 4}, "model.decoder.layers.1.encoder_attn.k_proj", 4),
+    ({"query|value": 2}, "encoder.layer.0.attention.self.value", 2),
+    ({"query|value": 2}, "encoder.layer.0.attention.self.key", 8),
+    ({"proj": 2}, "model.k_proj", 8),  # a key matches whole dotted components at the end
+    ({"k_proj": 2}, "model.k_proj.base", 8),
+    ({r"layers\.\d+\.self_attn\.(q|v)_proj": 2}, "model.layers.12.self_attn.v_proj", 2),
+    ({".*attn.k_proj": 2}, "model.decoder.layers.0.encoder_attn.k_proj", 2),
+    ({}, "any.name", 8),
+    (None, "any.name", 8),
+])
+def test_pattern_matches_peft(patterns, name, want):
+  assert peft._pattern(patterns, name, 8) == want
+
+
+# ----------------------------------------------------------------------------- non-finite values
+
+
+@pytest.mark.parametrize("config,field", [
+    ({**CFG, "lora_alpha": float("nan")}, r"'lora_alpha' must be a finite positive .*, got nan"),
+    ({**CFG, "lora_alpha": float("inf")}, r"'lora_alpha' must be a finite positive .*, got inf"),
+    ({**CFG, "r": float("inf")}, r"'r' must be a finite positive number, got inf"),
+    ({**CFG, "r": float("nan")}, r"'r' must be a finite positive number"),
+    ({**CFG, "lora_alpha": True}, r"'lora_alpha' must be a finite positive number, got True"),
+    ({**CFG, "alpha_pattern": {"lin": float("nan")}},
+     r"alpha_pattern\['lin'\] must be a finite positive number, got nan"),
+    ({**CFG, "alpha_pattern": {"other": float("-inf")}},
+     r"alpha_pattern\['other'\] must be a finite positive number, got -inf"),
+    ({**CFG, "rank_pattern": {"l.n": float("inf")}},
+     r"rank_pattern\['l.n'\] must be a finite positive number, got inf"),
+    ({**CFG, "rank_pattern": {"lin": 0}}, r"rank_pattern\['lin'\] must be a finite positive"),
+    ({**CFG, "alpha_pattern": [2]}, r"'alpha_pattern' must be a JSON object, got list"),
+    ({**CFG, "alpha_pattern": {"(lin": 2}}, r"alpha_pattern key '\(lin' is not a valid regex"),
+])
+def test_import_rejects_bad_config_numbers(tmp_path, config, field):
+  _write(tmp_path, GOOD, config)  # json writes nan / inf as NaN / Infinity, and reads them back
+  cfg_path = re.escape(str(tmp_path / "adapter_config.json"))
+  with pytest.raises(ValueError, match=rf"{cfg_path}: {field}"):
+    peft.import_peft(tmp_path, P, module_names={"lin": "lin"})
+
+
+@pytest.mark.parametrize("text,field", [
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": NaN}', "'lora_alpha'"),
+    ('{"peft_type": "LORA", "r": Infinity, "lora_alpha": 2}', "'r'"),
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": 2, "alpha_pattern": {"lin": -Infinity}}',
+     r"alpha_pattern\['lin'\]"),
+])
+def test_import_rejects_json_nan_infinity(tmp_path, text, field):
+  _write(tmp_path, GOOD, CFG)
+  (tmp_path / "adapter_config.json").write_text(text)
+  with pytest.raises(ValueError, match=rf"adapter_config.json: {field} must be a finite positive"):
+    peft.import_peft(tmp_path, P, module_names={"lin": "lin"})
+
+
+@pytest.mark.parametrize("field", ["a", "b", "qa", "qb"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_export_refuses_non_finite(tmp_path, field, bad):
+  ads = _adapters()
+  ad = ads["q"]["kernel"]
+  value = np.array(getattr(ad, field)).copy()
+  value[1, 0] = bad
+  ads["q"]["kernel"] = dataclasses.replace(ad, **{field: jnp.asarray(value)})
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match=rf"cannot export the adapter at 'q/kernel': {field} holds "
+                     r"non-finite values \(NaN or inf\)"):
+    peft.export_peft(out, ads, module_names=NAMES)
+  assert not out.exists()
+  # Nor is an existing directory touched.
+  out.mkdir()
+  with pytest.raises(ValueError, match=r"'q/kernel'"):
+    peft.export_peft(out, ads, module_names=NAMES, overwrite=True)
+  assert list(out.iterdir()) == []
+
+
+def test_export_refuses_non_finite_scale(tmp_path):
+  ads = _adapters()
+  ads["dense"]["kernel"] = dataclasses.replace(ads["dense"]["kernel"], scale=float("inf"))
+  with pytest.raises(ValueError,
+                     match=r"cannot export the adapter at 'dense/kernel': its scale is inf"):
+    peft.export_peft(tmp_path / "out", ads, module_names=NAMES)
+  assert not (tmp_path / "out").exists()
+
+
+def test_export_patterns_survive_peft_matching(tmp_path):
+  # "o" ends "m.attn.o" at a "." and "m.q" matches "mXq" as a regex: PEFT would give those
+  # modules the other's rank and alpha, so the keys become anchored, escaped regexes.
+  names = {"dense/kernel": "o", "q": "m.attn.o", "o": "m.q", "emb": "mXq", "conv": "m.conv"}
+  ads = _adapters()
+  peft.export_peft(tmp_path, ads, module_names=names)
+  cfg = json.loads((tmp_path / peft.CONFIG_NAME).read_text())
+  assert cfg["r"] == 4 and cfg["rank_pattern"] == {r"^m\.q": 2, "^o": 3}
+  for field, default in [("rank_pattern", cfg["r"]), ("alpha_pattern", cfg["lora_alpha"])]:
+    plain = {k.lstrip("^").replace("\\", ""): v for k, v in cfg[field].items()}
+    assert any(peft._pattern(plain, n, default) != peft._pattern(cfg[field], n, default)
+               for n in names.values())
+  back = peft.import_peft(tmp_path, PARAMS, module_names=names)
+  for path in [("dense", "kernel"), ("q", "kernel"), ("o", "kernel"), ("emb", "embedding")]:
+    src, dst = ads[path[0]][path[1]], back[path[0]][path[1]]
+    np.testing.assert_allclose(kernel_delta(dst), kernel_delta(src), rtol=1e-5, atol=1e-5)
+  # Plain names are kept where PEFT reads them right.
+  peft.export_peft(tmp_path, ads, module_names=NAMES, overwrite=True)
+  cfg = json.loads((tmp_path / peft.CONFIG_NAME).read_text())
+  assert cfg["rank_pattern"] == {"m.attn.o": 2, "m.dense": 3}

@@ -133,13 +133,21 @@ def test_einsum_in_axes():
 
 
 def test_known_layout_shape_must_match_parameter():
-  # A layer stacked by nn.scan / nnx.vmap: the module sees (16, 64) per call, the parameter is stacked.
+  # Stacked by nn.scan / nnx.vmap: the module sees (16, 64) per call; one adapter per layer.
   params = {"layers": {"mlp": {"kernel": jax.ShapeDtypeStruct((3, 16, 64), jnp.float32)}}}
   lay = {"layers/mlp/kernel": targets.KernelLayout((16, 64), (0,))}
-  with pytest.raises(ValueError, match=r"rule 'layers/mlp/kernel' selects 'layers/mlp/kernel', a parameter "
-                     r"of shape \(3, 16, 64\), but its module uses a kernel of shape \(16, 64\) per call: "
-                     r"stacked kernels .* are not supported"):
-    select_targets(params, [rule("layers/mlp/kernel", rank=2)], layouts=lay)
+  (t,) = select_targets(params, [rule("layers/mlp/kernel", rank=2)], layouts=lay)
+  assert t.layout == targets.KernelLayout((3, 16, 64), (1,), "dense", (0,))
+  assert (t.layout.d_in, t.layout.d_out, t.layout.layer_shape) == (16, 64, (3,))
+  # A per-call shape that is not a trailing part of the parameter's is an error.
+  bad = {"layers/mlp/kernel": targets.KernelLayout((64, 16), (0,))}
+  with pytest.raises(ValueError, match=r"a parameter of shape \(3, 16, 64\), but its module uses a "
+                     r"kernel of shape \(64, 16\) per call, which is not a trailing part of it"):
+    select_targets(params, [rule("layers/mlp/kernel", rank=2)], layouts=bad)
+  with pytest.raises(ValueError, match=r"layer_axes \(0, 1\) .* disagree with the module"):
+    select_targets(params, [rule("layers/mlp/kernel", rank=2, layer_axes=(0, 1))], layouts=lay)
+  with pytest.raises(ValueError, match="must be the leading kernel axes"):
+    rule("x", layer_axes=(1,))
 
 
 @pytest.mark.parametrize("kind", targets.CONV_KINDS)

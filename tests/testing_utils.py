@@ -7,19 +7,26 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
-from sdslora_jax.adapter import Adapter, is_adapter
+from sdslora_jax.adapter import Adapter, is_adapter, restamp
 from sdslora_jax.basis import factor_bases
 
 
 def randomize_adapter(ad, key, sds_on=1.0):
   """``ad`` with random factors (unit-scale updates) and, for SDS-LoRA, fresh bases."""
   ka, kb = jax.random.split(key)
-  a = jax.random.normal(ka, ad.a.shape) / math.sqrt(ad.a.shape[0])
-  b = jax.random.normal(kb, ad.b.shape) / math.sqrt(ad.b.shape[0])
+  a = jax.random.normal(ka, ad.a.shape) / math.sqrt(ad.a.shape[-2])
+  b = jax.random.normal(kb, ad.b.shape) / math.sqrt(ad.b.shape[-2])
   ad = dataclasses.replace(ad, a=a, b=b)
   if ad.method == "sds":
-    qa, qb = factor_bases(a, b)
-    ad = dataclasses.replace(ad, qa=qa, qb=qb, sds_on=jnp.float32(sds_on))
+    bases, stamp = factor_bases, lambda x: restamp(x).stamp
+    for _ in ad.stacked_axes:  # one basis per layer of a stacked adapter
+      bases = jax.vmap(bases)
+    qa, qb = bases(a, b)
+    ad = dataclasses.replace(ad, qa=qa, qb=qb,
+                             sds_on=jnp.full(ad.layer_shape, sds_on, jnp.float32))
+    flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[len(ad.stacked_axes):]), ad)
+    stamps = jax.vmap(stamp)(flat) if ad.stacked_axes else stamp(ad)
+    ad = dataclasses.replace(ad, stamp=jnp.reshape(stamps, ad.layer_shape))
   return ad
 
 

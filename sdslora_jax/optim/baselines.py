@@ -37,7 +37,8 @@ def _adapter_labels(x: Any) -> Any:
     return None if v is None else "frozen"
 
   return dataclasses.replace(
-      x, a="a", b="b", qa=frozen(x.qa), qb=frozen(x.qb), sds_on=frozen(x.sds_on)
+      x, a="a", b="b", qa=frozen(x.qa), qb=frozen(x.qb), sds_on=frozen(x.sds_on),
+      stamp=frozen(x.stamp),
   )
 
 

@@ -20,7 +20,24 @@ wrapper runs the SDS-LoRA life cycle, as data inside one compiled step:
 The returned updates are ``new - old`` for every leaf, so
 ``optax.apply_updates(params, updates)`` gives factors and bases that belong
 together. Where nothing but the inner update happens, the factor updates are
-the inner updates unchanged (bit for bit).
+the inner updates unchanged (bit for bit; for bfloat16 / float16 factors they
+are returned in float32, so that the switch's new factors are rounded once,
+by ``apply_updates``, and not as a low-precision difference).
+
+Outermost only. The basis, flag and stamp updates are exact differences and
+must reach ``optax.apply_updates`` unchanged: nothing may be chained after
+``sds_lora`` (``optax.chain(sds_lora(...), optax.scale(-lr))`` would rescale
+them). Put the whole optimizer inside it. Adapters carry a stamp (see
+``Adapter.stamp``): a chained transformation, or training SDS adapters with a
+plain Optax optimizer, makes the next backward pass raise a ``ValueError``
+that says so.
+
+NNX. ``nnx.Optimizer(model, sds_lora(...), wrt=AdapterVariable)`` works: the
+inner optimizer is initialised on the values of the ``Variable`` nodes, so its
+state holds ``Adapter`` nodes that NNX can update in place. (A plain Optax
+optimizer initialised by ``nnx.Optimizer`` on ``AdapterVariable`` state holds
+the ``Adapter`` inside NNX's ``OptVariable`` and fails on its second update;
+wrap it in ``sds_lora``, which passes LoRA adapters through unchanged.)
 
 Moment reset rule (structural). A subtree of the inner state "mirrors" the
 parameters when it has the containers of the tree the inner optimizer sees,
@@ -66,14 +83,15 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from sdslora_jax.adapter import is_adapter
-from sdslora_jax.basis import refresh_bases
+from sdslora_jax.adapter import adapter_stamp, is_adapter
+from sdslora_jax.basis import BASIS_METHODS, refresh_bases
 from sdslora_jax.optim.schedules import RefreshSchedule, make_refresh_schedule
 from sdslora_jax.reparam import activate_sds
 
@@ -102,16 +120,55 @@ def _is_sds(x: Any) -> bool:
 def _strip(x: Any) -> Any:
   if not _is_sds(x):
     return x
-  return dataclasses.replace(x, qa=None, qb=None, sds_on=None)
+  return dataclasses.replace(x, qa=None, qb=None, sds_on=None, stamp=None)
+
+
+def _is_variable(x: Any) -> bool:
+  """A Flax NNX ``Variable`` (duck-typed: this module does not import Flax)."""
+  return all(callable(getattr(x, m, None)) for m in ("get_value", "get_metadata", "set_raw_value"))
+
+
+def _unwrap(tree: Any) -> Any:
+  """Replaces NNX ``Variable`` nodes by their values (e.g. in ``nnx.state(model)``).
+
+  ``nnx.Optimizer`` initialises the optimizer on a state whose adapters sit
+  inside ``AdapterVariable`` nodes but updates it with plain values; an inner
+  state built on the unwrapped tree has ``Adapter`` nodes outside any
+  ``Variable``, which is what NNX can write back into, step after step.
+  """
+  if not any(_is_variable(x) for x in jax.tree.leaves(tree, is_leaf=_is_variable)):
+    return tree
+  return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, tree,
+                      is_leaf=_is_variable)
 
 
 def trainable_params(tree: Any) -> Any:
-  """The tree an inner optimizer sees: SDS adapters without ``qa``, ``qb``, ``sds_on``.
+  """The tree an inner optimizer sees: SDS adapters without ``qa``, ``qb``, ``sds_on``, ``stamp``.
 
-  Build ``optax.partition`` / ``optax.masked`` label and mask trees against this
-  structure (or pass a callable such as ``factor_labels``).
+  NNX ``Variable`` nodes are replaced by their values. Build ``optax.partition``
+  / ``optax.masked`` label and mask trees against this structure (or pass a
+  callable such as ``factor_labels``).
   """
-  return jax.tree.map(_strip, tree, is_leaf=is_adapter)
+  return jax.tree.map(_strip, _unwrap(tree), is_leaf=is_adapter)
+
+
+def _bcast(flag: jax.Array, x: jax.Array) -> jax.Array:
+  """A per-layer flag (shape ``L``) broadcast against a per-layer array (``(*L, ...)``)."""
+  flag = jnp.asarray(flag)
+  return flag.reshape(flag.shape + (1,) * (jnp.ndim(x) - flag.ndim))
+
+
+def _per_layer(fn, adapter):
+  """``fn`` vmapped over a stacked adapter's layer axes (``fn`` itself when unstacked)."""
+  for _ in adapter.stacked_axes:
+    fn = jax.vmap(fn)
+  return fn
+
+
+def _update_dtype(p: jax.Array, u: jax.Array) -> Any:
+  """Factor updates of low-precision factors are float32 (the switch stays exact)."""
+  return jnp.promote_types(jnp.asarray(u).dtype, _F32) if jnp.finfo(
+      jnp.asarray(p).dtype).bits < 32 else jnp.asarray(u).dtype
 
 
 def _apply(p: jax.Array, u: jax.Array) -> jax.Array:
@@ -177,7 +234,8 @@ def _reset_mirror(ref: Any, old: Any, fresh: Any, flags: dict[int, jax.Array]) -
       return old
 
     def select(f, o):
-      return jax.tree.map(lambda fl, ol: jnp.where(flag, fl, ol).astype(ol.dtype), f, o)
+      return jax.tree.map(lambda fl, ol: jnp.where(_bcast(flag, ol), fl, ol).astype(ol.dtype),
+                          f, o)
 
     return dataclasses.replace(old, a=select(fresh.a, old.a), b=select(fresh.b, old.b))
   ref_children, ref_def = _children(ref)
@@ -234,7 +292,7 @@ def _reset_state(ref: Any, old: Any, fresh: Any, flags: dict[int, jax.Array]) ->
   if any(mirror) and any(count):
     sw = []  # every covered leaf visited (no short-circuit): it collects all flags
     other = [_coverage(ref, c, flags, sw) for c, m in zip(old_children, mirror) if m]
-    restart = False if any(other) or not sw else jnp.all(jnp.stack(sw))
+    restart = False if any(other) or not sw else jnp.all(jnp.stack([jnp.all(f) for f in sw]))
   kept_flags = flags
   if restart is not None:
     kept_flags = {} if restart is False else {k: v & restart for k, v in flags.items()}
@@ -262,6 +320,7 @@ def sds_lora(
     refresh: str | int | RefreshSchedule = "every_step",
     phases: int = 5,
     total_steps: int | None = None,
+    basis: str = "gram",
 ) -> optax.GradientTransformationExtraArgs:
   """Trains a tree of ``Adapter`` nodes as SDS-LoRA with the optimizer ``inner``.
 
@@ -286,6 +345,9 @@ def sds_lora(
     phases: the number of phases for ``refresh="phases"`` (default 5).
     total_steps: the total number of updates, warm-up included; needed by
       ``refresh="phases"``.
+    basis: how the switch and the refreshes compute bases: ``"gram"``
+      (default: Cholesky-QR on ``r x r`` Gram matrices, so a sharded factor is
+      never gathered) or ``"householder"`` (LAPACK / XLA QR).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra arguments go to ``inner``.
@@ -314,6 +376,8 @@ def sds_lora(
   phases = _check_int("phases", phases, 1)
   if total_steps is not None:
     total_steps = _check_int("total_steps", total_steps, 1)
+  if basis not in BASIS_METHODS:
+    raise ValueError(f"unknown basis method {basis!r}; choose from {BASIS_METHODS}")
   should_refresh = make_refresh_schedule(
       refresh, warmup_steps=warmup_steps, phases=phases, total_steps=total_steps
   )
@@ -332,7 +396,10 @@ def sds_lora(
     if params is None:
       raise ValueError("sds_lora needs params: call update(updates, state, params)")
     _check_inner_state(state.inner_state)
-    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_adapter)
+    # ``treedef`` is the caller's structure (NNX Variable nodes included): the
+    # returned updates have it. The inner optimizer works on unwrapped trees.
+    _, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_adapter)
+    leaves, plain_def = jax.tree_util.tree_flatten(_unwrap(params), is_leaf=is_adapter)
     sds_idx = [i for i, leaf in enumerate(leaves) if _is_sds(leaf)]
     for i in sds_idx:
       if leaves[i].sds_on is None or leaves[i].qa is None or leaves[i].qb is None:
@@ -342,11 +409,11 @@ def sds_lora(
         trainable_params(updates), state.inner_state, view, **extra_args
     )
     count = optax.safe_increment(state.count)
+    upd_leaves = plain_def.flatten_up_to(inner_updates)
     if not sds_idx:
-      return inner_updates, SdsLoraState(count, state.num_refreshes, inner_state)
+      return treedef.unflatten(upd_leaves), SdsLoraState(count, state.num_refreshes, inner_state)
 
-    view_leaves = treedef.flatten_up_to(view)
-    upd_leaves = treedef.flatten_up_to(inner_updates)
+    view_leaves = plain_def.flatten_up_to(view)
     old = {i: leaves[i] for i in sds_idx}
     was_on = {i: jnp.asarray(p.sds_on) > 0.5 for i, p in old.items()}
     switch = {i: (count >= warmup_steps) & ~on for i, on in was_on.items()}
@@ -357,51 +424,55 @@ def sds_lora(
       out, new_view = {}, {}
       for i, p in old.items():
         a1, b1 = _apply(p.a, step[i][0]), _apply(p.b, step[i][1])
-        a2, b2, qa2, qb2 = activate_sds(a1, b1, scale=p.scale)
-        sw = switch[i]
-        ua = jnp.where(sw, a2.astype(_F32) - p.a.astype(_F32), step[i][0])
-        ub = jnp.where(sw, b2.astype(_F32) - p.b.astype(_F32), step[i][1])
+        a2, b2, qa2, qb2 = _per_layer(functools.partial(activate_sds, scale=p.scale, method=basis), p)(a1, b1)
+        sw = _bcast(switch[i], a1)
+        # float32 differences of values rounded once: p + u is exactly a2 in
+        # float32, so apply_updates rounds it back to a2 (no second rounding
+        # of a low-precision difference).
+        ua = jnp.where(sw, a2.astype(_F32) - p.a.astype(_F32), step[i][0].astype(_F32))
+        ub = jnp.where(sw, b2.astype(_F32) - p.b.astype(_F32), step[i][1].astype(_F32))
         out[i] = (
-            ua.astype(step[i][0].dtype),
-            ub.astype(step[i][1].dtype),
-            jnp.where(sw, qa2, p.qa).astype(p.qa.dtype),
-            jnp.where(sw, qb2, p.qb).astype(p.qb.dtype),
-            jnp.where(sw, 1.0, p.sds_on).astype(jnp.asarray(p.sds_on).dtype),
+            ua.astype(_update_dtype(p.a, step[i][0])),
+            ub.astype(_update_dtype(p.b, step[i][1])),
+            jnp.where(_bcast(switch[i], qa2), qa2, p.qa).astype(p.qa.dtype),
+            jnp.where(_bcast(switch[i], qb2), qb2, p.qb).astype(p.qb.dtype),
+            jnp.where(switch[i], 1.0, p.sds_on).astype(jnp.asarray(p.sds_on).dtype),
         )
         new_view[i] = dataclasses.replace(
             view_leaves[i], a=_apply(p.a, out[i][0]), b=_apply(p.b, out[i][1])
         )
       fresh_leaves = [new_view.get(i, v) for i, v in enumerate(view_leaves)]
-      fresh = inner.init(treedef.unflatten(fresh_leaves))
+      fresh = inner.init(plain_def.unflatten(fresh_leaves))
       flags = {id(view_leaves[i]): switch[i] for i in sds_idx}
       return out, _reset_state(view, istate, fresh, flags)
 
     def no_switch(operand):
       step, istate = operand
       return {
-          i: (step[i][0], step[i][1], jnp.asarray(p.qa), jnp.asarray(p.qb),
-              jnp.asarray(p.sds_on))
+          i: (step[i][0].astype(_update_dtype(p.a, step[i][0])),
+              step[i][1].astype(_update_dtype(p.b, step[i][1])),
+              jnp.asarray(p.qa), jnp.asarray(p.qb), jnp.asarray(p.sds_on))
           for i, p in old.items()
       }, istate
 
     step = {i: (upd_leaves[i].a, upd_leaves[i].b) for i in sds_idx}
-    any_switch = jnp.any(jnp.stack([switch[i] for i in sds_idx]))
+    any_switch = jnp.any(jnp.stack([jnp.any(switch[i]) for i in sds_idx]))
     out, inner_state = jax.lax.cond(any_switch, do_switch, no_switch, (step, inner_state))
 
     # Refresh the bases of adapters that were already in SDS mode.
     j = count - warmup_steps
     refresh_now = jnp.where(j <= 0, True, jnp.asarray(should_refresh(jnp.maximum(j, 1))))
-    any_refresh = refresh_now & jnp.any(jnp.stack([was_on[i] for i in sds_idx]))
+    any_refresh = refresh_now & jnp.any(jnp.stack([jnp.any(was_on[i]) for i in sds_idx]))
 
     def do_refresh(bases):
       new = {}
       for i, p in old.items():
         a1, b1 = _apply(p.a, out[i][0]), _apply(p.b, out[i][1])
         qa, qb = bases[i]
-        qa2, qb2 = refresh_bases(a1, b1, qa, qb)
+        qa2, qb2 = _per_layer(functools.partial(refresh_bases, method=basis), p)(a1, b1, qa, qb)
         new[i] = (
-            jnp.where(was_on[i], qa2, qa).astype(qa.dtype),
-            jnp.where(was_on[i], qb2, qb).astype(qb.dtype),
+            jnp.where(_bcast(was_on[i], qa2), qa2, qa).astype(qa.dtype),
+            jnp.where(_bcast(was_on[i], qb2), qb2, qb).astype(qb.dtype),
         )
       return new
 
@@ -412,8 +483,14 @@ def sds_lora(
     for i, p in old.items():
       ua, ub, _, _, on = out[i]
       qa, qb = bases[i]
+      stamp = None
+      if p.stamp is not None:  # the stamp of the arrays exactly as apply_updates leaves them
+        stamp = _per_layer(adapter_stamp, p)(
+            _apply(p.a, ua), _apply(p.b, ub), _apply(p.qa, qa - p.qa), _apply(p.qb, qb - p.qb),
+            _apply(p.sds_on, on - p.sds_on))
+        stamp = stamp - p.stamp
       result[i] = dataclasses.replace(
-          p, a=ua, b=ub, qa=qa - p.qa, qb=qb - p.qb, sds_on=on - p.sds_on
+          p, a=ua, b=ub, qa=qa - p.qa, qb=qb - p.qb, sds_on=on - p.sds_on, stamp=stamp
       )
     new_state = SdsLoraState(
         count=count,
