@@ -78,12 +78,17 @@ def _shardings(mesh, tree_of_specs):
                       is_leaf=lambda p: isinstance(p, P))
 
 
-def _all_gathers(hlo: str):
-  """``[(dtype, shape)]`` of every all-gather's result in an HLO module's text."""
+def _collectives(hlo: str, op: str):
+  """``[(dtype, shape)]`` of the (first) result of every ``op`` in an HLO module's text."""
   found = []
-  for m in re.finditer(r"=\s*\(?([a-z0-9]+)\[([\d,]*)\][^=\n]*?\ball-gather(?:-start)?\(", hlo):
+  pattern = r"=\s*\(?([a-z0-9]+)\[([\d,]*)\][^=\n]*?\b" + op + r"(?:-start)?\("
+  for m in re.finditer(pattern, hlo):
     found.append((m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)))
   return found
+
+
+def _all_gathers(hlo: str):
+  return _collectives(hlo, "all-gather")
 
 
 @pytest.mark.parametrize("method", ["lora", "sds"])
@@ -127,6 +132,7 @@ def test_sharded_step_equals_single_device(method):
   s_base = jax.device_put(base, base_sh)
   s_x, s_y = jax.device_put(x, x_sh), jax.device_put(y, y_sh)
   s_ads = sharded_ads
+  worst = 0.0
   for t in range(WARMUP + 3):
     s_ads, s_state, loss = s_step(s_ads, s_state, s_base, s_x, s_y)
     want_loss, want_ads = ref[t]
@@ -139,7 +145,10 @@ def test_sharded_step_equals_single_device(method):
           continue
         rel = float(jnp.linalg.norm(g - w) / max(float(jnp.linalg.norm(w)), 1e-30))
         assert rel <= 1e-5, (name, f, t, rel)
+        worst = max(worst, rel)
       assert got.a.sharding.spec == P(KERNEL_SPECS[name][0], None)
+    print(f"{method} step {t + 1}: loss {float(loss):.6f} (single device {want_loss:.6f}), "
+          f"max relative adapter difference so far {worst:.1e}")
   if method == "sds":
     assert all(float(s_ads[n].sds_on) == 1.0 for n in ads)
 
@@ -147,6 +156,8 @@ def test_sharded_step_equals_single_device(method):
   hlo = s_step.lower(sharded_ads, init(sharded_ads), s_base, s_x, s_y).compile().as_text()
   factor_shapes = {(D_IN, RANK), (D_HID, RANK), (D_OUT, RANK), (RANK, D_HID), (RANK, D_OUT)}
   gathers = _all_gathers(hlo)
+  print(f"{method} step HLO: all-gathers {sorted(set(gathers))}; all-reduces "
+        f"{sorted(set(_collectives(hlo, 'all-reduce')))}")
   assert not [g for g in gathers if g[1] in factor_shapes], gathers
   assert "all-reduce" in hlo
 
