@@ -68,6 +68,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
+from sdslora_jax import _trees
 from sdslora_jax.adapter import Adapter, is_adapter
 from sdslora_jax.targets import path_keys, path_str
 
@@ -376,28 +377,6 @@ def adapter_shardings(
 # Optimizer state.
 
 
-def _children(x: Any) -> tuple[list[Any], Any]:
-  """Flattens one level of ``x``."""
-  return jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)
-
-
-def _is_leaf_def(treedef: Any) -> bool:
-  return treedef.num_nodes == 1 and treedef.num_leaves == 1
-
-
-def _mirrors(ref: Any, node: Any) -> bool:
-  """Whether ``node`` is a per-parameter copy of ``ref`` (``MaskedNode`` stands for any subtree)."""
-  if isinstance(node, optax.MaskedNode):
-    return True
-  if is_adapter(ref) or is_adapter(node):
-    return is_adapter(ref) and is_adapter(node)
-  ref_children, ref_def = _children(ref)
-  node_children, node_def = _children(node)
-  if _is_leaf_def(ref_def):
-    return _is_leaf_def(node_def)
-  if ref_def != node_def:
-    return False
-  return all(_mirrors(r, n) for r, n in zip(ref_children, node_children))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,10 +414,10 @@ def _map_mirror(node: Any, ref: Any, sh: Any, ctx: _Ctx) -> Any:
         r = getattr(ref, f)
         fields[f] = ctx.sharding(s) if r is not None and _same_shape(x, r) else ctx.replicated
     return dataclasses.replace(node, **fields)
-  ref_children, ref_def = _children(ref)
-  if _is_leaf_def(ref_def):
+  ref_children, ref_def = _trees.children(ref)
+  if _trees.is_leaf_def(ref_def):
     return ctx.sharding(sh) if _same_shape(node, ref) else ctx.replicated
-  node_children, node_def = _children(node)
+  node_children, node_def = _trees.children(node)
   if _is_spec_leaf(sh):  # one sharding for the whole subtree
     sh_children = [sh] * len(ref_children)
   else:
@@ -449,10 +428,10 @@ def _map_mirror(node: Any, ref: Any, sh: Any, ctx: _Ctx) -> Any:
 
 
 def _walk(node: Any, ref: Any, sh: Any, ctx: _Ctx) -> Any:
-  if _mirrors(ref, node):
+  if _trees.mirrors(ref, node):
     return _map_mirror(node, ref, sh, ctx)
-  children, treedef = _children(node)
-  if _is_leaf_def(treedef):
+  children, treedef = _trees.children(node)
+  if _trees.is_leaf_def(treedef):
     return ctx.replicated
   return treedef.unflatten([_walk(c, ref, sh, ctx) for c in children])
 

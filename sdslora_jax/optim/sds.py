@@ -90,6 +90,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sdslora_jax import _trees
 from sdslora_jax.adapter import adapter_stamp, is_adapter
 from sdslora_jax.basis import BASIS_METHODS, refresh_bases
 from sdslora_jax.optim.schedules import RefreshSchedule, make_refresh_schedule
@@ -176,28 +177,6 @@ def _apply(p: jax.Array, u: jax.Array) -> jax.Array:
   return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
 
 
-def _children(x: Any) -> tuple[list[Any], Any]:
-  """Flattens one level of ``x``."""
-  return jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)
-
-
-def _is_leaf_def(treedef: Any) -> bool:
-  return treedef.num_nodes == 1 and treedef.num_leaves == 1
-
-
-def _mirrors(ref: Any, node: Any) -> bool:
-  """Whether ``node`` is a per-parameter copy of ``ref`` (see the module docs)."""
-  if isinstance(node, optax.MaskedNode):
-    return True
-  if is_adapter(ref) or is_adapter(node):
-    return is_adapter(ref) and is_adapter(node)
-  ref_children, ref_def = _children(ref)
-  node_children, node_def = _children(node)
-  if _is_leaf_def(ref_def):
-    return _is_leaf_def(node_def)
-  if ref_def != node_def:
-    return False
-  return all(_mirrors(r, n) for r, n in zip(ref_children, node_children))
 
 
 # Per-parameter fields kept (not zeroed) for switching factors when the step
@@ -238,11 +217,11 @@ def _reset_mirror(ref: Any, old: Any, fresh: Any, flags: dict[int, jax.Array]) -
                           f, o)
 
     return dataclasses.replace(old, a=select(fresh.a, old.a), b=select(fresh.b, old.b))
-  ref_children, ref_def = _children(ref)
-  if _is_leaf_def(ref_def):
+  ref_children, ref_def = _trees.children(ref)
+  if _trees.is_leaf_def(ref_def):
     return old
-  old_children, old_def = _children(old)
-  fresh_children, _ = _children(fresh)
+  old_children, old_def = _trees.children(old)
+  fresh_children, _ = _trees.children(fresh)
   return old_def.unflatten(
       [_reset_mirror(r, o, f, flags) for r, o, f in zip(ref_children, old_children, fresh_children)]
   )
@@ -258,10 +237,10 @@ def _coverage(ref: Any, node: Any, flags: dict[int, jax.Array], sw: list[jax.Arr
       return any(covered)
     sw.extend(flags[id(ref)] for c in covered if c)
     return False
-  ref_children, ref_def = _children(ref)
-  if _is_leaf_def(ref_def):
+  ref_children, ref_def = _trees.children(ref)
+  if _trees.is_leaf_def(ref_def):
     return True
-  node_children, _ = _children(node)
+  node_children, _ = _trees.children(node)
   other = [_coverage(r, n, flags, sw) for r, n in zip(ref_children, node_children)]
   return any(other)
 
@@ -278,15 +257,15 @@ def _key_name(path: tuple[Any, ...]) -> Any:
 
 def _reset_state(ref: Any, old: Any, fresh: Any, flags: dict[int, jax.Array]) -> Any:
   """Walks the inner state; applies the moment-reset rule (see the module docs)."""
-  if _mirrors(ref, old):
+  if _trees.mirrors(ref, old):
     return _reset_mirror(ref, old, fresh, flags)
   with_path, old_def = jax.tree_util.tree_flatten_with_path(old, is_leaf=lambda y: y is not old)
-  if not with_path or _is_leaf_def(old_def):
+  if not with_path or _trees.is_leaf_def(old_def):
     return old
   names = [_key_name(path) for path, _ in with_path]
   old_children = [c for _, c in with_path]
-  fresh_children, _ = _children(fresh)
-  mirror = [not isinstance(c, optax.MaskedNode) and _mirrors(ref, c) for c in old_children]
+  fresh_children, _ = _trees.children(fresh)
+  mirror = [not isinstance(c, optax.MaskedNode) and _trees.mirrors(ref, c) for c in old_children]
   count = [_is_count(c) for c in old_children]
   restart = None  # None: no count next to mirrors; else a bool (array): restart it
   if any(mirror) and any(count):
