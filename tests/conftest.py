@@ -6,3 +6,11 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pytest_ignore_collect(collection_path, config):
+  """The PyTorch PEFT module is collected only when ``-m peft_torch`` selects it."""
+  if collection_path.name != "test_peft_torch.py":
+    return None
+  expr = config.getoption("markexpr") or ""
+  return True if "peft_torch" not in expr or "not peft_torch" in expr else None
