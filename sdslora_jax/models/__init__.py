@@ -1,4 +1,4 @@
-"""Models for the fine-tuning experiments: BERT / MiniLM and a small ConvNet."""
+"""Models for the fine-tuning experiments: BERT / MiniLM, EfficientNet-Lite0 and a small ConvNet."""
 
 from sdslora_jax.models.bert import (
   BertConfig,
@@ -13,6 +13,7 @@ from sdslora_jax.models.bert import (
   tiny_config,
 )
 from sdslora_jax.models.convnet import ConvNet, ConvNetNNX
+from sdslora_jax.models.efficientnet import EfficientNetLite0, load_efficientnet_lite0
 
 __all__ = [
   "BertConfig",
@@ -20,9 +21,11 @@ __all__ = [
   "BertEncoderNNX",
   "ConvNet",
   "ConvNetNNX",
+  "EfficientNetLite0",
   "SentenceClassifier",
   "SentenceClassifierNNX",
   "linen_to_nnx_params",
+  "load_efficientnet_lite0",
   "load_linen_params_into_nnx",
   "mean_pool",
   "nnx_to_linen_params",
