@@ -275,10 +275,14 @@ def guard(adapter: Adapter) -> Adapter:
   adapter's arrays (one integer reduction per array, exact, so no tolerance)
   and raise a ``ValueError`` (as a ``JaxRuntimeError`` from inside a compiled
   step) if the adapter was changed other than by ``sds_lora``'s updates.
-  LoRA adapters and SDS adapters without a stamp pass unchecked.
+  LoRA adapters, SDS adapters without a stamp, and adapters whose stamp is not
+  float32 (a tree cast as a whole, e.g. to bfloat16 for the compute) pass
+  unchecked.
   """
   if adapter.method != "sds" or adapter.stamp is None:
     return adapter
+  if jnp.result_type(adapter.stamp) != jnp.float32:
+    return adapter  # a cast copy (e.g. the whole tree in bfloat16 for compute): not checked
   a, b, qa, qb, sds_on, stamp = _guarded(
       adapter.a, adapter.b, adapter.qa, adapter.qb, adapter.sds_on, adapter.stamp
   )

@@ -317,3 +317,13 @@ def test_stacked_kernel_with_in_axes_and_no_example_inputs_fails_clearly():
   with pytest.raises(ValueError, match=r"is for a kernel of shape \(3, 8, 8\).*uses a kernel of "
                      r"shape \(8, 8\) per call"):
     sl.apply(model, {"params": params}, ads, x)
+
+
+def test_tree_cast_for_compute_is_not_flagged():
+  """Casting the whole adapter tree (stamp included) for bfloat16 compute is a view, not misuse."""
+  params, _ = _problem()
+  x = jax.random.normal(jax.random.key(9), (4, 12))
+  cast = jax.tree.map(lambda v: v.astype(jnp.bfloat16), params)
+  loss = lambda p: jnp.sum(sds.adapter_matmul(x.astype(jnp.bfloat16), p["w"]).astype(jnp.float32))
+  g = jax.block_until_ready(jax.grad(loss)(cast))
+  assert g["w"].a.dtype == jnp.bfloat16
