@@ -107,7 +107,8 @@ def check_float(name: str, dtype: Any) -> None:
   if dt is None or not jnp.issubdtype(dt, jnp.floating):
     raise ValueError(
         f"{name} must have a real floating dtype (float32, bfloat16, float16, float64), "
-        f"got {dt.name if dt is not None else dtype}; cast integer inputs (e.g. x.astype(jnp.float32)) before the adapter"
+        f"got {dt.name if dt is not None else dtype}; cast integer inputs "
+        "(e.g. x.astype(jnp.float32)) before the adapter"
     )
 
 

@@ -168,14 +168,14 @@ def restamp(adapter: Adapter) -> Adapter:
   """The adapter with its stamp recomputed from its arrays (SDS-LoRA only).
 
   Call it after editing an SDS adapter by hand (loading factors from
-  elsewhere, surgery in a test); the optimizer transform keeps it current.
+  elsewhere, surgery in a test); the optimizer transform keeps it current. A
+  stacked adapter gets one stamp per layer.
   """
   if adapter.method != "sds":
     return adapter
-  return dataclasses.replace(
-      adapter,
-      stamp=adapter_stamp(adapter.a, adapter.b, adapter.qa, adapter.qb, adapter.sds_on),
-  )
+  stamps = per_layer(adapter_stamp, adapter)(
+      adapter.a, adapter.b, adapter.qa, adapter.qb, adapter.sds_on)
+  return dataclasses.replace(adapter, stamp=stamps)
 
 
 def init_adapter(
@@ -348,25 +348,24 @@ def take_layer(adapter: Adapter, index: int | tuple[int, ...]) -> Adapter:
   """Layer ``index`` of a stacked adapter (its arrays indexed, ``layer_view`` applied)."""
   index = (index,) if isinstance(index, int) else tuple(index)
   arrays = {f: (None if getattr(adapter, f) is None else getattr(adapter, f)[index])
-            for f in ("a", "b", "qa", "qb", "sds_on", "stamp")}
+            for f in _ARRAYS}
   return layer_view(dataclasses.replace(adapter, **arrays))
+
+
+_ARRAYS = ("a", "b", "qa", "qb", "sds_on", "stamp")
+
+
+def per_layer(fn, adapter: Adapter):
+  """``fn`` vmapped over a stacked adapter's layer axes (``fn`` itself when unstacked)."""
+  for _ in adapter.stacked_axes:
+    fn = jax.vmap(fn)
+  return fn
 
 
 def _stacked(fn, adapter: Adapter) -> jax.Array:
   """``fn`` of every layer of a stacked adapter, stacked along the layer axes."""
-  n = len(adapter.stacked_axes)
-  per_layer = dataclasses.replace(
-      adapter, kernel_shape=adapter.target_shape[n:],
-      in_axes=tuple(i - n for i in adapter.input_axes), layer_axes=None,
-  )
-  arrays = {f: getattr(adapter, f) for f in ("a", "b", "qa", "qb", "sds_on", "stamp")}
-
-  def one(arrs):
-    return fn(dataclasses.replace(per_layer, **arrs))
-
-  for _ in range(n):
-    one = jax.vmap(one)
-  return one(arrays)
+  one = lambda arrays: fn(layer_view(dataclasses.replace(adapter, **arrays)))
+  return per_layer(one, adapter)({f: getattr(adapter, f) for f in _ARRAYS})
 
 
 def kernel_delta(adapter: Adapter) -> jax.Array:

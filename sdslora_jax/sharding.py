@@ -79,11 +79,6 @@ _FIELDS = ("a", "b", "qa", "qb", "sds_on", "stamp")
 Rules = Sequence[tuple[str, Any]]
 
 
-def _is_variable(x: Any) -> bool:
-  """A Flax NNX ``Variable`` (duck-typed, as in ``optim.sds``)."""
-  return all(callable(getattr(x, m, None)) for m in ("get_value", "get_metadata", "replace"))
-
-
 def _is_flax_partitioned(x: Any) -> bool:
   """A Linen ``nn.Partitioned`` / ``nn.LogicallyPartitioned`` box (no Flax import)."""
   meta = sys.modules.get("flax.core.meta")
@@ -92,7 +87,7 @@ def _is_flax_partitioned(x: Any) -> bool:
 
 def _is_spec_leaf(x: Any) -> bool:
   return (x is None or isinstance(x, (PartitionSpec, Sharding)) or _is_flax_partitioned(x)
-          or _is_variable(x))
+          or _trees.is_nnx_variable(x))
 
 
 def _axis_names(entry: Any) -> tuple[str, ...]:
@@ -251,7 +246,7 @@ def _read(leaf: Any, rules: Rules | None, where: str) -> tuple[PartitionSpec, An
     raise TypeError(f"{where}: cannot read a PartitionSpec from a {type(leaf).__name__}")
   if _is_flax_partitioned(leaf):
     return _logical_box_spec(leaf, rules, where), leaf.mesh, np.shape(leaf.value)
-  if _is_variable(leaf):
+  if _trees.is_nnx_variable(leaf):
     value = leaf.get_value()
     found = _variable_spec(leaf, rules)
     if found is None:
@@ -278,7 +273,7 @@ def _base_entries(base: Any) -> dict[tuple[Any, ...], Any]:
   )
   return {  # adapters in the base tree (an adapted NNX model's state) are not kernels
       path_keys(kp): leaf for kp, leaf in flat
-      if not (is_adapter(leaf) or (_is_variable(leaf) and is_adapter(leaf.get_value())))
+      if not (is_adapter(leaf) or (_trees.is_nnx_variable(leaf) and is_adapter(leaf.get_value())))
   }
 
 
@@ -340,13 +335,13 @@ def adapter_shardings(
   """
   entries = _base_entries(base)
   flat, treedef = jax.tree_util.tree_flatten_with_path(
-      adapters, is_leaf=lambda x: is_adapter(x) or _is_variable(x)
+      adapters, is_leaf=lambda x: is_adapter(x) or _trees.is_nnx_variable(x)
   )
   out = []
   for kp, leaf in flat:
     keys = path_keys(kp)
     where = f"adapter at {path_str(keys)!r}"
-    var = leaf if _is_variable(leaf) else None
+    var = leaf if _trees.is_nnx_variable(leaf) else None
     ad = var.get_value() if var is not None else leaf
     if not is_adapter(ad):
       raise TypeError(f"the adapter tree holds a non-Adapter leaf at {path_str(keys)!r}: {ad!r}")
@@ -436,11 +431,6 @@ def _walk(node: Any, ref: Any, sh: Any, ctx: _Ctx) -> Any:
   return treedef.unflatten([_walk(c, ref, sh, ctx) for c in children])
 
 
-def _unwrap(tree: Any) -> Any:
-  return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, tree,
-                      is_leaf=_is_variable)
-
-
 def opt_state_shardings(
     tx: optax.GradientTransformation,
     params: Any,
@@ -477,7 +467,7 @@ def opt_state_shardings(
     has ``None``), usable as ``out_shardings`` of a jitted ``tx.init`` and
     ``in_shardings`` of a jitted update step.
   """
-  params, shardings = _unwrap(params), _unwrap(shardings)
+  params, shardings = _trees.unwrap_variables(params), _trees.unwrap_variables(shardings)
   state = jax.eval_shape(tx.init, params)
   ref = jax.eval_shape(lambda p: p, params)
   if mesh is None:

@@ -243,7 +243,8 @@ def infer_layout(
     inner = None
     if in_axes is not None:
       if any(i < n for i in in_axes):
-        raise ValueError(f"{path}: in_axes {tuple(in_axes)} include a layer axis {tuple(layer_axes)}")
+        raise ValueError(
+            f"{path}: in_axes {tuple(in_axes)} include a layer axis {tuple(layer_axes)}")
       inner = [i - n for i in in_axes]
     return stacked_layout(infer_layout(path, shape[n:], kind=kind, in_axes=inner), shape[:n])
   if len(shape) < 2:

@@ -24,6 +24,7 @@ from sdslora_jax.adapter import adapter_stamp, restamp
 from sdslora_jax.models import bert
 from sdslora_jax.optim import sds_lora, trainable_params
 from sdslora_jax.targets import rule
+from testing_utils import linen_mse_step
 
 MISUSE = "trained without|outside sdslora_jax.optim.sds_lora|without sdslora_jax.optim.sds_lora"
 
@@ -61,16 +62,10 @@ def test_bert_sds_on_exact_at_init_and_trains_without_warmup():
   tx = sds_lora(optax.adam(1e-2), warmup_steps=0)
   state = tx.init(ads)
 
-  @jax.jit
-  def step(ads, state):
-    loss = lambda a: jnp.mean((sl.apply(model, {"params": params}, a, ids) - target) ** 2)
-    value, grads = jax.value_and_grad(loss)(ads)
-    updates, state = tx.update(grads, state, ads)
-    return optax.apply_updates(ads, updates), state, value
-
+  step = linen_mse_step(model, tx, ids, target)
   losses = []
   for _ in range(5):
-    ads, state, value = step(ads, state)
+    ads, state, value = step(ads, state, params)
     losses.append(float(value))
   assert losses[-1] < 0.9 * losses[0]
   for ad in jax.tree.leaves(ads, is_leaf=sds.is_adapter):

@@ -22,7 +22,6 @@ from sdslora_jax.optim import sds_lora, trainable_params
 D_IN, D_HID, D_OUT, RANK, BATCH = 256, 128, 64, 8, 32
 WARMUP = 2
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
 
 def _mesh():

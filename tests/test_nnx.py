@@ -13,7 +13,7 @@ from sdslora_jax import nnx as snnx
 from sdslora_jax import tree
 from sdslora_jax.adapter import Adapter, is_adapter
 from sdslora_jax.targets import rule
-from testing_utils import randomize_adapter
+from testing_utils import nnx_mse_step, randomize_adapter
 
 
 class Zoo(nnx.Module):
@@ -239,14 +239,7 @@ def test_nnx_optimizer_many_steps_one_trace_matches_split_state(method):
   snnx.adapt(model, rules, key=jax.random.key(1))
   opt = nnx.Optimizer(model, make_tx(), wrt=snnx.AdapterVariable)
   traces = []
-
-  @nnx.jit
-  def step(model, opt):
-    traces.append(1)
-    loss = lambda m: jnp.mean((m(x) - y) ** 2)
-    value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, snnx.AdapterVariable))(model)
-    opt.update(model, grads)
-    return value
+  step = nnx_mse_step(x, y, traces)
 
   # The split-state pattern on an identical model.
   ref = _TwoLayers(nnx.Rngs(0))

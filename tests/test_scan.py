@@ -17,7 +17,7 @@ from sdslora_jax import tree
 from sdslora_jax.adapter import is_adapter, kernel_delta, take_layer
 from sdslora_jax.optim import sds_lora
 from sdslora_jax.targets import rule
-from testing_utils import randomize
+from testing_utils import linen_mse_step, nnx_mse_step, randomize
 
 L, D, H, K = 3, 16, 2, 4
 
@@ -132,14 +132,7 @@ def test_scanned_trains_with_sds_lora_one_trace(setup):
   tx = sds_lora(optax.adam(1e-2), warmup_steps=2)
   state = tx.init(ads)
   traces = []
-
-  @jax.jit
-  def step(ads, state, params):
-    traces.append(1)
-    loss = lambda a: jnp.mean((slinen.apply(model, {"params": params}, a, x) - target) ** 2)
-    value, grads = jax.value_and_grad(loss)(ads)
-    updates, state = tx.update(grads, state, ads)
-    return optax.apply_updates(ads, updates), state, value
+  step = linen_mse_step(model, tx, x, target, traces)
 
   losses = []
   for _ in range(6):
@@ -242,14 +235,7 @@ def test_nnx_scanned_matches_unrolled_and_trains():
   target = jax.random.normal(jax.random.key(4), (6, 4))
   opt = nnx.Optimizer(model, sds_lora(optax.adam(1e-2), warmup_steps=2), wrt=snnx.AdapterVariable)
   traces = []
-
-  @nnx.jit
-  def step(model, opt):
-    traces.append(1)
-    loss = lambda m: jnp.mean((m(x) - target) ** 2)
-    value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, snnx.AdapterVariable))(model)
-    opt.update(model, grads)
-    return value
+  step = nnx_mse_step(x, target, traces)
 
   losses = [float(step(model, opt)) for _ in range(6)]
   assert len(traces) == 1 and losses[-1] < losses[0]

@@ -7,7 +7,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
-from sdslora_jax.adapter import Adapter, is_adapter, restamp
+from sdslora_jax.adapter import Adapter, is_adapter, per_layer, restamp
 from sdslora_jax.basis import factor_bases
 
 
@@ -18,15 +18,9 @@ def randomize_adapter(ad, key, sds_on=1.0):
   b = jax.random.normal(kb, ad.b.shape) / math.sqrt(ad.b.shape[-2])
   ad = dataclasses.replace(ad, a=a, b=b)
   if ad.method == "sds":
-    bases, stamp = factor_bases, lambda x: restamp(x).stamp
-    for _ in ad.stacked_axes:  # one basis per layer of a stacked adapter
-      bases = jax.vmap(bases)
-    qa, qb = bases(a, b)
-    ad = dataclasses.replace(ad, qa=qa, qb=qb,
-                             sds_on=jnp.full(ad.layer_shape, sds_on, jnp.float32))
-    flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[len(ad.stacked_axes):]), ad)
-    stamps = jax.vmap(stamp)(flat) if ad.stacked_axes else stamp(ad)
-    ad = dataclasses.replace(ad, stamp=jnp.reshape(stamps, ad.layer_shape))
+    qa, qb = per_layer(factor_bases, ad)(a, b)  # one basis per layer of a stacked adapter
+    ad = restamp(dataclasses.replace(ad, qa=qa, qb=qb,
+                                     sds_on=jnp.full(ad.layer_shape, sds_on, jnp.float32)))
   return ad
 
 
@@ -81,3 +75,37 @@ def random_adapter(key, shape, in_axes, *, method="sds", sds_on=1.0, rank=2, sca
     extra = dict(qa=qa, qb=qb, sds_on=jnp.float32(sds_on))
   return Adapter(a=a, b=b, method=method, scale=scale, kernel_shape=tuple(shape),
                  in_axes=tuple(in_axes), kind=kind, **extra)
+
+
+def linen_mse_step(model, tx, x, target, traces=None):
+  """A jitted ``(adapters, opt_state, params) -> (adapters, opt_state, loss)`` MSE step."""
+  import optax
+  from sdslora_jax import linen as slinen
+
+  @jax.jit
+  def step(ads, state, params):
+    if traces is not None:
+      traces.append(1)
+    loss = lambda a: jnp.mean((slinen.apply(model, {"params": params}, a, x) - target) ** 2)
+    value, grads = jax.value_and_grad(loss)(ads)
+    updates, state = tx.update(grads, state, ads)
+    return optax.apply_updates(ads, updates), state, value
+
+  return step
+
+
+def nnx_mse_step(x, target, traces=None):
+  """An ``nnx.jit`` ``(model, optimizer) -> loss`` MSE step over the adapter state."""
+  from flax import nnx
+  from sdslora_jax import nnx as snnx
+
+  @nnx.jit
+  def step(model, opt):
+    if traces is not None:
+      traces.append(1)
+    loss = lambda m: jnp.mean((m(x) - target) ** 2)
+    value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, snnx.AdapterVariable))(model)
+    opt.update(model, grads)
+    return value
+
+  return step

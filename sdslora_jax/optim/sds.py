@@ -91,7 +91,7 @@ import jax.numpy as jnp
 import optax
 
 from sdslora_jax import _trees
-from sdslora_jax.adapter import adapter_stamp, is_adapter
+from sdslora_jax.adapter import adapter_stamp, is_adapter, per_layer
 from sdslora_jax.basis import BASIS_METHODS, refresh_bases
 from sdslora_jax.optim.schedules import RefreshSchedule, make_refresh_schedule
 from sdslora_jax.reparam import activate_sds
@@ -124,25 +124,6 @@ def _strip(x: Any) -> Any:
   return dataclasses.replace(x, qa=None, qb=None, sds_on=None, stamp=None)
 
 
-def _is_variable(x: Any) -> bool:
-  """A Flax NNX ``Variable`` (duck-typed: this module does not import Flax)."""
-  return all(callable(getattr(x, m, None)) for m in ("get_value", "get_metadata", "set_raw_value"))
-
-
-def _unwrap(tree: Any) -> Any:
-  """Replaces NNX ``Variable`` nodes by their values (e.g. in ``nnx.state(model)``).
-
-  ``nnx.Optimizer`` initialises the optimizer on a state whose adapters sit
-  inside ``AdapterVariable`` nodes but updates it with plain values; an inner
-  state built on the unwrapped tree has ``Adapter`` nodes outside any
-  ``Variable``, which is what NNX can write back into, step after step.
-  """
-  if not any(_is_variable(x) for x in jax.tree.leaves(tree, is_leaf=_is_variable)):
-    return tree
-  return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, tree,
-                      is_leaf=_is_variable)
-
-
 def trainable_params(tree: Any) -> Any:
   """The tree an inner optimizer sees: SDS adapters without ``qa``, ``qb``, ``sds_on``, ``stamp``.
 
@@ -150,20 +131,16 @@ def trainable_params(tree: Any) -> Any:
   / ``optax.masked`` label and mask trees against this structure (or pass a
   callable such as ``factor_labels``).
   """
-  return jax.tree.map(_strip, _unwrap(tree), is_leaf=is_adapter)
+  # nnx.Optimizer initialises the optimizer on a state whose adapters sit inside
+  # AdapterVariable nodes but updates it with plain values; an inner state built on the
+  # unwrapped tree has Adapter nodes outside any Variable, which NNX can write back into.
+  return jax.tree.map(_strip, _trees.unwrap_variables(tree), is_leaf=is_adapter)
 
 
 def _bcast(flag: jax.Array, x: jax.Array) -> jax.Array:
   """A per-layer flag (shape ``L``) broadcast against a per-layer array (``(*L, ...)``)."""
   flag = jnp.asarray(flag)
   return flag.reshape(flag.shape + (1,) * (jnp.ndim(x) - flag.ndim))
-
-
-def _per_layer(fn, adapter):
-  """``fn`` vmapped over a stacked adapter's layer axes (``fn`` itself when unstacked)."""
-  for _ in adapter.stacked_axes:
-    fn = jax.vmap(fn)
-  return fn
 
 
 def _update_dtype(p: jax.Array, u: jax.Array) -> Any:
@@ -378,12 +355,13 @@ def sds_lora(
     # ``treedef`` is the caller's structure (NNX Variable nodes included): the
     # returned updates have it. The inner optimizer works on unwrapped trees.
     _, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_adapter)
-    leaves, plain_def = jax.tree_util.tree_flatten(_unwrap(params), is_leaf=is_adapter)
+    plain = _trees.unwrap_variables(params)
+    leaves, plain_def = jax.tree_util.tree_flatten(plain, is_leaf=is_adapter)
     sds_idx = [i for i, leaf in enumerate(leaves) if _is_sds(leaf)]
     for i in sds_idx:
       if leaves[i].sds_on is None or leaves[i].qa is None or leaves[i].qb is None:
         raise ValueError("an SDS adapter needs qa, qb and sds_on (see init_adapter)")
-    view = trainable_params(params)
+    view = jax.tree.map(_strip, plain, is_leaf=is_adapter)  # trainable_params, unwrapped once
     inner_updates, inner_state = inner.update(
         trainable_params(updates), state.inner_state, view, **extra_args
     )
@@ -403,7 +381,8 @@ def sds_lora(
       out, new_view = {}, {}
       for i, p in old.items():
         a1, b1 = _apply(p.a, step[i][0]), _apply(p.b, step[i][1])
-        a2, b2, qa2, qb2 = _per_layer(functools.partial(activate_sds, scale=p.scale, method=basis), p)(a1, b1)
+        activate = functools.partial(activate_sds, scale=p.scale, method=basis)
+        a2, b2, qa2, qb2 = per_layer(activate, p)(a1, b1)
         sw = _bcast(switch[i], a1)
         # float32 differences of values rounded once: p + u is exactly a2 in
         # float32, so apply_updates rounds it back to a2 (no second rounding
@@ -448,7 +427,7 @@ def sds_lora(
       for i, p in old.items():
         a1, b1 = _apply(p.a, out[i][0]), _apply(p.b, out[i][1])
         qa, qb = bases[i]
-        qa2, qb2 = _per_layer(functools.partial(refresh_bases, method=basis), p)(a1, b1, qa, qb)
+        qa2, qb2 = per_layer(functools.partial(refresh_bases, method=basis), p)(a1, b1, qa, qb)
         new[i] = (
             jnp.where(_bcast(was_on[i], qa2), qa2, qa).astype(qa.dtype),
             jnp.where(_bcast(was_on[i], qb2), qb2, qb).astype(qb.dtype),
@@ -464,7 +443,7 @@ def sds_lora(
       qa, qb = bases[i]
       stamp = None
       if p.stamp is not None:  # the stamp of the arrays exactly as apply_updates leaves them
-        stamp = _per_layer(adapter_stamp, p)(
+        stamp = per_layer(adapter_stamp, p)(
             _apply(p.a, ua), _apply(p.b, ub), _apply(p.qa, qa - p.qa), _apply(p.qb, qb - p.qb),
             _apply(p.sds_on, on - p.sds_on))
         stamp = stamp - p.stamp
