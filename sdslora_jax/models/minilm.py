@@ -287,13 +287,20 @@ def load_minilm_params(
 
   ``params`` is the bare tree (``embeddings``, ``encoder``): apply it with
   ``BertEncoder(config).apply({'params': params}, ids, mask)``. Arrays are
-  float32 numpy; ``config_overrides`` (e.g. ``dropout_rate``) go into the config.
+  float32 numpy; ``config_overrides`` (e.g. ``dropout_rate``) go into the config;
+  ``num_layers=n`` keeps the first ``n`` pretrained layers.
   """
   from safetensors.numpy import load_file
 
   path = path or model_path()
   config = minilm_config(path, **config_overrides)
   state = load_file(os.path.join(path, "model.safetensors"))
+  if "num_layers" in config_overrides:  # the first num_layers layers (a smaller model)
+    full = minilm_config(path).num_layers
+    if not 1 <= config.num_layers <= full:
+      raise ValueError(f"num_layers must be in [1, {full}], got {config.num_layers}")
+    dropped = tuple(f"encoder.layer.{i}." for i in range(config.num_layers, full))
+    state = {k: v for k, v in state.items() if not k.startswith(dropped)}
   return config, params_from_hf_state_dict(state, config)
 
 

@@ -1,0 +1,605 @@
+"""Config-driven, sharded fine-tuning: ``train_and_evaluate(config, workdir)``.
+
+One code path from a laptop to a pod slice:
+
+* a device mesh ``("data", "fsdp", "tensor")`` from ``config.mesh`` (``-1`` fills);
+* the frozen base placed with :func:`base_shardings` (FSDP on the largest divisible
+  axis, tensor parallelism on the last), adapters laid out like their kernels
+  (``sdslora_jax.sharding.adapter_shardings``), optimizer state like its parameters
+  (``opt_state_shardings``), batches split over ``("data", "fsdp")``;
+* everything initialised through ``jax.eval_shape`` and ``jax.jit(out_shardings=...)``;
+* one ``jax.jit`` train step with explicit shardings and donated state, the base passed
+  as an argument; gradient accumulation by a scan over micro-batches;
+* orbax ``CheckpointManager`` checkpoints (trainable tree, optimizer state, step, the
+  data position and the run's metadata) every ``checkpoint_every`` steps, on SIGTERM
+  and at the end; ``resume=True`` continues exactly; a damaged latest checkpoint is
+  reported and the one before it used;
+* progress bar, metrics as JSON lines and TensorBoard events, evaluation every
+  ``eval_every`` steps, a summary, curves as PNG and an adapters-only export.
+
+The trainable tree is ``{"adapters": ..., "head": ...}`` (the head trains fully, like
+PEFT's ``modules_to_save``), or ``{"params": ...}`` for full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from sdslora_jax import checkpoint as sl_ckpt
+from sdslora_jax import sharding as sl_sharding
+from sdslora_jax.optim import sds_lora
+from sdslora_jax.optim.baselines import scale_by_riemannian_lora
+from sdslora_jax.targets import rule
+from experiments.finetune import input_pipeline as ip
+from experiments.finetune import reporting
+from experiments.finetune.tasks import Task, build_task
+
+log = logging.getLogger("sdslora.train")
+
+METHODS = ("lora", "rslora", "sds", "riemannian", "full")
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+# ----------------------------------------------------------------------------------------
+# Config checks, mesh, shardings.
+
+
+def check_config(config) -> None:
+  """Raises ``ValueError`` naming the field for a config the trainer cannot run."""
+  def need(cond, field, msg):
+    if not cond:
+      raise ValueError(f"config.{field}: {msg}")
+
+  need(config.method in METHODS, "method", f"{config.method!r} is not one of {METHODS}")
+  for field in ("num_steps", "batch_size", "accum_steps", "eval_batch_size", "log_every",
+                "eval_every", "checkpoint_every", "keep_checkpoints"):
+    value = getattr(config, field)
+    need(isinstance(value, int) and value >= 1, field, f"must be a positive int, got {value!r}")
+  need(config.batch_size % config.accum_steps == 0, "accum_steps",
+       f"{config.accum_steps} does not divide batch_size {config.batch_size}")
+  need(config.compute_dtype in ("float32", "bfloat16"), "compute_dtype",
+       f"{config.compute_dtype!r} is not 'float32' or 'bfloat16'")
+  if config.method != "full":
+    need(isinstance(config.adapter.rank, int) and config.adapter.rank >= 1, "adapter.rank",
+         f"must be a positive int, got {config.adapter.rank!r}")
+    need(len(config.adapter.targets) > 0, "adapter.targets", "no target patterns")
+  lr = config.optim.learning_rate
+  need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "optim.learning_rate",
+       f"must be finite and positive, got {lr!r}")
+  need(0 <= config.optim.warmup_steps <= config.num_steps, "optim.warmup_steps",
+       f"{config.optim.warmup_steps} is not in [0, num_steps={config.num_steps}]")
+  for axis in MESH_AXES:
+    size = getattr(config.mesh, axis)
+    need(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}",
+         f"must be a positive int or -1, got {size!r}")
+  need(sum(getattr(config.mesh, a) == -1 for a in MESH_AXES) <= 1, "mesh",
+       "at most one axis may be -1")
+
+
+def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  """The ``("data", "fsdp", "tensor")`` mesh; a ``-1`` axis takes the devices left."""
+  devices = jax.devices() if devices is None else devices
+  sizes = [getattr(mesh_config, a) for a in MESH_AXES]
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % fixed:
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices "
+                       f"are not a multiple of {fixed}")
+    sizes[sizes.index(-1)] = len(devices) // fixed
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                     f"devices, found {len(devices)}")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def base_shardings(params: Any, mesh: jax.sharding.Mesh) -> Any:
+  """FSDP and tensor-parallel shardings for a parameter tree.
+
+  A matrix (or higher) gets ``"tensor"`` on its last axis and ``"fsdp"`` on its largest
+  other axis, each only where the axis size divides; vectors and scalars are replicated.
+  """
+  fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+
+  def spec(x):
+    shape = np.shape(x)
+    axes = [None] * len(shape)
+    if len(shape) >= 2:
+      if tensor > 1 and shape[-1] % tensor == 0:
+        axes[-1] = "tensor"
+      if fsdp > 1:
+        free = [i for i in range(len(shape)) if axes[i] is None and shape[i] % fsdp == 0]
+        if free:
+          axes[max(free, key=lambda i: shape[i])] = "fsdp"
+    return NamedSharding(mesh, P(*axes))
+
+  return jax.tree.map(spec, params)
+
+
+def _replicated(tree, mesh):
+  return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
+
+
+def _place(tree, shardings):
+  """Host numpy -> global arrays; each process supplies the shards it addresses."""
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+# ----------------------------------------------------------------------------------------
+# Optimizer.
+
+
+def make_schedule(config) -> optax.Schedule:
+  """Linear warm-up over ``optim.warmup_steps`` updates, then cosine decay to 0.
+
+  Update ``i`` (from 0) uses the value at ``i + 1``, so the first update is not a no-op.
+  """
+  o = config.optim
+  if o.warmup_steps >= config.num_steps:
+    base = optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
+  else:
+    base = optax.warmup_cosine_decay_schedule(
+      0.0, o.learning_rate, max(o.warmup_steps, 1), config.num_steps + 1, end_value=0.0)
+  return lambda step: base(step + 1)
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer of ``config.method`` (``sds_lora`` outermost for SDS-LoRA)."""
+  o = config.optim
+  schedule = make_schedule(config)
+  clip = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []
+  if config.method == "riemannian":
+    # sdslora_jax.optim.riemannian_lora, with clipping and momentum.
+    tx = optax.chain(*clip, scale_by_riemannian_lora(o.riemannian_damping),
+                     optax.sgd(schedule, momentum=0.9))
+    return tx, schedule
+  adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+  tx = optax.chain(*clip, adamw)
+  if config.method == "sds":
+    refresh = o.sds_refresh
+    if isinstance(refresh, str) and refresh.isdigit():
+      refresh = int(refresh)
+    tx = sds_lora(tx, warmup_steps=o.sds_warmup_steps, refresh=refresh,
+                  total_steps=config.num_steps)
+  return tx, schedule
+
+
+def adapter_rules(config) -> list:
+  a = config.adapter
+  method = "sds" if config.method == "sds" else "lora"
+  return [rule(t, method=method, rank=a.rank, alpha=a.alpha, rslora=config.method == "rslora")
+          for t in a.targets]
+
+
+# ----------------------------------------------------------------------------------------
+# The run.
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the step functions close over: static parts only (no arrays)."""
+
+  task: Task
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  full: bool
+  accum: int
+  compute_dtype: Any
+  batch_spec: P
+  mesh: jax.sharding.Mesh
+  traces: int = 0
+
+  def _params(self, trainable, base):
+    if self.full:
+      params = trainable["params"]
+    else:
+      params = {**base, "head": trainable["head"]}
+    if self.compute_dtype != jnp.float32:
+      params = jax.tree.map(lambda x: x.astype(self.compute_dtype)
+                            if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return params, None if self.full else trainable["adapters"]
+
+  def loss(self, trainable, base, batch, rng):
+    params, adapters = self._params(trainable, base)
+    inputs = {k: batch[k] for k in self.task.input_keys}
+    logits = self.task.logits(params, adapters, inputs, train=True, rng=rng)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         batch["label"])
+    return jnp.mean(ce)
+
+  def train_step(self, state, base, batch):
+    self.traces += 1  # runs only when jax traces: counts compilations of the step
+    step = state["step"]
+    rng = jax.random.fold_in(jax.random.key(state["seed"]), step)
+    grad_fn = jax.value_and_grad(self.loss)
+    if self.accum == 1:
+      loss, grads = grad_fn(state["trainable"], base, batch, rng)
+    else:
+      def split(x):
+        x = x.reshape((self.accum, x.shape[0] // self.accum) + x.shape[1:])
+        spec = P(None, *self.batch_spec) if len(self.batch_spec) else P()
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+      micro = jax.tree.map(split, batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        loss, g = grad_fn(state["trainable"], base, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (loss, g)), None
+
+      zero = (jnp.zeros((), jnp.float32),
+              jax.tree.map(jnp.zeros_like, state["trainable"]))
+      (loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(self.accum), micro))
+      loss, grads = jax.tree.map(lambda x: x / self.accum, (loss, grads))
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["trainable"])
+    trainable = optax.apply_updates(state["trainable"], updates)
+    metrics = {"loss": loss, "learning_rate": self.schedule(step),
+               "grad_norm": optax.tree.norm(grads)}
+    new_state = {**state, "trainable": trainable, "opt_state": opt_state, "step": step + 1}
+    return new_state, metrics
+
+  def eval_step(self, trainable, base, batch):
+    params, adapters = self._params(trainable, base)
+    inputs = {k: batch[k] for k in self.task.input_keys}
+    logits = self.task.logits(params, adapters, inputs, train=False, rng=None)
+    logits = logits.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    w = batch["weight"]
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(ce * w), "correct": jnp.sum(correct * w), "count": jnp.sum(w)}
+
+
+def _config_dict(config) -> dict:
+  return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
+      else dict(config)
+
+
+def run_metadata(config, task: Task) -> dict:
+  """What a checkpoint or export records about the run (JSON)."""
+  return {
+    "method": config.method,
+    "rank": None if config.method == "full" else config.adapter.rank,
+    "alpha": None if config.method == "full" else config.adapter.alpha,
+    "rules": [] if config.method == "full" else list(config.adapter.targets),
+    "model": config.model.name,
+    "classes": list(task.classes),
+    "config": _config_dict(config),
+  }
+
+
+class _Terminate:
+  """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    import threading
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_batch(local: Mapping[str, np.ndarray], mesh, spec: P) -> dict:
+  def put(x):
+    s = NamedSharding(mesh, P(*spec, *([None] * (x.ndim - len(spec)))))
+    return jax.make_array_from_process_local_data(s, x)
+  return {k: put(v) for k, v in local.items()}
+
+
+def _check_batch(config, mesh) -> None:
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  for field in ("batch_size", "eval_batch_size"):
+    size = getattr(config, field) // (config.accum_steps if field == "batch_size" else 1)
+    if size % shards:
+      raise ValueError(
+        f"config.{field}: {getattr(config, field)} (per micro-batch {size}) is not divisible "
+        f"by the {shards} batch shards of the mesh (data x fsdp = {shards})"
+      )
+  for field in ("batch_size", "eval_batch_size"):
+    if getattr(config, field) % jax.process_count():
+      raise ValueError(f"config.{field} must be divisible by the {jax.process_count()} processes")
+
+
+def evaluate(run: _Run, eval_step, state, base, source, config, mesh) -> dict:
+  """Loss and accuracy over a whole split (padded batches, weight 0 on the padding)."""
+  if source is None or not len(source):
+    return {}
+  it = ip.BatchIterator(source, batch_size=config.eval_batch_size, shuffle=False,
+                        drop_remainder=False, num_epochs=1,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+  per_process = config.eval_batch_size // jax.process_count()
+  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+  template = None
+  for examples in it:
+    n = len(examples["label"]) if "label" in examples else len(next(iter(examples.values())))
+    if n:
+      encoded = run.task.encode(examples)
+      template = template or {k: v[:1] for k, v in encoded.items()}
+    else:
+      encoded = {k: v[:0] for k, v in template.items()}
+    pad = per_process - len(encoded["label"])
+    batch = {k: np.concatenate([v, np.repeat(template[k], pad, 0)]) if pad else v
+             for k, v in encoded.items()}
+    batch["weight"] = np.concatenate([np.ones(per_process - pad, np.float32),
+                                      np.zeros(pad, np.float32)])
+    out = jax.device_get(eval_step(state["trainable"], base, _global_batch(batch, mesh,
+                                                                           run.batch_spec)))
+    for k in totals:
+      totals[k] += float(out[k])
+  count = max(totals["count"], 1.0)
+  return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count,
+          "examples": int(totals["count"])}
+
+
+def _manager(directory: pathlib.Path, keep: int):
+  import orbax.checkpoint as ocp
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def _restore_latest(manager, target, meta: dict, damaged_dir: pathlib.Path):
+  """The newest intact checkpoint as ``(step, tree, extra)``, or ``None`` if there is none.
+
+  A checkpoint that cannot be read is reported and moved to ``damaged_dir`` (kept for
+  inspection, never deleted), and the one before it is tried. A checkpoint of another
+  run (method, model, rank, alpha, rules or classes differ) is an error.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    step_dir = pathlib.Path(manager.directory) / str(step)
+    try:
+      extra = sl_ckpt.read_extra(step_dir) or {}
+      saved = extra.get("run", {})
+      for field in ("method", "model", "rank", "alpha", "rules", "classes"):
+        if field in saved and saved[field] != meta[field]:
+          raise _OtherRun(f"resume: the checkpoint at {step_dir} was written with "
+                          f"{field}={saved[field]!r}, the config has {meta[field]!r}")
+      tree = sl_ckpt.restore_from_manager(manager, target, step=step)
+      return step, tree, extra
+    except _OtherRun as e:
+      raise ValueError(str(e)) from None
+    except (ValueError, FileNotFoundError, OSError, KeyError) as e:
+      damaged_dir.mkdir(parents=True, exist_ok=True)
+      moved = damaged_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+      if jax.process_index() == 0:
+        step_dir.rename(moved)
+      log.warning("checkpoint at step %d is damaged: %s", step, e)
+      print(f"warning: checkpoint step {step} in {manager.directory} is damaged or "
+            f"incomplete ({type(e).__name__}: {str(e)[:300]}); moved to {moved}, using the "
+            "previous one", file=sys.stderr)
+      manager.reload()
+  return None
+
+
+class _OtherRun(Exception):
+  pass
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = False) -> dict:
+  """Fine-tunes ``config.model`` on ``config.data`` with ``config.method``; see the module.
+
+  Args:
+    config: an ``ml_collections.ConfigDict`` like ``configs/default.py``.
+    workdir: where checkpoints, metrics, plots and exports go.
+    resume: continue from the newest intact checkpoint in ``workdir`` (a fresh start
+      if there is none). Without it, a ``workdir`` holding checkpoints is refused.
+
+  Returns:
+    The summary (also written to ``workdir/summary.json``).
+  """
+  check_config(config)
+  workdir = pathlib.Path(workdir).absolute()
+  ckpt_dir = workdir / "checkpoints"
+  if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+    raise FileExistsError(f"{ckpt_dir} holds checkpoints: pass resume=True (--resume) to "
+                          "continue that run, or choose another workdir")
+  lead = jax.process_index() == 0
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  mesh = make_mesh(config.mesh)
+  _check_batch(config, mesh)
+  key = jax.random.key(config.seed)
+  task = build_task(config, jax.random.fold_in(key, 1))
+  full = config.method == "full"
+  tx, schedule = make_optimizer(config)
+  compute_dtype = jnp.dtype(config.compute_dtype)
+  run = _Run(task, tx, schedule, full, config.accum_steps, compute_dtype,
+             P(BATCH_AXES), mesh)
+
+  # The frozen base (low-precision storage with bfloat16 compute) and its shardings.
+  base_np = task.params
+  if compute_dtype != jnp.float32 and not full:
+    base_np = jax.tree.map(lambda x: np.asarray(x).astype(compute_dtype)
+                           if np.issubdtype(np.asarray(x).dtype, np.floating) else x, base_np)
+  base_sh = base_shardings(base_np, mesh)
+  if full:
+    trainable_abs = {"params": jax.eval_shape(lambda: jax.tree.map(jnp.asarray, base_np))}
+    trainable_sh = {"params": base_sh}
+    init_trainable = lambda: {"params": jax.tree.map(jnp.asarray, base_np)}  # noqa: E731
+    base, base_sh = {}, {}
+  else:
+    rules = adapter_rules(config)
+    head_np = base_np["head"]
+    init_fn = lambda k: {  # noqa: E731
+      "adapters": task.init_adapters(k, rules),
+      "head": jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), head_np)}
+    adapters_key = jax.random.fold_in(key, 2)
+    trainable_abs = jax.eval_shape(init_fn, adapters_key)
+    trainable_sh = {
+      "adapters": sl_sharding.adapter_shardings(trainable_abs["adapters"], base_sh, mesh=mesh),
+      "head": _replicated(trainable_abs["head"], mesh),
+    }
+    init_trainable = lambda: init_fn(adapters_key)  # noqa: E731
+    base = _place(base_np, base_sh)
+  opt_sh = sl_sharding.opt_state_shardings(tx, trainable_abs, trainable_sh, mesh=mesh)
+  scalar = NamedSharding(mesh, P())
+  state_sh = {"trainable": trainable_sh, "opt_state": opt_sh, "step": scalar, "seed": scalar}
+
+  def init_state():
+    trainable = init_trainable()
+    return {"trainable": trainable, "opt_state": tx.init(trainable),
+            "step": jnp.zeros((), jnp.int32), "seed": jnp.asarray(config.seed, jnp.uint32)}
+
+  state_abs = jax.eval_shape(init_state)
+  data = ip.BatchIterator(task.train, batch_size=config.batch_size, seed=config.seed,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count())
+
+  manager = _manager(ckpt_dir, config.keep_checkpoints)
+  meta = run_metadata(config, task)
+  state, start = None, 0
+  if resume:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          state_abs, state_sh)
+    restored = _restore_latest(manager, target, meta, workdir / "damaged_checkpoints")
+    if restored is not None:
+      start, state, extra = restored
+      data.set_state(extra["data"])
+      if lead:
+        print(f"resumed from step {start} in {ckpt_dir}", file=sys.stderr)
+  if state is None:
+    state = jax.jit(init_state, out_shardings=state_sh)()
+
+  metrics_batch = {"loss": scalar, "learning_rate": scalar, "grad_norm": scalar}
+  train_step = jax.jit(run.train_step, in_shardings=(state_sh, base_sh, None),
+                       out_shardings=(state_sh, metrics_batch), donate_argnums=(0,))
+  eval_step = jax.jit(run.eval_step, in_shardings=(trainable_sh, base_sh, None))
+
+  writer = reporting.MetricWriter(workdir, enabled=lead)
+  writer.write_hparams(meta)
+  if lead:
+    (workdir / "config.json").write_text(json.dumps(meta, indent=2))
+
+  def save(step):
+    extra = {"data": data.get_state(), "step": step, "run": meta}
+    manager.save(step, args=sl_ckpt.save_args(state, extra=extra), force=True)
+    manager.wait_until_finished()
+
+  progress = reporting.Progress(config.num_steps, start, enabled=lead and config.progress)
+  interrupted = False
+  step = start
+  step_times = []
+  window_units, window_start = 0, time.perf_counter()
+  with _Terminate() as term:
+    while step < config.num_steps:
+      examples = next(data)
+      local = task.encode(examples)
+      batch = _global_batch(local, mesh, run.batch_spec)
+      t0 = time.perf_counter()
+      state, metrics = train_step(state, base, batch)
+      step += 1
+      window_units += task.units(local) * jax.process_count()
+      if step % config.log_every == 0 or step == config.num_steps:
+        m = jax.device_get(metrics)
+        now = time.perf_counter()
+        step_times.append(now - t0)
+        rate = window_units / max(now - window_start, 1e-9)
+        record = {"loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
+                  "grad_norm": float(m["grad_norm"]), f"{task.unit}_per_s": rate}
+        writer.write("train", step, record)
+        progress.update(step, record, task.unit)
+        window_units, window_start = 0, time.perf_counter()
+      if step % config.eval_every == 0 and step < config.num_steps:
+        writer.write("eval", step, evaluate(run, eval_step, state, base, task.validation,
+                                            config, mesh))
+      if step % config.checkpoint_every == 0 or step == config.num_steps:
+        save(step)
+      if term.requested:
+        interrupted = True
+        if manager.latest_step() != step:
+          save(step)
+        break
+  progress.close()
+
+  summary = {"method": config.method, "model": config.model.name, "steps": step,
+             "interrupted": interrupted, "step_compilations": run.traces,
+             "trainable_parameters": int(sum(np.size(x) for x in jax.tree.leaves(
+               _trainable_arrays(state["trainable"]))))}
+  if interrupted:
+    if lead:
+      print(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume",
+            file=sys.stderr)
+  else:
+    val = evaluate(run, eval_step, state, base, task.validation, config, mesh)
+    test = evaluate(run, eval_step, state, base, task.test, config, mesh)
+    writer.write("eval", step, val)
+    if test:
+      writer.write("test", step, test)
+    records = writer.read()
+    train_losses = [r["loss"] for r in records if r["split"] == "train"]
+    summary.update({
+      "validation_accuracy": val.get("accuracy"), "validation_loss": val.get("loss"),
+      "test_accuracy": test.get("accuracy"), "test_loss": test.get("loss"),
+      "final_train_loss": train_losses[-1] if train_losses else None,
+      "step_time_median_s": float(np.median(step_times[1:] or step_times or [np.nan])),
+    })
+    if lead:
+      reporting.plot_run(records, workdir / "curves.png", title=f"{config.model.name} "
+                         f"{config.method}")
+    if config.export and not full:
+      summary["export"] = export(workdir / "export", state["trainable"], task, meta)
+  writer.close()
+  manager.close()
+  if lead:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if not interrupted:
+      print(reporting.summary_table([summary]), file=sys.stderr)
+  return summary
+
+
+def _trainable_arrays(trainable):
+  """The arrays an optimizer updates (SDS bases, flags and stamps are not parameters)."""
+  from sdslora_jax.optim.sds import trainable_params
+  return trainable_params(trainable)
+
+
+def export(directory: pathlib.Path, trainable, task: Task, meta: dict) -> dict:
+  """Adapters and head in the library's format and, for MiniLM, the adapters as PEFT."""
+  out = {}
+  tree = jax.device_get(trainable)
+  if jax.process_index() != 0:
+    return out
+  own = directory / "adapters"
+  if own.exists():
+    print(f"note: {own} exists and is kept; remove it to export again", file=sys.stderr)
+  else:
+    out["adapters"] = str(sl_ckpt.save_adapters(own, tree, extra=meta))
+  if task.peft_module_name is not None:
+    from sdslora_jax.peft import export_peft
+    peft_dir = directory / "peft"
+    if (peft_dir / "adapter_config.json").exists():
+      print(f"note: {peft_dir} exists and is kept", file=sys.stderr)
+    else:
+      export_peft(peft_dir, tree["adapters"], module_names=task.peft_module_name,
+                  base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2")
+      out["peft"] = str(peft_dir)
+  return out

@@ -1,0 +1,384 @@
+"""The fine-tuning trainer end to end, on the pretrained models and tiny slices of real data.
+
+In this process JAX has 8 simulated CPU devices (conftest), so in-process runs are
+sharded over a mesh of 8; single-device and multi-process runs go through
+``python -m experiments.finetune.main`` in subprocesses. The data are the prepared TFDS
+datasets of the README's set-up (``$SDSLORA_DATA_DIR`` or ``./data/tfds``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from experiments.finetune import input_pipeline as ip
+from experiments.finetune import train as T
+from experiments.finetune.configs import efficientnet_fashion_mnist, minilm_sentiment, text_csv
+from sdslora_jax import checkpoint as sl_ckpt
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DATA_DIR = os.path.abspath(os.environ.get("SDSLORA_DATA_DIR", REPO / "data" / "tfds"))
+MAIN = [sys.executable, "-m", "experiments.finetune.main"]
+MINILM_SMOKE = f"--config={REPO}/experiments/finetune/configs/minilm_sentiment.py:smoke"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _data():
+  if not (pathlib.Path(DATA_DIR) / "rotten_tomatoes_sentences").exists():
+    pytest.fail(f"no prepared data in {DATA_DIR}: run `make data` (part of `make test`)")
+
+
+def smoke(module=minilm_sentiment, **overrides):
+  config = module.get_config("smoke")
+  config.data.data_dir = DATA_DIR
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def records(workdir, split="train"):
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  latest = {}
+  for line in lines:
+    r = json.loads(line)
+    if r["split"] == split:
+      latest[r["step"]] = r
+  return [latest[k] for k in sorted(latest)]
+
+
+def run_main(workdir, *flags, devices=1, extra_env=None, wait=True, timeout=600):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(SDSLORA_DATA_DIR=DATA_DIR, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env.update(extra_env or {})
+  cmd = [*MAIN, f"--workdir={workdir}", *flags]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  if not wait:
+    return proc
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def exported(workdir):
+  return jax.device_get(sl_ckpt.restore_adapters(pathlib.Path(workdir) / "export" / "adapters"))
+
+
+def assert_trees_equal(x, y):
+  lx, tx = jax.tree.flatten(x)
+  ly, ty = jax.tree.flatten(y)
+  assert tx == ty
+  for a, b in zip(lx, ly):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------------------
+# End to end, in process (8 devices).
+
+
+@pytest.fixture(scope="module")
+def sds_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("sds")
+  summary = T.train_and_evaluate(smoke(method="sds"), workdir)
+  return workdir, summary
+
+
+def test_minilm_smoke_trains_logs_exports_and_never_retraces(sds_run):
+  workdir, summary = sds_run
+  assert summary["steps"] == 6 and not summary["interrupted"]
+  assert summary["step_compilations"] == 1  # 6 steps, warm-up switch included: one trace
+  train = records(workdir)
+  assert [r["step"] for r in train] == list(range(1, 7))
+  assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train)
+  evals = records(workdir, "eval")
+  assert [r["step"] for r in evals] == [3, 6] and all(r["examples"] == 32 for r in evals)
+  assert records(workdir, "test")[0]["examples"] == 32
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert (workdir / "curves.png").stat().st_size > 1000
+  meta = json.loads((workdir / "config.json").read_text())
+  assert (meta["method"], meta["rank"], meta["model"]) == ("sds", 4, "minilm")
+  # The export is the final checkpoint's trainable tree.
+  manager = T._manager(workdir / "checkpoints", 2)
+  final = jax.device_get(sl_ckpt.restore_from_manager(manager, step=6))
+  manager.close()
+  assert_trees_equal(exported(workdir), final["trainable"])
+  peft_cfg = json.loads((workdir / "export" / "peft" / "adapter_config.json").read_text())
+  # An SDS-LoRA update qa b + a qb.T has rank 2r: PEFT gets a rank-8 LoRA for r = 4.
+  assert peft_cfg["r"] == 8 and "bert.encoder.layer.1.attention.self.query" in \
+      peft_cfg["target_modules"]
+
+
+def test_first_loss_is_the_pretrained_models_loss(sds_run):
+  """Adapters start as a zero update: step 1's loss is the base model's on that batch."""
+  from sdslora_jax.models import SentenceClassifier, minilm
+
+  workdir, _ = sds_run
+  config = smoke()
+  task = T.build_task(config, jax.random.fold_in(jax.random.key(config.seed), 1))
+  batch = task.encode(next(ip.BatchIterator(task.train, batch_size=8, seed=config.seed)))
+  cfg = minilm.minilm_config(num_layers=2, dropout_rate=0.0)
+  params = {**{k: v for k, v in task.params.items() if k != "head"},
+            "classifier": task.params["head"]}
+  logits = SentenceClassifier(cfg, 2).apply({"params": params}, batch["input_ids"],
+                                             batch["attention_mask"])
+  want = float(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean())
+  assert abs(records(workdir)[0]["loss"] - want) < 1e-5 * abs(want)
+
+
+def test_csv_file_trains_with_held_out_split(tmp_path):
+  rows = ip.load_tfds("rotten_tomatoes_sentences", DATA_DIR, "train[:80]")
+  path = tmp_path / "reviews.csv"
+  import csv
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["review", "sentiment"])
+    for i in range(len(rows)):
+      ex = rows[i]
+      w.writerow([ex["text"].decode(), ["neg", "pos"][int(ex["label"])]])
+  config = smoke(text_csv, method="lora", data__train_file=str(path), data__text_key="review",
+                 data__label_key="sentiment", data__validation_fraction=0.25)
+  summary = T.train_and_evaluate(config, tmp_path / "run")
+  assert summary["steps"] == 6 and summary["step_compilations"] == 1
+  assert records(tmp_path / "run", "eval")[-1]["examples"] == 20
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["classes"] == ["neg", "pos"]
+
+
+def test_efficientnet_fashion_mnist_smoke(tmp_path):
+  summary = T.train_and_evaluate(smoke(efficientnet_fashion_mnist, method="lora"), tmp_path)
+  assert summary["steps"] == 4 and summary["step_compilations"] == 1
+  train = records(tmp_path)
+  assert len(train) == 4 and all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in train)
+  # 10 classes, fresh head: the first loss is near log(10).
+  assert abs(train[0]["loss"] - np.log(10)) < 1.0
+  assert "peft" not in summary["export"]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+  """Two micro-batches of 4 give the update of one batch of 8 (mean of the gradients)."""
+  mesh = {"mesh__data": 4, "mesh__tensor": 2}  # micro-batches of 4 over 4 batch shards
+  one = T.train_and_evaluate(smoke(method="lora", num_steps=2, export=False, **mesh),
+                             tmp_path / "a")
+  two = T.train_and_evaluate(
+    smoke(method="lora", num_steps=2, accum_steps=2, export=False, **mesh), tmp_path / "b")
+  la, lb = records(tmp_path / "a"), records(tmp_path / "b")
+  for ra, rb in zip(la, lb):
+    np.testing.assert_allclose(rb["loss"], ra["loss"], rtol=1e-5)
+    np.testing.assert_allclose(rb["grad_norm"], ra["grad_norm"], rtol=1e-4)
+  assert one["step_compilations"] == two["step_compilations"] == 1
+
+
+def test_bfloat16_compute_trains(tmp_path):
+  summary = T.train_and_evaluate(smoke(method="lora", compute_dtype="bfloat16", export=False),
+                                 tmp_path)
+  losses = [r["loss"] for r in records(tmp_path)]
+  f32 = T.train_and_evaluate(smoke(method="lora", export=False), tmp_path / "f32")
+  ref = [r["loss"] for r in records(tmp_path / "f32")]
+  assert summary["step_compilations"] == f32["step_compilations"] == 1
+  np.testing.assert_allclose(losses, ref, rtol=0.05)  # bf16 rounding, same trajectory
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: resume, damage, kill.
+
+
+def test_resume_from_damaged_latest_checkpoint_uses_the_previous(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  T.train_and_evaluate(smoke(method="lora", export=False), workdir)
+  want = {r["step"]: r["loss"] for r in records(workdir)}
+  damaged = next((workdir / "checkpoints" / "6" / "adapter_arrays").rglob("d/*"))
+  if damaged.is_dir():
+    damaged = next(p for p in damaged.rglob("*") if p.is_file())
+  damaged.write_bytes(b"\0" * max(damaged.stat().st_size // 2, 1))
+  (workdir / "summary.json").unlink()
+  summary = T.train_and_evaluate(smoke(method="lora", export=False), workdir, resume=True)
+  err = capsys.readouterr().err
+  assert "checkpoint step 6" in err and "damaged" in err and "resumed from step 3" in err
+  assert summary["steps"] == 6
+  # The damaged checkpoint is kept aside, not deleted.
+  assert len(list((workdir / "damaged_checkpoints").iterdir())) == 1
+  # Steps 4-6 redone from step 3 give the losses of the uninterrupted run, exactly.
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  redone = [json.loads(x) for x in lines[-12:] if json.loads(x)["split"] == "train"]
+  assert [r["step"] for r in redone][-3:] == [4, 5, 6]
+  for r in redone[-3:]:
+    assert r["loss"] == want[r["step"]], r
+
+
+def test_workdir_with_checkpoints_needs_resume(sds_run):
+  workdir, _ = sds_run
+  with pytest.raises(FileExistsError, match="resume"):
+    T.train_and_evaluate(smoke(), workdir)
+
+
+def test_resume_with_another_method_is_refused(tmp_path):
+  T.train_and_evaluate(smoke(method="lora", num_steps=3, export=False), tmp_path)
+  with pytest.raises(ValueError, match="method|adapter"):
+    T.train_and_evaluate(smoke(method="sds", num_steps=6, export=False), tmp_path, resume=True)
+
+
+def test_sigterm_leaves_a_checkpoint_and_resume_continues(tmp_path):
+  workdir = tmp_path / "run"
+  proc = run_main(workdir, MINILM_SMOKE, "--config.method=lora", "--config.num_steps=100000",
+                  "--config.checkpoint_every=100000", wait=False)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+      (workdir / "metrics.jsonl").exists() and len(records(workdir)) >= 3):
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["interrupted"] and summary["steps"] >= 3
+  assert "stopped by SIGTERM" in out
+  assert (workdir / "checkpoints" / str(summary["steps"]) / "commit_success.txt").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# Sharding.
+
+
+def test_sharded_run_gives_the_single_device_losses(tmp_path, sds_run):
+  """8 devices as data x fsdp x tensor = 2 x 2 x 2 against one device, relative 1e-5."""
+  out = run_main(tmp_path / "one", MINILM_SMOKE, devices=1)
+  assert "| sds |" in out
+  sharded = tmp_path / "mesh"
+  T.train_and_evaluate(
+    smoke(method="sds", mesh__data=2, mesh__fsdp=2, mesh__tensor=2, export=False), sharded)
+  single = records(tmp_path / "one")
+  for name, run in (("data=8", records(sds_run[0])), ("2x2x2", records(sharded))):
+    for a, b in zip(single, run):
+      np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5, err_msg=f"{name} {a['step']}")
+
+
+def test_fsdp_and_tensor_shardings_split_the_base():
+  mesh = T.make_mesh(smoke(mesh__data=2, mesh__fsdp=2, mesh__tensor=2).mesh)
+  shard = T.base_shardings({"k": np.zeros((384, 12, 32)), "v": np.zeros((384,)),
+                            "odd": np.zeros((3, 5))}, mesh)
+  assert shard["k"].spec == jax.sharding.PartitionSpec("fsdp", None, "tensor")
+  assert shard["v"].spec == jax.sharding.PartitionSpec(None)
+  assert shard["odd"].spec == jax.sharding.PartitionSpec(None, None)
+
+
+@pytest.mark.slow
+def test_two_processes_train_together(tmp_path):
+  """Two processes with 4 CPU devices each, through jax.distributed on localhost."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / "multi"
+  procs = [
+    run_main(workdir, MINILM_SMOKE, "--config.distributed.enabled=True",
+             f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+             "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+             "--config.export=False", devices=4, wait=False)
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=900)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  run_main(tmp_path / "one", MINILM_SMOKE, "--config.export=False", devices=1)
+  for a, b in zip(records(tmp_path / "one"), records(workdir)):
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+  assert len(records(workdir)) == 6
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_ends_with_the_same_adapters(tmp_path):
+  flags = [MINILM_SMOKE, "--config.num_steps=120", "--config.checkpoint_every=20",
+           "--config.keep_checkpoints=3", "--config.eval_every=1000"]
+  run_main(tmp_path / "whole", *flags)
+  killed = tmp_path / "killed"
+  proc = run_main(killed, *flags, wait=False)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (killed / "checkpoints" / "40").exists():
+    assert proc.poll() is None, "finished before it could be killed"
+    time.sleep(0.05)
+  proc.kill()
+  proc.communicate()
+  assert not (killed / "summary.json").exists()
+  reached = max(r["step"] for r in records(killed))
+  assert reached < 120
+  run_main(killed, *flags, "--resume")
+  assert_trees_equal(exported(killed), exported(tmp_path / "whole"))
+  want = {r["step"]: r["loss"] for r in records(tmp_path / "whole")}
+  assert all(r["loss"] == want[r["step"]] for r in records(killed))
+
+
+# ----------------------------------------------------------------------------------------
+# Misuse.
+
+
+@pytest.mark.parametrize("overrides, field", [
+  ({"method": "adalora"}, "config.method"),
+  ({"adapter__rank": 0}, "config.adapter.rank"),
+  ({"batch_size": 9, "accum_steps": 2}, "config.accum_steps"),
+  ({"optim__learning_rate": float("nan")}, "config.optim.learning_rate"),
+  ({"mesh__data": 3}, "config.mesh"),
+  ({"mesh__data": 1, "mesh__fsdp": 8, "batch_size": 4}, "config.batch_size"),
+  ({"compute_dtype": "float16"}, "config.compute_dtype"),
+  ({"model__name": "gpt2"}, "config.model.name"),
+  ({"data__max_len": 1}, "config.data.max_len"),
+])
+def test_bad_config_names_the_field(tmp_path, overrides, field):
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    T.train_and_evaluate(smoke(**overrides), tmp_path)
+
+
+def test_target_that_matches_nothing_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match="matches no parameter"):
+    T.train_and_evaluate(smoke(adapter__targets=(r"decoder/.*",)), tmp_path)
+
+
+def test_bad_csv_names_file_and_line(tmp_path):
+  path = tmp_path / "bad.csv"
+  path.write_text("text,label\ngood film,1\nbad film,7\n")
+  config = smoke(text_csv, data__train_file=str(path), data__classes=("0", "1"))
+  with pytest.raises(ValueError, match=r"bad\.csv:3: label '7'"):
+    T.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_missing_dataset_says_how_to_prepare_it(tmp_path):
+  with pytest.raises(FileNotFoundError, match="prepare_data"):
+    T.train_and_evaluate(smoke(data__data_dir=str(tmp_path)), tmp_path / "run")
+
+
+def test_main_reports_bad_config_without_a_traceback(tmp_path):
+  proc = run_main(tmp_path, MINILM_SMOKE, "--config.method=adalora", wait=False)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 2 and "error: config.method" in out and "Traceback" not in out
+
+
+def test_predict_from_workdir_and_export_agrees_with_evaluation(sds_run):
+  from experiments.finetune import predict
+
+  workdir, _ = sds_run
+  source = ip.load_tfds("rotten_tomatoes_sentences", DATA_DIR, "validation[:32]")
+  texts = [source[i]["text"].decode() for i in range(len(source))]
+  labels = np.array([int(source[i]["label"]) for i in range(len(source))])
+  task, trainable, meta = predict.load(workdir)
+  probs = predict.predict(task, trainable, texts, batch_size=16)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  accuracy = float(np.mean(probs.argmax(-1) == labels))
+  assert accuracy == records(workdir, "eval")[-1]["accuracy"]
+  task2, exported_tree, _ = predict.load(workdir / "export" / "adapters")
+  np.testing.assert_allclose(predict.predict(task2, exported_tree, texts, batch_size=16), probs,
+                             rtol=1e-6, atol=1e-7)
+  assert meta["classes"] == ["negative", "positive"]
