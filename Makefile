@@ -24,7 +24,7 @@ $(DATA): $(STAMP)
 	test -d $(FASHION_MNIST) || { $(SUDO) apt-get update -qq && \
 	  $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 	test -f data/vaderSentiment-3.3.2.tar.gz || $(VENV)/bin/pip download --quiet --no-deps \
-	  --no-binary :all: --no-build-isolation 'vadersentiment==3.3.2' -d data
+	  --no-binary :all: 'vadersentiment==3.3.2' -d data
 	$(VENV)/bin/python -m experiments.finetune.prepare_data --data_dir $(DATA_DIR) --search data
 	touch $(DATA)
 

@@ -382,3 +382,15 @@ def test_predict_from_workdir_and_export_agrees_with_evaluation(sds_run):
   np.testing.assert_allclose(predict.predict(task2, exported_tree, texts, batch_size=16), probs,
                              rtol=1e-6, atol=1e-7)
   assert meta["classes"] == ["negative", "positive"]
+
+
+@pytest.mark.parametrize("method", ["rslora", "riemannian", "full"])
+def test_other_methods_train(tmp_path, method):
+  summary = T.train_and_evaluate(smoke(method=method, num_steps=3, export=False), tmp_path)
+  losses = [r["loss"] for r in records(tmp_path)]
+  assert summary["step_compilations"] == 1 and len(losses) == 3 and np.all(np.isfinite(losses))
+  if method == "full":  # every parameter of the 2-layer model and the head
+    task = T.build_task(smoke(), jax.random.key(0))
+    assert summary["trainable_parameters"] == sum(np.size(x) for x in jax.tree.leaves(task.params))
+  else:
+    assert summary["trainable_parameters"] < 60_000

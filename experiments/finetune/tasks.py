@@ -218,7 +218,8 @@ def _minilm_task(config, rng, classes=None) -> Task:
     except ValueError:
       return None
 
-  params = {**params, "head": params.pop("classifier")}  # the trainer's name for the head
+  head = params.pop("classifier")
+  params = {**params, "head": head}  # the trainer's name for the head
   return Task(
     model=_RenamedHead(SentenceClassifier(bert_config, len(classes)), "classifier"),
     params=params, extra={}, head="head", classes=classes, unit="tokens",

@@ -444,7 +444,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
   if full:
     trainable_abs = {"params": jax.eval_shape(lambda: jax.tree.map(jnp.asarray, base_np))}
     trainable_sh = {"params": base_sh}
-    init_trainable = lambda: {"params": jax.tree.map(jnp.asarray, base_np)}  # noqa: E731
+    # Placed from host memory shard by shard (not embedded in a compiled program).
+    init_trainable = lambda: {"params": _place(base_np, trainable_sh["params"])}  # noqa: E731
     base, base_sh = {}, {}
   else:
     rules = adapter_rules(config)
@@ -458,18 +459,17 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
       "adapters": sl_sharding.adapter_shardings(trainable_abs["adapters"], base_sh, mesh=mesh),
       "head": _replicated(trainable_abs["head"], mesh),
     }
-    init_trainable = lambda: init_fn(adapters_key)  # noqa: E731
+    init_trainable = lambda: jax.jit(init_fn, out_shardings=trainable_sh)(adapters_key)  # noqa: E731
     base = _place(base_np, base_sh)
   opt_sh = sl_sharding.opt_state_shardings(tx, trainable_abs, trainable_sh, mesh=mesh)
   scalar = NamedSharding(mesh, P())
   state_sh = {"trainable": trainable_sh, "opt_state": opt_sh, "step": scalar, "seed": scalar}
 
-  def init_state():
-    trainable = init_trainable()
+  def init_state(trainable):
     return {"trainable": trainable, "opt_state": tx.init(trainable),
             "step": jnp.zeros((), jnp.int32), "seed": jnp.asarray(config.seed, jnp.uint32)}
 
-  state_abs = jax.eval_shape(init_state)
+  state_abs = jax.eval_shape(init_state, trainable_abs)
   data = ip.BatchIterator(task.train, batch_size=config.batch_size, seed=config.seed,
                           process_index=jax.process_index(),
                           process_count=jax.process_count())
@@ -487,7 +487,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
       if lead:
         print(f"resumed from step {start} in {ckpt_dir}", file=sys.stderr)
   if state is None:
-    state = jax.jit(init_state, out_shardings=state_sh)()
+    state = jax.jit(init_state, in_shardings=(trainable_sh,), out_shardings=state_sh,
+                    donate_argnums=(0,))(init_trainable())
 
   metrics_batch = {"loss": scalar, "learning_rate": scalar, "grad_norm": scalar}
   train_step = jax.jit(run.train_step, in_shardings=(state_sh, base_sh, None),
