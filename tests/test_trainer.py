@@ -1,5 +1,9 @@
 """The fine-tuning trainer end to end, on the pretrained models and tiny slices of real data.
 
+Tests marked ``slow`` (sharded vs single device, two processes, SIGKILL and SIGTERM,
+accumulation, bfloat16, the other methods) keep the default suite within its time
+budget; run them with ``pytest -m slow tests/test_trainer.py`` (about 6 minutes).
+
 In this process JAX has 8 simulated CPU devices (conftest), so in-process runs are
 sharded over a mesh of 8; single-device and multi-process runs go through
 ``python -m experiments.finetune.main`` in subprocesses. The data are the prepared TFDS
@@ -170,6 +174,7 @@ def test_efficientnet_fashion_mnist_smoke(tmp_path):
   assert "peft" not in summary["export"]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
   """Two micro-batches of 4 give the update of one batch of 8 (mean of the gradients)."""
   mesh = {"mesh__data": 4, "mesh__tensor": 2}  # micro-batches of 4 over 4 batch shards
@@ -184,6 +189,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
   assert one["step_compilations"] == two["step_compilations"] == 1
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_trains(tmp_path):
   summary = T.train_and_evaluate(smoke(method="lora", compute_dtype="bfloat16", export=False),
                                  tmp_path)
@@ -233,6 +239,7 @@ def test_resume_with_another_method_is_refused(tmp_path):
     T.train_and_evaluate(smoke(method="sds", num_steps=6, export=False), tmp_path, resume=True)
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_a_checkpoint_and_resume_continues(tmp_path):
   workdir = tmp_path / "run"
   proc = run_main(workdir, MINILM_SMOKE, "--config.method=lora", "--config.num_steps=100000",
@@ -255,6 +262,7 @@ def test_sigterm_leaves_a_checkpoint_and_resume_continues(tmp_path):
 # Sharding.
 
 
+@pytest.mark.slow
 def test_sharded_run_gives_the_single_device_losses(tmp_path, sds_run):
   """8 devices as data x fsdp x tensor = 2 x 2 x 2 against one device, relative 1e-5."""
   out = run_main(tmp_path / "one", MINILM_SMOKE, devices=1)
@@ -384,6 +392,7 @@ def test_predict_from_workdir_and_export_agrees_with_evaluation(sds_run):
   assert meta["classes"] == ["negative", "positive"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["rslora", "riemannian", "full"])
 def test_other_methods_train(tmp_path, method):
   summary = T.train_and_evaluate(smoke(method=method, num_steps=3, export=False), tmp_path)

@@ -508,32 +508,34 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
   progress = reporting.Progress(config.num_steps, start, enabled=lead and config.progress)
   interrupted = False
   step = start
-  step_times = []
-  window_units, window_start = 0, time.perf_counter()
+  step_times = []  # per logging window: its wall time / its steps (async dispatch included)
+  window_units, window_steps, window_start = 0, 0, time.perf_counter()
   with _Terminate() as term:
     while step < config.num_steps:
       examples = next(data)
       local = task.encode(examples)
       batch = _global_batch(local, mesh, run.batch_spec)
-      t0 = time.perf_counter()
       state, metrics = train_step(state, base, batch)
       step += 1
       window_units += task.units(local) * jax.process_count()
+      window_steps += 1
       if step % config.log_every == 0 or step == config.num_steps:
-        m = jax.device_get(metrics)
-        now = time.perf_counter()
-        step_times.append(now - t0)
-        rate = window_units / max(now - window_start, 1e-9)
+        m = jax.device_get(metrics)  # waits for the window's steps
+        elapsed = max(time.perf_counter() - window_start, 1e-9)
         record = {"loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
-                  "grad_norm": float(m["grad_norm"]), f"{task.unit}_per_s": rate}
+                  "grad_norm": float(m["grad_norm"]), f"{task.unit}_per_s": window_units / elapsed,
+                  "step_time_s": elapsed / window_steps}
+        step_times.append(record["step_time_s"])
         writer.write("train", step, record)
         progress.update(step, record, task.unit)
-        window_units, window_start = 0, time.perf_counter()
+        window_units, window_steps, window_start = 0, 0, time.perf_counter()
       if step % config.eval_every == 0 and step < config.num_steps:
         writer.write("eval", step, evaluate(run, eval_step, state, base, task.validation,
                                             config, mesh))
       if step % config.checkpoint_every == 0 or step == config.num_steps:
         save(step)
+      if step % config.log_every == 0:  # evaluation and saving are not step time
+        window_start = time.perf_counter()
       if term.requested:
         interrupted = True
         if manager.latest_step() != step:
@@ -561,6 +563,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
       "validation_accuracy": val.get("accuracy"), "validation_loss": val.get("loss"),
       "test_accuracy": test.get("accuracy"), "test_loss": test.get("loss"),
       "final_train_loss": train_losses[-1] if train_losses else None,
+      # The first window holds the compilation.
       "step_time_median_s": float(np.median(step_times[1:] or step_times or [np.nan])),
     })
     if lead:
