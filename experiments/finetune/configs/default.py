@@ -84,3 +84,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.distributed.process_id = -1
   c.distributed.local_device_ids = ()
   return c
+
+
+def apply_smoke_loop(c: ml_collections.ConfigDict, num_steps: int) -> None:
+  """The loop settings of every ``:smoke`` variant: small batches, rank 4, a few steps."""
+  c.batch_size = 8
+  c.eval_batch_size = 16
+  c.num_steps = num_steps
+  c.eval_every = c.checkpoint_every = num_steps // 2
+  c.log_every = 1
+  c.optim.warmup_steps = num_steps // 3
+  c.optim.sds_warmup_steps = 2
+  c.adapter.rank = 4
+  c.adapter.alpha = 8.0
+  c.progress = False

@@ -25,19 +25,9 @@ def get_config(variant: str = ""):
     c.data.eval_split = "train[64:96]"
     c.data.test_split = "test[:32]"
     c.data.image_size = 32
-    c.batch_size = 8
-    c.eval_batch_size = 16
-    c.num_steps = 4
-    c.eval_every = 2
-    c.log_every = 1
-    c.checkpoint_every = 2
-    c.optim.warmup_steps = 1
-    c.optim.sds_warmup_steps = 2
-    c.adapter.rank = 4
-    c.adapter.alpha = 8.0
+    default.apply_smoke_loop(c, num_steps=4)
     # Fewer adapted convolutions: each is merged per call, which dominates compile time.
     c.adapter.targets = (r"block_15/(expand_conv|project_conv)/kernel", r"conv_head/kernel")
-    c.progress = False
   elif variant:
     raise ValueError(f"unknown variant {variant!r}; choose '' or 'smoke'")
   return c

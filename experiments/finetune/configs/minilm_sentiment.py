@@ -31,14 +31,4 @@ def apply_smoke(c):
   c.data.train_split = "train[:64]"
   c.data.eval_split = "validation[:32]"
   c.data.test_split = "test[:32]"
-  c.batch_size = 8
-  c.eval_batch_size = 16
-  c.num_steps = 6
-  c.eval_every = 3
-  c.log_every = 1
-  c.checkpoint_every = 3
-  c.optim.warmup_steps = 2
-  c.optim.sds_warmup_steps = 2
-  c.adapter.rank = 4
-  c.adapter.alpha = 8.0
-  c.progress = False
+  default.apply_smoke_loop(c, num_steps=6)
