@@ -11,6 +11,7 @@ No Flax import here: this is part of the functional core.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -287,6 +288,70 @@ def guard(adapter: Adapter) -> Adapter:
       adapter.a, adapter.b, adapter.qa, adapter.qb, adapter.sds_on, adapter.stamp
   )
   return dataclasses.replace(adapter, a=a, b=b, qa=qa, qb=qb, sds_on=sds_on, stamp=stamp)
+
+
+def _checked(adapter: Adapter) -> bool:
+  return (adapter.method == "sds" and adapter.stamp is not None
+          and jnp.result_type(adapter.stamp) == jnp.float32)
+
+
+def _flat_batch(x: jax.Array, tail: int) -> jax.Array:
+  return jnp.reshape(x, (-1, *jnp.shape(x)[jnp.ndim(x) - tail:]))
+
+
+def _tree_stamps_bad(plan, arrays):
+  """Whether any adapter's stamp differs from its arrays: one batched hash per group."""
+  bad = []
+  for group in plan:
+    stacked = [jnp.concatenate([_flat_batch(arrays[i][f], t) for i in group])
+               for f, t in enumerate((2, 2, 2, 2, 0, 0))]
+    stamps = jax.vmap(adapter_stamp)(*stacked[:5])
+    bad.append(jnp.any(stamps != stacked[5]))
+  return jnp.any(jnp.stack(bad))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _guarded_tree(plan, arrays):
+  return arrays
+
+
+def _guarded_tree_fwd(plan, arrays):
+  return arrays, _tree_stamps_bad(plan, arrays)
+
+
+def _guarded_tree_bwd(plan, bad, cotangents):
+  jax.lax.cond(bad, lambda: jax.debug.callback(_raise_misuse, bad), lambda: None)
+  return (cotangents,)
+
+
+_guarded_tree.defvjp(_guarded_tree_fwd, _guarded_tree_bwd)
+
+
+def guard_tree(tree: Any) -> Any:
+  """``guard`` for every adapter of a tree at once; the result's adapters need no guard.
+
+  The same check as ``guard`` (under differentiation only), with the stamps of
+  alike adapters (same shapes and dtypes) hashed in one batched computation, so
+  a model with many adapters gets one small check instead of one per layer
+  call. Checked adapters come back with ``stamp=None`` (their arrays flow
+  through the check), so per-call ``guard``s downstream pass them unchanged.
+  Frontends call this once per ``apply``.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_adapter)
+  idx = [i for i, leaf in enumerate(leaves) if is_adapter(leaf) and _checked(leaf)]
+  if not idx:
+    return tree
+  by_sig: dict[tuple, list[int]] = {}
+  for n, i in enumerate(idx):
+    ad = leaves[i]
+    sig = tuple((jnp.shape(x)[-2:], jnp.result_type(x)) for x in (ad.a, ad.b, ad.qa, ad.qb))
+    by_sig.setdefault(sig + (jnp.result_type(ad.sds_on),), []).append(n)
+  plan = tuple(tuple(g) for g in by_sig.values())
+  arrays = tuple(tuple(getattr(leaves[i], f) for f in _ARRAYS) for i in idx)
+  arrays = _guarded_tree(plan, arrays)
+  for i, (a, b, qa, qb, sds_on, _) in zip(idx, arrays):
+    leaves[i] = dataclasses.replace(leaves[i], a=a, b=b, qa=qa, qb=qb, sds_on=sds_on, stamp=None)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def adapter_matmul(x: jax.Array, adapter: Adapter) -> jax.Array:

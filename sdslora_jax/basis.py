@@ -23,7 +23,8 @@ def orthonormal_basis(m: jax.Array) -> jax.Array:
   """Orthonormal columns spanning the columns of ``m``.
 
   Args:
-    m: a ``(n, r)`` matrix with ``n >= r``, any float dtype.
+    m: a ``(n, r)`` matrix with ``n >= r``, any float dtype (or a batch
+      ``(..., n, r)`` of them).
 
   Returns:
     ``q`` of shape ``(n, r)`` in float32 with ``q.T @ q = I`` and ``m = q @ R``
@@ -35,12 +36,13 @@ def orthonormal_basis(m: jax.Array) -> jax.Array:
     ValueError: if ``m`` is not 2-D, has more columns than rows, or has a
       non-floating dtype.
   """
-  _checks.check_tall_matrix("m", jnp.shape(m))
+  shape = jnp.shape(m)
+  _checks.check_tall_matrix("m", shape[-2:] if len(shape) > 2 else shape)
   _checks.check_float_arrays(m=m)
   m32 = jnp.asarray(m, jnp.float32)
   q, r = jnp.linalg.qr(m32, mode="reduced")
-  signs = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(jnp.float32)
-  return q * signs[None, :]
+  signs = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0).astype(jnp.float32)
+  return q * signs[..., None, :]
 
 
 def align_signs(new: jax.Array, previous: jax.Array) -> jax.Array:
@@ -54,8 +56,8 @@ def align_signs(new: jax.Array, previous: jax.Array) -> jax.Array:
         f"cannot align bases of different shapes: {jnp.shape(new)} vs "
         f"{jnp.shape(previous)}"
     )
-  dots = jnp.sum(new * jnp.asarray(previous, new.dtype), axis=0)
-  return new * jnp.where(dots < 0, -1.0, 1.0).astype(new.dtype)[None, :]
+  dots = jnp.sum(new * jnp.asarray(previous, new.dtype), axis=-2)
+  return new * jnp.where(dots < 0, -1.0, 1.0).astype(new.dtype)[..., None, :]
 
 
 BASIS_METHODS = ("gram", "householder")

@@ -341,12 +341,27 @@ def _safe_path(xs, axis_name):
 
 @functools.partial(jax.jit, static_argnames=("passes", "axis_name"))
 def _basis(m, passes, axis_name):
-  """Returns ``(q, fast)``: the basis and whether the fast path's result was kept."""
-  xs, finite = _prepare(m, axis_name)
-  q, ok = _fast_path(xs, passes, axis_name)
-  q = lax.cond(ok, lambda q, xs: q, lambda q, xs: _safe_path(xs, axis_name), q, xs)
+  """Returns ``(q, fast)``: the basis and whether the fast path's result was kept.
+
+  ``m`` may have leading batch axes: the matrices are then orthonormalised
+  together (one batched program, whatever their number), and the safe path
+  runs, for all of them, only when the fast path failed for one of them.
+  """
+  shape = m.shape
+  ms = m.reshape((-1, *shape[-2:]))
+  xs, finite = jax.vmap(lambda x: _prepare(x, axis_name))(ms)
+  q, ok = jax.vmap(lambda x: _fast_path(x, passes, axis_name))(xs)
+
+  def safe(q, xs):
+    q_safe = jax.vmap(lambda x: _safe_path(x, axis_name))(xs)
+    return jnp.where(ok[:, None, None], q, q_safe)
+
+  # A cond on the whole batch (not a per-matrix select under vmap, which would run
+  # both paths every time).
+  q = lax.cond(jnp.all(ok), lambda q, xs: q, safe, q, xs)
   # The safe path would turn NaN columns into stand-ins: keep garbage visible.
-  return jnp.where(finite, q, jnp.nan), ok
+  q = jnp.where(finite[:, None, None], q, jnp.nan)
+  return q.reshape(shape), ok.reshape(shape[:-2])
 
 
 def _check(m, passes, axis_name):
@@ -354,6 +369,8 @@ def _check(m, passes, axis_name):
   if isinstance(axis_name, list):
     axis_name = tuple(axis_name)
   shape = tuple(jnp.shape(m))
+  if len(shape) > 2:  # a batch of matrices
+    shape = shape[-2:]
   if axis_name is not None and len(shape) == 2:
     # Inside shard_map ``m`` is a block of rows: the global matrix must be tall.
     shape = (shape[0] * lax.axis_size(axis_name), shape[1])
@@ -377,7 +394,9 @@ def gram_orthonormal_basis(
   row-sharded ``m`` is never gathered: see the module docstring.
 
   Args:
-    m: a ``(n, r)`` matrix with ``n >= r``, any float dtype. Inside
+    m: a ``(n, r)`` matrix with ``n >= r``, any float dtype, or a batch
+      ``(..., n, r)`` of such matrices (orthonormalised in one batched
+      program: the way to handle many adapters of one shape). Inside
       ``shard_map`` with ``axis_name``: this device's block of rows of such a
       matrix (a block may have fewer than ``r`` rows).
     passes: Cholesky-QR sweeps on the fast path (each: one ``r x r`` all-reduce
@@ -387,7 +406,7 @@ def gram_orthonormal_basis(
       handle go to the safe path, so the result is orthonormal anyway;
       ``passes`` only trades fast-path cost against how often the safe path
       runs (such a call costs about 3-4x a fast one). Under ``vmap`` with a
-      batched decision both paths always run.
+      batched decision both paths always run: pass a batch instead.
     axis_name: mesh axis name(s) over which the rows of ``m`` are split, for use
       inside ``shard_map``; Gram matrices are ``psum``-ed over it. ``None``
       (default) under ``jit`` with sharded inputs, where XLA inserts the
@@ -416,5 +435,10 @@ def gram_qr(
   """
   axis_name = _check(m, passes, axis_name)
   q = _basis(m, passes, axis_name)[0]
-  r = jnp.triu(_cross(q, jnp.asarray(m, _F32), axis_name))
-  return q, r
+  m32 = jnp.asarray(m, _F32)
+  if m.ndim == 2:
+    return q, jnp.triu(_cross(q, m32, axis_name))
+  batch = m.shape[:-2]
+  q3, m3 = q.reshape((-1, *m.shape[-2:])), m32.reshape((-1, *m.shape[-2:]))
+  r = jax.vmap(lambda y, z: _cross(y, z, axis_name))(q3, m3)
+  return q, jnp.triu(r).reshape((*batch, m.shape[-1], m.shape[-1]))

@@ -37,7 +37,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from sdslora_jax.adapter import Adapter, is_adapter, kernel_delta, layer_view
+from sdslora_jax.adapter import Adapter, guard_tree, is_adapter, kernel_delta, layer_view
 from sdslora_jax.targets import KernelLayout, Rule, einsum_in_axes, path_str
 from sdslora_jax.tree import (
     adapter_items,
@@ -318,7 +318,7 @@ def intercept(adapters: Any, *, used: set | None = None):
   ``used`` (optional) collects the plain key paths of the adapters applied.
   """
   used = set() if used is None else used
-  with nn.intercept_methods(_make_interceptor(adapters, used)):
+  with nn.intercept_methods(_make_interceptor(guard_tree(adapters), used)):
     yield used
 
 
@@ -345,6 +345,7 @@ def apply(
   Raises:
     ValueError: with ``check_unused``, when adapters were not reached.
   """
+  adapters = guard_tree(adapters)  # one batched stamp check for the whole tree
   with intercept(adapters) as used:
     out = model.apply(with_stacked_adapters(variables, adapters), *args, **kwargs)
   if check_unused:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from sdslora_jax import _checks
-from sdslora_jax.basis import factor_bases
+from sdslora_jax.basis import BASIS_METHODS, basis
 from sdslora_jax.gram_basis import gram_qr
 
 
@@ -45,28 +45,61 @@ def activate_sds(
   _checks.check_factors(jnp.shape(a), jnp.shape(b))
   _checks.check_float_arrays(a=a, b=b)
   scale = _checks.check_scale(scale)
-  a32 = jnp.asarray(a, jnp.float32)
-  b32 = jnp.asarray(b, jnp.float32)
-  if method == "gram":  # r x r communication only when a factor is sharded
-    q_a, r_a = gram_qr(a32)
-    q_b, r_b = gram_qr(b32.T)
-  elif method == "householder":
-    q_a, r_a = jnp.linalg.qr(a32, mode="reduced")
-    q_b, r_b = jnp.linalg.qr(b32.T, mode="reduced")
-  else:
-    raise ValueError(f"unknown basis method {method!r}; choose 'gram' or 'householder'")
-  u, s, vt = jnp.linalg.svd(scale * (r_a @ r_b.T), full_matrices=False)
-  qa = q_a @ u
-  qb = q_b @ vt.T
-  half = s / (2.0 * scale)
-  a_new = qa * half[None, :]
-  b_new = half[:, None] * qb.T
+  if method not in BASIS_METHODS:
+    raise ValueError(f"unknown basis method {method!r}; choose from {BASIS_METHODS}")
+  return activate_sds_batch(a, b, jnp.float32(scale), method=method)
+
+
+def activate_sds_batch(
+    a: jax.Array, b: jax.Array, scale: jax.Array, *, method: str = "gram"
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``activate_sds`` of a batch: ``a: (..., d_in, r)``, ``b: (..., r, d_out)``.
+
+  ``scale`` is an array broadcastable to the batch axes (one scale per
+  adapter). One batched QR, SVD and basis computation for the whole batch, so
+  the program does not grow with the number of adapters. Not validated: the
+  optimizer calls it on adapters it has checked.
+  """
+  a_new, b_new = activated_factors(a, b, scale, method=method)
   # Where S > 0, orth(a_new) = qa (the QR of qa diag(c) with c > 0 is unique), so
-  # the bases below equal qa, qb up to rounding. Where the warm-up left a
-  # direction at zero, the column of a_new / row of b_new is zero and any
-  # orthonormal completion preserves the update; taking the package's
-  # orthonormal_basis makes the bases exactly what a refresh would compute.
-  # Everything stays in float32 up to here; low-precision factors are rounded
-  # once, below, and the bases are those of the unrounded float32 factors.
-  qa, qb = factor_bases(a_new, b_new, method=method)
+  # these bases equal qa, qb up to rounding. Where the warm-up left a direction at
+  # zero, the column of a_new / row of b_new is zero and any orthonormal completion
+  # preserves the update; taking the package's basis makes the bases exactly what
+  # a refresh would compute. Everything stays in float32 up to here; low-precision
+  # factors are rounded once, below, and the bases are those of the unrounded
+  # float32 factors.
+  qa = basis(a_new, method)
+  qb = basis(jnp.swapaxes(b_new, -1, -2), method)
   return a_new.astype(jnp.asarray(a).dtype), b_new.astype(jnp.asarray(b).dtype), qa, qb
+
+
+def activated_factors(
+    a: jax.Array, b: jax.Array, scale: jax.Array, *, method: str = "gram"
+) -> tuple[jax.Array, jax.Array]:
+  """Steps 1-3 of the switch for a batch: the new float32 factors ``(a', b')``.
+
+  ``a: (..., d_in, r)``, ``b: (..., r, d_out)``, ``scale`` broadcastable to the
+  batch axes. The bases are ``orth(a')`` and ``orth(b'.T)`` (see
+  ``activate_sds_batch``).
+  """
+  q_a, r_a = thin_qr(a, method)
+  q_b, r_b = thin_qr(jnp.swapaxes(b, -1, -2), method)
+  return factors_from_qr(q_a, r_a, q_b, r_b, scale)
+
+
+def thin_qr(m: jax.Array, method: str = "gram") -> tuple[jax.Array, jax.Array]:
+  """Float32 thin QR of ``(..., n, r)`` matrices by ``method`` (step 1 of the switch)."""
+  m32 = jnp.asarray(m, jnp.float32)
+  if method == "gram":  # r x r communication only when a factor is sharded
+    return gram_qr(m32)
+  return jnp.linalg.qr(m32, mode="reduced")
+
+
+def factors_from_qr(q_a, r_a, q_b, r_b, scale) -> tuple[jax.Array, jax.Array]:
+  """Steps 2-3 of the switch from ``a = q_a r_a`` and ``b.T = q_b r_b`` (batched)."""
+  scale = jnp.asarray(scale, jnp.float32)[..., None, None]
+  u, s, vt = jnp.linalg.svd(scale * (r_a @ jnp.swapaxes(r_b, -1, -2)), full_matrices=False)
+  qa = q_a @ u
+  qb = q_b @ jnp.swapaxes(vt, -1, -2)
+  half = s / (2.0 * scale[..., 0])
+  return qa * half[..., None, :], half[..., :, None] * jnp.swapaxes(qb, -1, -2)

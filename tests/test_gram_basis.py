@@ -363,3 +363,21 @@ def test_householder_on_the_same_sharded_input_gathers_the_factor(multi_device):
   # The checker above can fail: Householder QR all-gathers the (4096, 16) factor.
   assert _gathers_of_full_factor(multi_device["Auto/householder/full"]["collectives"])
   assert multi_device["Auto/householder/full"]["diff"] <= 1e-5
+
+
+def test_batch_equals_one_matrix_at_a_time():
+  # A batch (the optimizer's grouped call) gives each matrix's own basis, including
+  # a rank-deficient member that sends the whole batch down the safe path.
+  ms = [_spectrum_matrix(40, 4, kappa, seed=s) for s, kappa in enumerate((1.0, 1e3, 1e5))]
+  deficient = np.array(ms[0]).copy()
+  deficient[:, 3] = deficient[:, 0]
+  ms.append(jnp.asarray(deficient))
+  batch = jnp.stack(ms)
+  q = gram_orthonormal_basis(batch)
+  assert q.shape == batch.shape
+  for m, qi in zip(ms, q):
+    np.testing.assert_allclose(qi, gram_orthonormal_basis(m), atol=2e-6)
+    assert _orth_error(qi) < 1e-5
+  q2, r2 = gram_qr(batch.reshape(2, 2, 40, 4))
+  for m, qi, ri in zip(ms, q2.reshape(4, 40, 4), r2.reshape(4, 4, 4)):
+    np.testing.assert_allclose(qi @ ri, m, atol=1e-5 * float(jnp.max(jnp.abs(m))))

@@ -322,3 +322,44 @@ def test_tree_cast_for_compute_is_not_flagged():
   loss = lambda p: jnp.sum(sds.adapter_matmul(x.astype(jnp.bfloat16), p["w"]).astype(jnp.float32))
   g = jax.block_until_ready(jax.grad(loss)(cast))
   assert g["w"].a.dtype == jnp.bfloat16
+
+
+def _linen_two_layer():
+  class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(6, name="out")(nn.relu(nn.Dense(8, name="hid")(x)))
+
+  model = Mlp()
+  x = jax.random.normal(jax.random.key(3), (5, 8))
+  params = model.init(jax.random.key(0), x)["params"]
+  rules = [rule(".*kernel", method="sds", rank=2, alpha=2.0)]
+  adapters = sl.init_adapters(jax.random.key(1), model, params, rules, x)
+  loss = lambda ad: jnp.mean(sl.apply(model, {"params": params}, ad, x) ** 2)
+  return adapters, loss, params, x
+
+
+def test_linen_apply_checks_the_whole_tree_once():
+  # linen.apply guards all adapters together (one batched stamp check); a plain
+  # optimizer on any of them is caught, and unchanged adapters pass.
+  adapters, loss, params, x = _linen_two_layer()
+  jax.block_until_ready(jax.jit(jax.grad(loss))(adapters))  # fresh adapters: no error
+  tampered = jax.tree.map(lambda x: x, adapters, is_leaf=sds.is_adapter)
+  hid = tampered["hid"]["kernel"]
+  tampered["hid"]["kernel"] = dataclasses.replace(hid, a=hid.a * 1.01)
+  with pytest.raises(Exception, match=MISUSE):
+    jax.block_until_ready(jax.jit(jax.grad(loss))(tampered))
+  # Same gradients as the layers written out with the per-call path (adapter_matmul).
+  def by_hand(ad, params=params, x=x):
+    h = x @ params["hid"]["kernel"] + params["hid"]["bias"] + sds.adapter_matmul(
+        x, ad["hid"]["kernel"])
+    h = jax.nn.relu(h)
+    out = h @ params["out"]["kernel"] + params["out"]["bias"] + sds.adapter_matmul(
+        h, ad["out"]["kernel"])
+    return jnp.mean(out ** 2)
+
+  got, want = jax.grad(loss)(adapters), jax.grad(by_hand)(adapters)
+  for k in ("hid", "out"):
+    for f in ("a", "b"):
+      np.testing.assert_allclose(getattr(got[k]["kernel"], f), getattr(want[k]["kernel"], f),
+                                 rtol=1e-5, atol=1e-7)

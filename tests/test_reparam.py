@@ -73,3 +73,21 @@ def test_activate_sds_under_jit_and_errors():
     np.testing.assert_allclose(u, v, atol=1e-6)
   with pytest.raises(ValueError, match="inner dimensions"):
     sds.activate_sds(a, b.T, scale=1.0)
+
+
+def test_batched_switch_equals_one_adapter_at_a_time():
+  from sdslora_jax.reparam import activate_sds_batch
+
+  keys = jax.random.split(jax.random.key(5), 6)
+  a = jax.random.normal(keys[0], (3, 20, 4))
+  b = jax.random.normal(keys[1], (3, 4, 12))
+  scales = jnp.asarray([0.5, 2.0, 4.0])
+  got = activate_sds_batch(a, b, scales)
+  for n in range(3):
+    want = sds.activate_sds(a[n], b[n], scale=float(scales[n]))
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g[n], w, rtol=1e-5, atol=1e-6)
+    # The identity the switch must satisfy, per member.
+    np.testing.assert_allclose(
+        sds.sds_delta(got[0][n], got[1][n], scale=float(scales[n]), qa=got[2][n], qb=got[3][n]),
+        sds.lora_delta(a[n], b[n], scale=float(scales[n])), rtol=1e-4, atol=1e-5)

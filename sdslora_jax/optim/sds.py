@@ -14,7 +14,7 @@ wrapper runs the SDS-LoRA life cycle, as data inside one compiled step:
    function is unchanged), ``sds_on`` becomes 1, the bases are set, and the
    inner optimizer's per-parameter state for those factors is reset.
 3. SDS phase: after the update the bases are recomputed from the updated
-   factors (``refresh_bases``, signs aligned to the previous bases) on a
+   factors (``basis.refresh_bases``, signs aligned to the previous bases) on a
    schedule (``schedules.py``).
 
 The returned updates are ``new - old`` for every leaf, so
@@ -83,18 +83,19 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sdslora_jax import _trees
-from sdslora_jax.adapter import adapter_stamp, is_adapter, per_layer
-from sdslora_jax.basis import BASIS_METHODS, refresh_bases
+from sdslora_jax.adapter import adapter_stamp, is_adapter
+from sdslora_jax.basis import BASIS_METHODS, align_signs
+from sdslora_jax.basis import basis as basis_of
 from sdslora_jax.optim.schedules import RefreshSchedule, make_refresh_schedule
-from sdslora_jax.reparam import activate_sds
+from sdslora_jax.reparam import factors_from_qr, thin_qr
 
 _F32 = jnp.float32
 
@@ -263,6 +264,101 @@ def _reset_state(ref: Any, old: Any, fresh: Any, flags: dict[int, jax.Array]) ->
   return old_def.unflatten(out)
 
 
+@dataclasses.dataclass
+class _Group:
+  """SDS adapters alike in shapes, dtypes and scale, stacked along one leading axis.
+
+  Each member's layer axes (a stacked adapter's) are flattened into the group
+  axis; ``members`` records ``(leaf index, layer shape, offset, size)``.
+  ``ua``, ``ub`` are the inner optimizer's updates of the factors.
+  """
+
+  members: list
+  scale: float
+  a: jax.Array
+  b: jax.Array
+  qa: jax.Array
+  qb: jax.Array
+  sds_on: jax.Array
+  stamp: jax.Array | None
+  ua: jax.Array
+  ub: jax.Array
+
+  @property
+  def n(self) -> int:
+    return self.a.shape[0]
+
+  def unstack(self, *arrays: jax.Array) -> dict[int, tuple]:
+    """``{leaf index: (member's slice of each array, layer axes restored)}``."""
+    return {
+        i: tuple(jnp.reshape(x[off:off + size], (*lead, *x.shape[1:])) for x in arrays)
+        for i, lead, off, size in self.members
+    }
+
+
+def _stack_groups(adapters: dict[int, Any], updates: dict[int, tuple]) -> list[_Group]:
+  """Stacks SDS adapters (and their factor updates) into ``_Group``s, in a fixed order."""
+  by_sig: dict[tuple, list[int]] = {}
+  for i, p in adapters.items():
+    sig = tuple((x.shape[-2:], jnp.dtype(x.dtype)) for x in (p.a, p.b, p.qa, p.qb))
+    sig += (jnp.dtype(jnp.asarray(p.sds_on).dtype), p.scale, p.stamp is None,
+            jnp.dtype(updates[i][0].dtype), jnp.dtype(updates[i][1].dtype))
+    by_sig.setdefault(sig, []).append(i)
+  groups = []
+  for idx in by_sig.values():
+    members, offset = [], 0
+    for i in idx:
+      lead = tuple(adapters[i].a.shape[:-2])
+      size = int(np.prod(lead, dtype=np.int64))
+      members.append((i, lead, offset, size))
+      offset += size
+
+    def stack(get, tail, idx=idx):
+      return jnp.concatenate([jnp.reshape(jnp.asarray(get(i)), (-1, *jnp.shape(get(i))[
+          jnp.ndim(get(i)) - tail:])) for i in idx])
+
+    first = adapters[idx[0]]
+    groups.append(_Group(
+        members=members, scale=first.scale,
+        a=stack(lambda i: adapters[i].a, 2), b=stack(lambda i: adapters[i].b, 2),
+        qa=stack(lambda i: adapters[i].qa, 2), qb=stack(lambda i: adapters[i].qb, 2),
+        sds_on=stack(lambda i: adapters[i].sds_on, 0),
+        stamp=None if first.stamp is None else stack(lambda i: adapters[i].stamp, 0),
+        ua=stack(lambda i: updates[i][0], 2), ub=stack(lambda i: updates[i][1], 2),
+    ))
+  return groups
+
+
+def _grouped(fn, items: dict, tails: tuple[int, ...]) -> dict:
+  """``fn`` applied to every item, one batched call per group of alike items.
+
+  ``items`` maps a key to a tuple of arrays; array ``k`` of an item has
+  leading axes and ``tails[k]`` trailing axes, the same leading axes for all
+  arrays of an item. Items whose arrays have the same trailing shapes and
+  dtypes form a group: their arrays are flattened to one batch axis and
+  concatenated, ``fn`` runs once on the group (it must accept a leading batch
+  axis and return a tuple of arrays with one), and the results are split back.
+  """
+  groups: dict[tuple, list] = {}
+  for key, arrays in items.items():
+    sig = tuple((x.shape[x.ndim - t:], jnp.dtype(x.dtype)) for x, t in zip(arrays, tails))
+    groups.setdefault(sig, []).append(key)
+
+  def flat(x, t):  # (*leading, *tail) -> (n, *tail)
+    return jnp.reshape(x, (-1, *x.shape[x.ndim - t:]))
+
+  out = {}
+  for keys in groups.values():
+    lead = [items[k][0].shape[: items[k][0].ndim - tails[0]] for k in keys]
+    results = fn(*[jnp.concatenate([flat(items[k][j], t) for k in keys])
+                   for j, t in enumerate(tails)])
+    offsets = np.cumsum([0] + [int(np.prod(shape, dtype=np.int64)) for shape in lead])
+    for n, k in enumerate(keys):
+      out[k] = tuple(jnp.reshape(r[offsets[n]:offsets[n + 1]], (*lead[n], *r.shape[1:]))
+                     for r in results)
+  return out
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
     raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -371,85 +467,102 @@ def sds_lora(
       return treedef.unflatten(upd_leaves), SdsLoraState(count, state.num_refreshes, inner_state)
 
     view_leaves = plain_def.flatten_up_to(view)
-    old = {i: leaves[i] for i in sds_idx}
-    was_on = {i: jnp.asarray(p.sds_on) > 0.5 for i, p in old.items()}
-    switch = {i: (count >= warmup_steps) & ~on for i, on in was_on.items()}
+    # SDS adapters alike in shapes, dtypes and scale are stacked into groups: the
+    # switch, the refresh and the stamps then run once per group (and the QRs once
+    # per factor shape), so the program does not grow with the number of adapters.
+    groups = _stack_groups({i: leaves[i] for i in sds_idx},
+                           {i: (upd_leaves[i].a, upd_leaves[i].b) for i in sds_idx})
+    was_on = [jnp.asarray(g.sds_on) > 0.5 for g in groups]
+    switch = [(count >= warmup_steps) & ~on for on in was_on]
 
-    # Switch: activate_sds on the updated factors, reset their moments.
-    def do_switch(operand):
-      step, istate = operand
-      out, new_view = {}, {}
-      for i, p in old.items():
-        a1, b1 = _apply(p.a, step[i][0]), _apply(p.b, step[i][1])
-        activate = functools.partial(activate_sds, scale=p.scale, method=basis)
-        a2, b2, qa2, qb2 = per_layer(activate, p)(a1, b1)
-        sw = _bcast(switch[i], a1)
+    # Switch: the updated factors re-expressed in SDS form (activate_sds), moments reset.
+    def do_switch(istate):
+      new_factors = [(_apply(g.a, g.ua), _apply(g.b, g.ub)) for g in groups]
+      mats = {}
+      for k, (a1, b1) in enumerate(new_factors):
+        mats[k, "a"] = (a1.astype(_F32),)
+        mats[k, "b"] = (jnp.swapaxes(b1, -1, -2).astype(_F32),)
+      qrs = _grouped(lambda m: thin_qr(m, basis), mats, tails=(2,))
+      out = []
+      for k, g in enumerate(groups):
+        a1, b1 = new_factors[k]
+        # float32, unrounded: the switch's bases are computed from these.
+        a2, b2 = factors_from_qr(*qrs[k, "a"], *qrs[k, "b"], jnp.full(g.n, g.scale, _F32))
+        sw = switch[k][:, None, None]
         # float32 differences of values rounded once: p + u is exactly a2 in
         # float32, so apply_updates rounds it back to a2 (no second rounding
         # of a low-precision difference).
-        ua = jnp.where(sw, a2.astype(_F32) - p.a.astype(_F32), step[i][0].astype(_F32))
-        ub = jnp.where(sw, b2.astype(_F32) - p.b.astype(_F32), step[i][1].astype(_F32))
-        out[i] = (
-            ua.astype(_update_dtype(p.a, step[i][0])),
-            ub.astype(_update_dtype(p.b, step[i][1])),
-            jnp.where(_bcast(switch[i], qa2), qa2, p.qa).astype(p.qa.dtype),
-            jnp.where(_bcast(switch[i], qb2), qb2, p.qb).astype(p.qb.dtype),
-            jnp.where(switch[i], 1.0, p.sds_on).astype(jnp.asarray(p.sds_on).dtype),
-        )
-        new_view[i] = dataclasses.replace(
-            view_leaves[i], a=_apply(p.a, out[i][0]), b=_apply(p.b, out[i][1])
-        )
-      fresh_leaves = [new_view.get(i, v) for i, v in enumerate(view_leaves)]
-      fresh = inner.init(plain_def.unflatten(fresh_leaves))
-      flags = {id(view_leaves[i]): switch[i] for i in sds_idx}
+        a2r, b2r = a2.astype(g.a.dtype).astype(_F32), b2.astype(g.b.dtype).astype(_F32)
+        ua = jnp.where(sw, a2r - g.a.astype(_F32), g.ua.astype(_F32))
+        ub = jnp.where(sw, b2r - g.b.astype(_F32), g.ub.astype(_F32))
+        out.append((
+            ua.astype(_update_dtype(g.a, g.ua)),
+            ub.astype(_update_dtype(g.b, g.ub)),
+            jnp.where(switch[k], 1.0, g.sds_on).astype(g.sds_on.dtype),
+            jnp.where(sw, a2, a1.astype(_F32)),
+            jnp.where(sw, b2, b1.astype(_F32)),
+        ))
+      new_view, flags = {}, {}
+      for k, g in enumerate(groups):
+        new_a, new_b = _apply(g.a, out[k][0]), _apply(g.b, out[k][1])
+        for i, (na, nb, sw) in g.unstack(new_a, new_b, switch[k]).items():
+          new_view[i] = dataclasses.replace(view_leaves[i], a=na, b=nb)
+          flags[id(view_leaves[i])] = sw
+      fresh = inner.init(plain_def.unflatten([new_view.get(i, v)
+                                              for i, v in enumerate(view_leaves)]))
       return out, _reset_state(view, istate, fresh, flags)
 
-    def no_switch(operand):
-      step, istate = operand
-      return {
-          i: (step[i][0].astype(_update_dtype(p.a, step[i][0])),
-              step[i][1].astype(_update_dtype(p.b, step[i][1])),
-              jnp.asarray(p.qa), jnp.asarray(p.qb), jnp.asarray(p.sds_on))
-          for i, p in old.items()
-      }, istate
+    def no_switch(istate):
+      out = []
+      for g in groups:
+        ua = g.ua.astype(_update_dtype(g.a, g.ua))
+        ub = g.ub.astype(_update_dtype(g.b, g.ub))
+        out.append((ua, ub, g.sds_on, _apply(g.a, ua).astype(_F32), _apply(g.b, ub).astype(_F32)))
+      return out, istate
 
-    step = {i: (upd_leaves[i].a, upd_leaves[i].b) for i in sds_idx}
-    any_switch = jnp.any(jnp.stack([jnp.any(switch[i]) for i in sds_idx]))
-    out, inner_state = jax.lax.cond(any_switch, do_switch, no_switch, (step, inner_state))
+    any_switch = jnp.any(jnp.concatenate(switch))
+    out, inner_state = jax.lax.cond(any_switch, do_switch, no_switch, inner_state)
 
-    # Refresh the bases of adapters that were already in SDS mode.
+    # Bases: set at the switch; recomputed from the updated factors (signs aligned
+    # to the previous bases) for adapters that were already in SDS mode, on schedule.
     j = count - warmup_steps
     refresh_now = jnp.where(j <= 0, True, jnp.asarray(should_refresh(jnp.maximum(j, 1))))
-    any_refresh = refresh_now & jnp.any(jnp.stack([jnp.any(was_on[i]) for i in sds_idx]))
+    any_refresh = refresh_now & jnp.any(jnp.concatenate(was_on))
 
-    def do_refresh(bases):
-      new = {}
-      for i, p in old.items():
-        a1, b1 = _apply(p.a, out[i][0]), _apply(p.b, out[i][1])
-        qa, qb = bases[i]
-        qa2, qb2 = per_layer(functools.partial(refresh_bases, method=basis), p)(a1, b1, qa, qb)
-        new[i] = (
-            jnp.where(_bcast(was_on[i], qa2), qa2, qa).astype(qa.dtype),
-            jnp.where(_bcast(was_on[i], qb2), qb2, qb).astype(qb.dtype),
-        )
-      return new
+    def new_bases(_):
+      mats = {}
+      for k in range(len(groups)):
+        mats[k, "a"] = (out[k][3],)
+        mats[k, "b"] = (jnp.swapaxes(out[k][4], -1, -2),)
+      fresh = _grouped(lambda m: (basis_of(m, basis),), mats, tails=(2,))
+      bases = []
+      for k, g in enumerate(groups):
+        pair = []
+        for side, prev in (("a", g.qa), ("b", g.qb)):
+          q = fresh[k, side][0]
+          q = jnp.where(switch[k][:, None, None], q, jnp.where(
+              (was_on[k] & refresh_now)[:, None, None], align_signs(q, prev), prev))
+          pair.append(q.astype(prev.dtype))
+        bases.append(tuple(pair))
+      return bases
 
-    bases = {i: (out[i][2], out[i][3]) for i in sds_idx}
-    bases = jax.lax.cond(any_refresh, do_refresh, lambda b: b, bases)
-
+    bases = jax.lax.cond(any_refresh | any_switch, new_bases,
+                         lambda _: [(g.qa, g.qb) for g in groups], None)
     result = list(upd_leaves)
-    for i, p in old.items():
-      ua, ub, _, _, on = out[i]
-      qa, qb = bases[i]
+    for k, g in enumerate(groups):
+      ua, ub, on = out[k][:3]
+      qa, qb = bases[k]
       stamp = None
-      if p.stamp is not None:  # the stamp of the arrays exactly as apply_updates leaves them
-        stamp = per_layer(adapter_stamp, p)(
-            _apply(p.a, ua), _apply(p.b, ub), _apply(p.qa, qa - p.qa), _apply(p.qb, qb - p.qb),
-            _apply(p.sds_on, on - p.sds_on))
-        stamp = stamp - p.stamp
-      result[i] = dataclasses.replace(
-          p, a=ua, b=ub, qa=qa - p.qa, qb=qb - p.qb, sds_on=on - p.sds_on, stamp=stamp
-      )
+      if g.stamp is not None:  # the stamps of the arrays exactly as apply_updates leaves them
+        stamp = jax.vmap(adapter_stamp)(
+            _apply(g.a, ua), _apply(g.b, ub), _apply(g.qa, qa - g.qa), _apply(g.qb, qb - g.qb),
+            _apply(g.sds_on, on - g.sds_on)) - g.stamp
+      parts = (ua, ub, qa - g.qa, qb - g.qb, on - g.sds_on) + ((stamp,) if stamp is not None else ())
+      for i, arrays in g.unstack(*parts).items():
+        result[i] = dataclasses.replace(
+            leaves[i], a=arrays[0], b=arrays[1], qa=arrays[2], qb=arrays[3], sds_on=arrays[4],
+            stamp=arrays[5] if stamp is not None else None,
+        )
     new_state = SdsLoraState(
         count=count,
         num_refreshes=jnp.where(

@@ -1,0 +1,417 @@
+"""Train-step cost of adapters: full fine-tuning, a hand-written LoRA, ours, ``nnx.LoRA``.
+
+Every variant is one compiled train step (``jax.jit`` with the trainable state
+donated; frozen parameters and the batch passed as arguments, never closed
+over): forward, backward and AdamW (``optax.adamw(1e-4)``). SDS-LoRA runs inside
+``sds_lora(optax.adamw(1e-4), warmup_steps=10)`` with the bases refreshed after
+every update (the default schedule, the most expensive), and is timed after its
+switch. Variants:
+
+* ``full``: every parameter trained (the cost adapters should undercut).
+* ``handwritten``: the LoRA a user writes by hand, ``y = x @ K + s * (x @ a) @ b``
+  in the module, differentiated by JAX's autodiff.
+* ``lora``, ``sds``: this library (``method="lora"`` / ``"sds"``; Linen
+  ``sdslora_jax.linen.apply`` for MiniLM, NNX ``sdslora_jax.nnx.adapt`` for the
+  Dense stacks).
+* ``nnx_lora``: Flax's ``nnx.LoRA`` wrapping each ``nnx.Linear`` (Dense stacks).
+
+Models: all-MiniLM-L6-v2 with a classification head (trained fully by every
+adapted variant), rank 8 on q/k/v/o and the FFN; a stack of 4 ``nnx.Linear``
+layers of width ``d`` with ReLU, activations ``(tokens / 128, 128, d)``.
+
+Timing: after compilation and warm-up steps (12 for SDS-LoRA, past its
+switch; 2 for the others), the variants of a configuration
+run interleaved (one step of each, in turn, ``repeats`` times) and each step is
+timed to ``block_until_ready``; the record gives the median and the 25th / 75th
+percentiles. Memory is XLA's account of the compiled step
+(``compiled.memory_analysis()``): ``temp_bytes`` (temporaries) and
+``peak_bytes`` (arguments + outputs - donated aliases + temporaries).
+
+Run::
+
+  python -m experiments.step_overhead            # the whole grid (tens of minutes)
+  python -m experiments.step_overhead --quick    # a small grid, under a minute
+  python -m experiments.step_overhead --json     # one JSON record per line on stdout
+  python -m experiments.step_overhead --load 2   # with 2 busy processes competing
+
+Ratios (``ratio_vs_lora``, ``ratio_vs_full``, ``ratio_vs_handwritten``) are of
+median step times measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import sdslora_jax.linen
+import sdslora_jax.nnx
+from sdslora_jax import targets, tree
+from sdslora_jax.optim import sds_lora
+
+LR = 1e-4
+SDS_WARMUP = 10
+WARMUP_STEPS = SDS_WARMUP + 2  # SDS-LoRA is timed after its switch (the others: 2 steps)
+MINILM_TARGETS = (r".*attention/(query|key|value|output)/kernel", r".*(intermediate|output)/kernel")
+
+
+@dataclasses.dataclass
+class Variant:
+  """One compiled train step and its state: ``step(trainable, opt_state, frozen, batch)``."""
+
+  name: str
+  step: Callable
+  trainable: Any
+  opt_state: Any
+  frozen: Any
+  batch: Any
+  compiled: Any = None
+  compile_s: float = 0.0
+  times: list = dataclasses.field(default_factory=list)
+
+  def compile(self) -> None:
+    t0 = time.perf_counter()
+    self.compiled = self.step.lower(self.trainable, self.opt_state, self.frozen, self.batch).compile()
+    self.compile_s = time.perf_counter() - t0
+
+  def run(self) -> float:
+    t0 = time.perf_counter()
+    self.trainable, self.opt_state, loss = self.compiled(
+        self.trainable, self.opt_state, self.frozen, self.batch)
+    jax.block_until_ready((self.trainable, self.opt_state, loss))
+    return time.perf_counter() - t0
+
+  def memory(self) -> dict:
+    m = self.compiled.memory_analysis()
+    if m is None:
+      return {"temp_bytes": None, "peak_bytes": None}
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    return {"temp_bytes": int(m.temp_size_in_bytes), "peak_bytes": int(peak + m.temp_size_in_bytes)}
+
+  def hlo_instructions(self) -> int:
+    return sum(" = " in line for line in self.compiled.as_text().splitlines())
+
+
+def train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+  """``jit(step)``: value_and_grad of ``loss_fn(trainable, frozen, batch)`` + ``tx``."""
+
+  def step(trainable, opt_state, frozen, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _variant(name, loss_fn, tx, trainable, frozen, batch) -> Variant:
+  return Variant(name, train_step(loss_fn, tx), trainable, tx.init(trainable), frozen, batch)
+
+
+def _copy(tree):
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+# ----------------------------------------------------------------------------------------
+# all-MiniLM-L6-v2 + head (Linen).
+
+
+def _hand_lora(factors: dict, scale: float):
+  """A Linen interceptor adding ``s * (x @ a) @ b`` to the output of each adapted module.
+
+  The plain hand-written LoRA (autodiff, no custom backward); ``factors`` maps a
+  module path to ``(a, b)`` with ``a: (d_in, r)`` over the flattened input axes.
+  """
+  import flax.linen as nn
+
+  def interceptor(next_fun, args, kwargs, ctx):
+    y = next_fun(*args, **kwargs)
+    key = "/".join(ctx.module.path)
+    if ctx.method_name != "__call__" or key not in factors:
+      return y
+    a, b = factors[key]
+    x = args[0]
+    if isinstance(ctx.module, nn.DenseGeneral) and not isinstance(ctx.module.axis, int):
+      x = x.reshape(*x.shape[: -len(ctx.module.axis)], -1)  # output projection: (.., h, dh)
+    delta = scale * ((x @ a) @ b)
+    return y + delta.reshape(y.shape)
+
+  return interceptor
+
+
+def minilm_variants(batch: int, seq: int, rank: int, num_layers: int | None) -> list[Variant]:
+  import flax.linen as nn
+
+  from sdslora_jax.models import SentenceClassifier
+  from sdslora_jax.models import minilm
+
+  overrides = {"dropout_rate": 0.0, **({"num_layers": num_layers} if num_layers else {})}
+  cfg, params = minilm.init_classifier_params(2, jax.random.key(0), **overrides)
+  model = SentenceClassifier(cfg, 2)
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(1000, cfg.vocab_size, (batch, seq)), jnp.int32)
+  mask = jnp.ones((batch, seq), jnp.int32)
+  data = {"ids": ids, "mask": mask, "label": jnp.asarray(rng.integers(0, 2, batch))}
+  head = params.pop("classifier")
+  base = params
+  alpha = 16.0
+  scale = alpha / rank
+
+  def xent(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  def full_loss(p, frozen, d):
+    return xent(model.apply({"params": p}, d["ids"], d["mask"], deterministic=True), d["label"])
+
+  rules = [targets.rule(t, method="lora", rank=rank, alpha=alpha) for t in MINILM_TARGETS]
+  lora_ad = sdslora_jax.linen.init_adapters(jax.random.key(1), model, {**base, "classifier": head}, rules,
+                                   ids, mask)
+  lora_ad.pop("classifier", None)
+  sds_rules = [dataclasses.replace(r, method="sds") for r in rules]
+  sds_ad = sdslora_jax.linen.init_adapters(jax.random.key(1), model, {**base, "classifier": head},
+                                  sds_rules, ids, mask)
+  sds_ad.pop("classifier", None)
+
+  def adapted_loss(t, frozen, d):
+    out = sdslora_jax.linen.apply(model, {"params": {**frozen, "classifier": t["head"]}}, t["adapters"],
+                         d["ids"], d["mask"], deterministic=True)
+    return xent(out, d["label"])
+
+  factors = {"/".join(k[:-1]): (ad.a, ad.b) for k, ad in tree.adapter_items(lora_ad)}
+
+  def hand_loss(t, frozen, d):
+    with nn.intercept_methods(_hand_lora(t["factors"], scale)):
+      out = model.apply({"params": {**frozen, "classifier": t["head"]}}, d["ids"], d["mask"],
+                        deterministic=True)
+    return xent(out, d["label"])
+
+  adamw = optax.adamw(LR)
+  return [
+      _variant("full", full_loss, adamw, _copy({**base, "classifier": head}), {}, data),
+      _variant("handwritten", hand_loss, adamw, {"factors": _copy(factors), "head": _copy(head)},
+               base, data),
+      _variant("lora", adapted_loss, adamw, {"adapters": lora_ad, "head": _copy(head)}, base, data),
+      _variant("sds", adapted_loss, sds_lora(optax.adamw(LR), warmup_steps=SDS_WARMUP),
+               {"adapters": sds_ad, "head": _copy(head)}, base, data),
+  ]
+
+
+# ----------------------------------------------------------------------------------------
+# A stack of nnx.Linear layers.
+
+
+def _stack_variants(d: int, rank: int, tokens: int, layers: int = 4, seq: int = 128):
+  from flax import nnx
+
+  class Stack(nnx.Module):
+    def __init__(self, rngs):
+      self.layers = nnx.List([nnx.Linear(d, d, rngs=rngs) for _ in range(layers)])
+
+    def __call__(self, x):
+      for layer in self.layers:
+        x = nnx.relu(layer(x))
+      return x
+
+  class HandLoRAParam(nnx.Variable):
+    pass
+
+  class HandLoRA(nnx.Module):
+    """``x @ K + bias + s * (x @ a) @ b``, written the plain way."""
+
+    def __init__(self, base: nnx.Linear, key, scale):
+      self.base = base
+      bound = 1.0 / np.sqrt(d)
+      self.a = HandLoRAParam(jax.random.uniform(key, (d, rank), jnp.float32, -bound, bound))
+      self.b = HandLoRAParam(jnp.zeros((rank, d)))
+      self.scale = scale
+
+    def __call__(self, x):
+      return self.base(x) + self.scale * ((x @ self.a[...]) @ self.b[...])
+
+  scale = 2.0  # alpha = 2 r
+  if tokens % seq:
+    raise ValueError(f"tokens ({tokens}) must be a multiple of {seq}")
+  x = jax.random.normal(jax.random.key(7), (tokens // seq, seq, d))
+  y = jax.random.normal(jax.random.key(8), (tokens // seq, seq, d))
+  data = {"x": x, "y": y}
+
+  def build():
+    return Stack(nnx.Rngs(0))
+
+  def split_step(name, model, wrt, tx):
+    graphdef, trainable, frozen = nnx.split(model, wrt, ...)
+
+    def loss(t, f, batch):
+      m = nnx.merge(graphdef, t, f)
+      return jnp.mean((m(batch["x"]) - batch["y"]) ** 2)
+
+    return _variant(name, loss, tx, trainable, frozen, data)
+
+  out = [split_step("full", build(), nnx.Param, optax.adamw(LR))]
+  m = build()
+  for i, layer in enumerate(m.layers):
+    m.layers[i] = HandLoRA(layer, jax.random.key(100 + i), scale)
+  out.append(split_step("handwritten", m, HandLoRAParam, optax.adamw(LR)))
+  rules = lambda method: [targets.rule(r"layers/\d+/kernel", method=method, rank=rank,
+                                          alpha=scale * rank)]
+  m = sdslora_jax.nnx.adapt(build(), rules("lora"), key=jax.random.key(1))
+  out.append(split_step("lora", m, sdslora_jax.nnx.AdapterVariable, optax.adamw(LR)))
+  m = sdslora_jax.nnx.adapt(build(), rules("sds"), key=jax.random.key(1))
+  out.append(split_step("sds", m, sdslora_jax.nnx.AdapterVariable,
+                        sds_lora(optax.adamw(LR), warmup_steps=SDS_WARMUP)))
+  m = build()
+  for i, layer in enumerate(m.layers):
+    m.layers[i] = nnx.LoRA(d, rank, d, base_module=layer, rngs=nnx.Rngs(100 + i))
+  out.append(split_step("nnx_lora", m, nnx.LoRAParam, optax.adamw(LR)))
+  return out
+
+
+# ----------------------------------------------------------------------------------------
+# Measurement.
+
+
+def measure(variants: Sequence[Variant], repeats: int, log) -> list[dict]:
+  for v in variants:
+    v.compile()
+    for _ in range(WARMUP_STEPS if v.name == "sds" else 2):
+      v.run()
+    log(f"  {v.name}: compiled in {v.compile_s:.1f} s")
+  for _ in range(repeats):
+    for v in variants:
+      v.times.append(v.run())
+  rows = []
+  for v in variants:
+    t = np.asarray(v.times)
+    rows.append({
+        "method": v.name,
+        "step_time_median_s": float(np.median(t)),
+        "step_time_p25_s": float(np.percentile(t, 25)),
+        "step_time_p75_s": float(np.percentile(t, 75)),
+        "compile_s": v.compile_s,
+        "hlo_instructions": v.hlo_instructions(),
+        "repeats": len(t),
+        **v.memory(),
+    })
+  by = {r["method"]: r for r in rows}
+  for r in rows:
+    for ref in ("lora", "full", "handwritten"):
+      r[f"ratio_vs_{ref}"] = (r["step_time_median_s"] / by[ref]["step_time_median_s"]
+                              if ref in by else None)
+    r["compile_ratio_vs_lora"] = r["compile_s"] / by["lora"]["compile_s"] if "lora" in by else None
+  return rows
+
+
+def configurations(quick: bool) -> list[dict]:
+  """The grid: MiniLM and Dense stacks (d, rank, tokens)."""
+  if quick:
+    return [
+        {"model": "minilm", "batch": 8, "seq": 128, "rank": 8, "num_layers": 2, "repeats": 5},
+        {"model": "dense_stack", "d": 1024, "rank": 16, "tokens": 2048, "repeats": 5},
+    ]
+  grid = [{"model": "minilm", "batch": 32, "seq": 128, "rank": 8, "num_layers": None,
+           "repeats": 30}]
+  for d, tokens, ranks, repeats in ((1024, 512, (8, 16, 64), 30), (1024, 2048, (8, 16, 64), 20),
+                                    (1024, 8192, (8, 16, 64), 8), (4096, 512, (8, 16, 64), 8),
+                                    (4096, 2048, (8, 16, 64), 5), (4096, 8192, (16,), 3)):
+    grid += [{"model": "dense_stack", "d": d, "rank": r, "tokens": tokens, "repeats": repeats}
+             for r in ranks]
+  return grid
+
+
+def run_configuration(c: dict, log) -> list[dict]:
+  if c["model"] == "minilm":
+    variants = minilm_variants(c["batch"], c["seq"], c["rank"], c["num_layers"])
+    meta = {"model": "minilm" if not c["num_layers"] else f"minilm_{c['num_layers']}layers",
+            "d": 384, "rank": c["rank"], "tokens": c["batch"] * c["seq"]}
+  else:
+    variants = _stack_variants(c["d"], c["rank"], c["tokens"])
+    meta = {"model": "dense_stack", "d": c["d"], "rank": c["rank"], "tokens": c["tokens"]}
+  log(f"{meta}")
+  rows = measure(variants, c["repeats"], log)
+  return [{**meta, "dtype": "float32", "platform": jax.devices()[0].platform, **r} for r in rows]
+
+
+def _busy() -> None:  # a competing process for --load
+  while True:
+    pass
+
+
+def table(rows: Sequence[dict]) -> str:
+  head = ("| model | d | r | tokens | method | step (s) | p25-p75 (s) | vs LoRA | vs full | "
+          "vs hand | temp MiB | compile (s) |")
+  lines = [head, "|" + "---|" * 12]
+  for r in rows:
+    temp = "n/a" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.0f}"
+    lines.append(
+        f"| {r['model']} | {r['d']} | {r['rank']} | {r['tokens']} | {r['method']} | "
+        f"{r['step_time_median_s']:.4f} | {r['step_time_p25_s']:.4f}-{r['step_time_p75_s']:.4f} | "
+        f"{r['ratio_vs_lora']:.3f} | {r['ratio_vs_full']:.3f} | {r['ratio_vs_handwritten']:.3f} | "
+        f"{temp} | {r['compile_s']:.1f} |")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="a small grid, under a minute")
+  parser.add_argument("--json", action="store_true", help="JSON records on stdout, one per line")
+  parser.add_argument("--models", default="minilm,dense_stack",
+                      help="comma-separated subset of minilm,dense_stack")
+  parser.add_argument("--d", type=int, nargs="*", help="only these widths of the Dense stacks")
+  parser.add_argument("--ranks", type=int, nargs="*", help="only these ranks of the Dense stacks")
+  parser.add_argument("--tokens", type=int, nargs="*", help="only these token counts")
+  parser.add_argument("--repeats", type=int, help="interleaved repeats (default: per config)")
+  parser.add_argument("--load", type=int, default=0,
+                      help="busy processes competing for the CPU during the measurement")
+  parser.add_argument("--out", help="also write the JSON records to this file")
+  parser.add_argument("--markdown", help="also write the table to this Markdown file")
+  args = parser.parse_args(argv)
+
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  models = set(args.models.split(","))
+  grid = [c for c in configurations(args.quick) if c["model"] in models
+          and (c["model"] != "dense_stack" or (
+              (not args.d or c["d"] in args.d) and (not args.ranks or c["rank"] in args.ranks)
+              and (not args.tokens or c["tokens"] in args.tokens)))]
+  if not grid:
+    parser.error("no configuration matches the filters")
+  hogs = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(args.load)]
+  for h in hogs:
+    h.start()
+  log(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs), "
+      f"{len(grid)} configurations, load {args.load}")
+  rows = []
+  try:
+    for i, c in enumerate(grid):
+      if args.repeats:
+        c = {**c, "repeats": args.repeats}
+      log(f"[{i + 1}/{len(grid)}]")
+      new = [{**r, "load": args.load} for r in run_configuration(c, log)]
+      rows.extend(new)
+      if args.json:
+        for r in new:
+          print(json.dumps(r), flush=True)
+      if args.out:
+        with open(args.out, "w") as f:
+          f.writelines(json.dumps(r) + "\n" for r in rows)
+  finally:
+    for h in hogs:
+      h.terminate()
+  print(table(rows), file=sys.stderr if args.json else sys.stdout)
+  if args.markdown:
+    with open(args.markdown, "w") as f:
+      f.write(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
+              f"load {args.load}, float32; medians of interleaved steps.\n\n{table(rows)}\n")
+
+
+if __name__ == "__main__":
+  main()
