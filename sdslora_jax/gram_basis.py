@@ -417,7 +417,7 @@ def gram_orthonormal_basis(
     with ``q.T @ q = I``. Non-finite input gives non-finite output.
 
   Raises:
-    ValueError: if ``m`` is not 2-D, has more columns than rows, has a
+    ValueError: if ``m`` has fewer than 2 axes, has more columns than rows, has a
       non-floating dtype, or ``passes`` is not an integer >= 2.
   """
   axis_name = _check(m, passes, axis_name)

@@ -75,6 +75,14 @@ Composition. ``optax.MultiSteps`` and ``optax.apply_if_finite`` must wrap
 and the switch could land mid-accumulation); ``init`` raises a ``ValueError``
 when it finds their state in the inner optimizer.
 
+Cost. SDS adapters alike in factor shapes, dtypes and scale are stacked into
+groups inside ``update``: the switch (QR, SVD), the basis refresh and the
+stamps run once per group, and the QRs and bases once per factor shape (with
+``basis="gram"``, a batched Cholesky-QR whose safe path runs only when some
+matrix of the batch needs it). A model's update therefore holds a few
+factorisations whatever its number of adapters; what grows per adapter is the
+inner optimizer's per-leaf work and the stacking and slicing of its arrays.
+
 References:
   Oh, Baik & Lee, "SDS-LoRA: Overcoming Anisotropic Gradient Scaling in
   Low-Rank Adaptation", arXiv 2606.16454, 2026.
