@@ -3,9 +3,11 @@
 Every variant is one compiled train step (``jax.jit`` with the trainable state
 donated; frozen parameters and the batch passed as arguments, never closed
 over): forward, backward and AdamW (``optax.adamw(1e-4)``). SDS-LoRA runs inside
-``sds_lora(optax.adamw(1e-4), warmup_steps=10)`` with the bases refreshed after
-every update (the default schedule, the most expensive), and is timed after its
-switch. Variants:
+``sds_lora(optax.adamw(1e-4), warmup_steps=0)`` with the bases refreshed after
+every update (the default schedule, the most expensive). Its adapters start in
+the SDS phase (``sds_on=True``: zero factors, random bases; ``warmup_steps=0``),
+so every timed step is an SDS step; the program is the same one a run with a
+warm-up compiles (the switch branch is in it either way). Variants:
 
 * ``full``: every parameter trained (the cost adapters should undercut).
 * ``handwritten``: the LoRA a user writes by hand, ``y = x @ K + s * (x @ a) @ b``
@@ -19,8 +21,7 @@ Models: all-MiniLM-L6-v2 with a classification head (trained fully by every
 adapted variant), rank 8 on q/k/v/o and the FFN; a stack of 4 ``nnx.Linear``
 layers of width ``d`` with ReLU, activations ``(tokens / 128, 128, d)``.
 
-Timing: after compilation and warm-up steps (12 for SDS-LoRA, past its
-switch; 2 for the others), the variants of a configuration
+Timing: after compilation and 2 warm-up steps, the variants of a configuration
 run interleaved (one step of each, in turn, ``repeats`` times) and each step is
 timed to ``block_until_ready``; the record gives the median and the 25th / 75th
 percentiles. Memory is XLA's account of the compiled step
@@ -61,8 +62,7 @@ from sdslora_jax import targets, tree
 from sdslora_jax.optim import sds_lora
 
 LR = 1e-4
-SDS_WARMUP = 10
-WARMUP_STEPS = SDS_WARMUP + 2  # SDS-LoRA is timed after its switch (the others: 2 steps)
+WARMUP_STEPS = 2
 MINILM_TARGETS = (r".*attention/(query|key|value|output)/kernel", r".*(intermediate|output)/kernel")
 
 
@@ -79,6 +79,7 @@ class Variant:
   compiled: Any = None
   compile_s: float = 0.0
   times: list = dataclasses.field(default_factory=list)
+  losses: list = dataclasses.field(default_factory=list)
 
   def compile(self) -> None:
     t0 = time.perf_counter()
@@ -90,7 +91,9 @@ class Variant:
     self.trainable, self.opt_state, loss = self.compiled(
         self.trainable, self.opt_state, self.frozen, self.batch)
     jax.block_until_ready((self.trainable, self.opt_state, loss))
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    self.losses.append(loss)
+    return elapsed
 
   def memory(self) -> dict:
     m = self.compiled.memory_analysis()
@@ -179,7 +182,7 @@ def minilm_variants(batch: int, seq: int, rank: int, num_layers: int | None) -> 
   lora_ad.pop("classifier", None)
   sds_rules = [dataclasses.replace(r, method="sds") for r in rules]
   sds_ad = sdslora_jax.linen.init_adapters(jax.random.key(1), model, {**base, "classifier": head},
-                                  sds_rules, ids, mask)
+                                           sds_rules, ids, mask, sds_on=True)
   sds_ad.pop("classifier", None)
 
   def adapted_loss(t, frozen, d):
@@ -201,7 +204,7 @@ def minilm_variants(batch: int, seq: int, rank: int, num_layers: int | None) -> 
       _variant("handwritten", hand_loss, adamw, {"factors": _copy(factors), "head": _copy(head)},
                base, data),
       _variant("lora", adapted_loss, adamw, {"adapters": lora_ad, "head": _copy(head)}, base, data),
-      _variant("sds", adapted_loss, sds_lora(optax.adamw(LR), warmup_steps=SDS_WARMUP),
+      _variant("sds", adapted_loss, sds_lora(optax.adamw(LR), warmup_steps=0),
                {"adapters": sds_ad, "head": _copy(head)}, base, data),
   ]
 
@@ -266,9 +269,9 @@ def _stack_variants(d: int, rank: int, tokens: int, layers: int = 4, seq: int = 
                                           alpha=scale * rank)]
   m = sdslora_jax.nnx.adapt(build(), rules("lora"), key=jax.random.key(1))
   out.append(split_step("lora", m, sdslora_jax.nnx.AdapterVariable, optax.adamw(LR)))
-  m = sdslora_jax.nnx.adapt(build(), rules("sds"), key=jax.random.key(1))
+  m = sdslora_jax.nnx.adapt(build(), rules("sds"), key=jax.random.key(1), sds_on=True)
   out.append(split_step("sds", m, sdslora_jax.nnx.AdapterVariable,
-                        sds_lora(optax.adamw(LR), warmup_steps=SDS_WARMUP)))
+                        sds_lora(optax.adamw(LR), warmup_steps=0)))
   m = build()
   for i, layer in enumerate(m.layers):
     m.layers[i] = nnx.LoRA(d, rank, d, base_module=layer, rngs=nnx.Rngs(100 + i))
@@ -283,7 +286,7 @@ def _stack_variants(d: int, rank: int, tokens: int, layers: int = 4, seq: int = 
 def measure(variants: Sequence[Variant], repeats: int, log) -> list[dict]:
   for v in variants:
     v.compile()
-    for _ in range(WARMUP_STEPS if v.name == "sds" else 2):
+    for _ in range(WARMUP_STEPS):
       v.run()
     log(f"  {v.name}: compiled in {v.compile_s:.1f} s")
   for _ in range(repeats):
@@ -300,6 +303,8 @@ def measure(variants: Sequence[Variant], repeats: int, log) -> list[dict]:
         "compile_s": v.compile_s,
         "hlo_instructions": v.hlo_instructions(),
         "repeats": len(t),
+        "first_loss": float(v.losses[0]),
+        "last_loss": float(v.losses[-1]),
         **v.memory(),
     })
   by = {r["method"]: r for r in rows}
@@ -322,7 +327,7 @@ def configurations(quick: bool) -> list[dict]:
            "repeats": 30}]
   for d, tokens, ranks, repeats in ((1024, 512, (8, 16, 64), 30), (1024, 2048, (8, 16, 64), 20),
                                     (1024, 8192, (8, 16, 64), 8), (4096, 512, (8, 16, 64), 8),
-                                    (4096, 2048, (8, 16, 64), 5), (4096, 8192, (16,), 3)):
+                                    (4096, 2048, (8, 16, 64), 4)):
     grid += [{"model": "dense_stack", "d": d, "rank": r, "tokens": tokens, "repeats": repeats}
              for r in ranks]
   return grid
@@ -360,6 +365,38 @@ def table(rows: Sequence[dict]) -> str:
   return "\n".join(lines)
 
 
+def summary_table(rows: Sequence[dict]) -> str:
+  """One line per configuration: the ratios the performance targets are about."""
+  configs: dict[tuple, dict] = {}
+  for r in rows:
+    configs.setdefault((r["model"], r["d"], r["rank"], r["tokens"]), {})[r["method"]] = r
+  head = ("| model | d | r | tokens | LoRA step (s) | LoRA / full | LoRA / hand-written | "
+          "SDS / LoRA | nnx.LoRA / LoRA | temp MiB: full / hand / LoRA / SDS | "
+          "compile (s): LoRA / SDS |")
+  lines = [head, "|" + "---|" * 11]
+  fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
+  for (model, d, rank, tokens), by in configs.items():
+    lora = by["lora"]
+    t = lambda m: by[m]["step_time_median_s"] if m in by else None
+    ratio = lambda m, ref: None if m not in by or ref not in by else t(m) / t(ref)
+    mib = " / ".join("n/a" if m not in by or by[m]["temp_bytes"] is None
+                     else f"{by[m]['temp_bytes'] / 2**20:.0f}"
+                     for m in ("full", "handwritten", "lora", "sds"))
+    lines.append(
+        f"| {model} | {d} | {rank} | {tokens} | {lora['step_time_median_s']:.3f} | "
+        f"{fmt(ratio('lora', 'full'))} | {fmt(ratio('lora', 'handwritten'))} | "
+        f"{fmt(ratio('sds', 'lora'))} | {fmt(ratio('nnx_lora', 'lora'))} | {mib} | "
+        f"{lora['compile_s']:.1f} / {by['sds']['compile_s']:.1f} |")
+  return "\n".join(lines)
+
+
+def write_markdown(rows: Sequence[dict], path: str, load: int) -> None:
+  with open(path, "w") as f:
+    f.write(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
+            f"load {load}, float32; medians of interleaved steps.\n\n{summary_table(rows)}\n\n"
+            f"All variants:\n\n{table(rows)}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="a small grid, under a minute")
@@ -373,10 +410,18 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--load", type=int, default=0,
                       help="busy processes competing for the CPU during the measurement")
   parser.add_argument("--out", help="also write the JSON records to this file")
-  parser.add_argument("--markdown", help="also write the table to this Markdown file")
+  parser.add_argument("--markdown", help="also write the tables to this Markdown file")
+  parser.add_argument("--from_json", help="only rewrite --markdown from these JSON records")
   args = parser.parse_args(argv)
 
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  if args.from_json:
+    if not args.markdown:
+      parser.error("--from_json needs --markdown")
+    with open(args.from_json) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    write_markdown(rows, args.markdown, rows[0].get("load", 0) if rows else 0)
+    return
   models = set(args.models.split(","))
   grid = [c for c in configurations(args.quick) if c["model"] in models
           and (c["model"] != "dense_stack" or (
@@ -408,9 +453,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       h.terminate()
   print(table(rows), file=sys.stderr if args.json else sys.stdout)
   if args.markdown:
-    with open(args.markdown, "w") as f:
-      f.write(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
-              f"load {args.load}, float32; medians of interleaved steps.\n\n{table(rows)}\n")
+    write_markdown(rows, args.markdown, args.load)
 
 
 if __name__ == "__main__":

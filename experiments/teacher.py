@@ -139,3 +139,92 @@ def steps_to(curve: np.ndarray, threshold: float) -> int | None:
   """First 1-based step at which the relative loss is below ``threshold``."""
   hits = np.nonzero(np.asarray(curve) < threshold)[0]
   return int(hits[0]) + 1 if hits.size else None
+
+
+def make_adamw(lr: float, total_steps: int, offset: int = 0) -> optax.GradientTransformation:
+  """AdamW with ``make_optimizer("adam")``'s warm-up + cosine schedule and ``weight_decay=0``.
+
+  The decay is zero because the teacher's optimum is not at zero factors; so this equals
+  Adam (up to rounding).
+  """
+  sched = optax.warmup_cosine_decay_schedule(
+      0.0, lr, max(1, total_steps // 20), total_steps, end_value=lr / 100
+  )
+  return optax.adamw(lambda count: sched(count + offset), weight_decay=0.0)
+
+
+def train_seeds(
+    cfg: Teacher,
+    seeds,
+    method: str,
+    optimizer,
+    lr: float,
+    *,
+    steps: int,
+    warmup_steps: int = 10,
+) -> np.ndarray:
+  """``train`` for several seeds at once, ``(len(seeds), steps)`` relative-loss curves.
+
+  Seed ``s`` trains ``dataclasses.replace(cfg, seed=s)`` (its target and initial ``a``;
+  ``cfg.seed`` is ignored). The seeds run together: one jitted ``lax.scan`` vmapped over
+  the targets and initial factors. ``optimizer`` is a name in ``OPTIMIZERS`` or a function
+  ``(lr, total_steps, offset) -> optax.GradientTransformation`` such as ``make_adamw``.
+
+  So that one compilation serves every lr, the optimizer is built at lr 1 and its updates
+  are multiplied by ``lr``, a traced value: the same as building it at ``lr`` (up to
+  rounding) for optimizers whose updates are proportional to the lr, as are all of these.
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+  if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {optimizer!r}; choose from {OPTIMIZERS}")
+  n_warm = warmup_steps if method == "sds" else 0
+  if n_warm > steps:
+    raise ValueError(f"warmup_steps={warmup_steps} exceeds steps={steps}")
+  cfgs = [dataclasses.replace(cfg, seed=int(s)) for s in seeds]
+  if not cfgs:
+    raise ValueError("seeds is empty")
+  targets = jnp.stack([make_target(c) for c in cfgs])
+  a, b = (jnp.stack(x) for x in zip(*(init_factors(c) for c in cfgs)))
+  curves = _run_seeds(cfg.scale, method, optimizer, steps, n_warm, jnp.float32(lr), targets, (a, b))
+  return np.asarray(curves)
+
+
+def _scaled_optimizer(optimizer, lr, total_steps, offset):
+  """``optimizer`` built at lr 1, its updates multiplied by the (traced) ``lr``."""
+  if isinstance(optimizer, str):
+    unit = make_optimizer(optimizer, 1.0, total_steps, offset=offset)
+  else:
+    unit = optimizer(1.0, total_steps, offset)
+  return optax.chain(unit, optax.scale(lr))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _run_seeds(scale, method, optimizer, steps, n_warm, lr, targets, factors):
+  def phase(method, opt, target, factors, length):
+    loss, delta = _loss_fn(method, scale, target)
+    grad = jax.grad(loss)
+
+    def step(carry, _):
+      f, opt_state = carry
+      updates, opt_state = opt.update(grad(f), opt_state, f)
+      f = optax.apply_updates(f, updates)
+      return (f, opt_state), relative_loss(delta(f), target)
+
+    (factors, _), curve = jax.lax.scan(step, (factors, opt.init(factors)), None, length=length)
+    return factors, curve
+
+  def one_seed(target, factors):
+    curves = []
+    if n_warm:
+      opt = _scaled_optimizer(optimizer, lr, steps, 0)
+      factors, curve = phase("lora", opt, target, factors, n_warm)
+      curves.append(curve)
+      a, b, _, _ = sds.activate_sds(*factors, scale=scale)
+      factors = (a, b)
+    opt = _scaled_optimizer(optimizer, lr, steps, n_warm)
+    _, curve = phase(method, opt, target, factors, steps - n_warm)
+    curves.append(curve)
+    return jnp.concatenate(curves)
+
+  return jax.vmap(one_seed)(targets, factors)

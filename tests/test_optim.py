@@ -580,8 +580,8 @@ def test_grouped_update_equals_each_adapter_alone():
     return params
 
   together = run(tree)
-  for name, ad in tree.items():
-    alone = run({name: ad})[name]
+  for name in ("l1", "odd"):  # a member of the stacked group, and a group of its own
+    alone = run({name: tree[name]})[name]
     for f in ("a", "b", "qa", "qb", "sds_on", "stamp"):
       np.testing.assert_allclose(getattr(together[name], f), getattr(alone, f), rtol=1e-6,
                                  atol=1e-7, err_msg=f"{name}.{f}")
