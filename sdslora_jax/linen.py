@@ -11,7 +11,9 @@ name,)``, its output gets the adapter's contribution:
   update or gradient is formed.
 * ``Embed``: the update's rows are gathered from the factors (``__call__``),
   and ``attend`` uses the rank-r path.
-* ``Conv`` and any other case: the kernel is merged *per call*
+* ``Conv`` with a 1x1 kernel, unit strides and dilations: the rank-r path over the
+  channel axis (``tree.is_pointwise_conv``).
+* Other ``Conv`` and any other case: the kernel is merged *per call*
   (``K + delta`` formed once per call, and its gradient) and the module re-run
   on the merged parameters.
 
@@ -43,8 +45,10 @@ from sdslora_jax.tree import (
     adapter_items,
     apply_dense_general,
     apply_einsum,
+    apply_pointwise_conv,
     attend_embedding,
     init_adapters as _init_adapters,
+    is_pointwise_conv,
     lookup_embedding,
     merge,
 )
@@ -303,7 +307,10 @@ def _make_interceptor(adapters, used: set):
       if einsum_in_axes(eq, len(ad.target_shape)) == ad.input_axes:
         y = next_fun(*args, **kwargs)
         return y + apply_einsum(_inputs(args, kwargs).astype(y.dtype), ad, eq)
-    # Conv, DenseGeneral with batch_dims, non-matmul Einsum: merge per call.
+    if isinstance(m, nn.Conv) and is_pointwise_conv(ad, m):
+      y = next_fun(*args, **kwargs)
+      return y + apply_pointwise_conv(_inputs(args, kwargs).astype(y.dtype), ad)
+    # Other Conv, DenseGeneral with batch_dims, non-matmul Einsum: merge per call.
     return _merged_call(m, ad, "kernel", args, kwargs, "__call__")
 
   return interceptor

@@ -9,7 +9,8 @@ original module (``.base``, unchanged) and the ``Adapter`` in an
 * ``nnx.state(model, AdapterVariable)`` is the adapter tree (train this);
   ``nnx.Param`` stays the frozen base, now at ``<module path>/base/kernel``.
 * Linear / LinearGeneral (without ``batch_axis``) / plain-matmul Einsum use the
-  rank-r path; Embed gathers the update's rows; Conv (and any other case)
+  rank-r path; Embed gathers the update's rows; a 1x1 Conv (unit strides and
+  dilations) uses the rank-r path over channels; other Conv (and any other case)
   merges the kernel per call.
 * Kernels of layers stacked by ``nnx.vmap`` (layer axes first) get one
   adapter per layer, stored stacked in one ``AdapterVariable``; an
@@ -40,7 +41,9 @@ from sdslora_jax.tree import (
     adapters_from_targets,
     apply_dense_general,
     apply_einsum,
+    apply_pointwise_conv,
     attend_embedding,
+    is_pointwise_conv,
     lookup_embedding,
 )
 
@@ -177,6 +180,9 @@ class Adapted(nnx.Module):
       if einsum_in_axes(eq, len(ad.target_shape)) == ad.input_axes:
         y = base(*args, **kwargs)
         return y + apply_einsum(x.astype(y.dtype), ad, eq)
+    if isinstance(base, nnx.Conv) and is_pointwise_conv(ad, base):
+      y = base(*args, **kwargs)
+      return y + apply_pointwise_conv(x.astype(y.dtype), ad)
     return self._merged_call(*args, **kwargs)
 
   def attend(self, query, *args, **kwargs):

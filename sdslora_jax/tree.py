@@ -169,6 +169,35 @@ def _check_input(name: str, adapter: Adapter, got: tuple[int, ...], want: tuple[
     )
 
 
+def _ones(v) -> bool:
+  return v is None or all(int(x) == 1 for x in (v if isinstance(v, (tuple, list)) else (v,)))
+
+
+def is_pointwise_conv(adapter: Adapter, module: Any) -> bool:
+  """Whether a convolution is a plain matmul over channels (a 1x1 ``Conv``, stride 1).
+
+  True for an adapter of kind ``"conv"`` whose kernel's spatial sizes are all 1, on a
+  module (Linen ``nn.Conv`` or ``nnx.Conv``) with unit strides and dilations, no
+  mask, and string padding (for a 1x1 kernel at stride 1 every padding mode gives the
+  input's spatial shape). Such a convolution's update reaches the output as
+  ``(x @ a) @ b`` over the channel axis: the rank-r path, no per-call merge.
+  """
+  if adapter.kind != "conv" or any(n != 1 for n in adapter.target_shape[:-2]):
+    return False
+  padding = getattr(module, "padding", "SAME")
+  return (_ones(getattr(module, "strides", 1)) and _ones(getattr(module, "input_dilation", 1))
+          and _ones(getattr(module, "kernel_dilation", 1))
+          and getattr(module, "mask", None) is None and isinstance(padding, str)
+          and getattr(module, "feature_group_count", 1) == 1)
+
+
+def apply_pointwise_conv(x: jax.Array, adapter: Adapter) -> jax.Array:
+  """The update's contribution to a 1x1 convolution of ``x`` (``(..., c_in)``): rank-r."""
+  adapter = layer_view(adapter)
+  _check_input("apply_pointwise_conv", adapter, (x.shape[-1],), (adapter.shape[0],))
+  return adapter_matmul(x, adapter)
+
+
 def apply_dense_general(x: jax.Array, adapter: Adapter, axis: Sequence[int] = (-1,)) -> jax.Array:
   """The update's contribution to ``dot_general(x, K)`` contracting ``axis`` of ``x``.
 

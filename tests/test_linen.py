@@ -228,3 +228,37 @@ def test_root_module_layouts():
   ads = randomize(ads, jax.random.key(2))
   np.testing.assert_allclose(sl.apply(model, {"params": params}, ads, x),
                              model.apply({"params": tree.merge(params, ads)}, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "sds"])
+def test_pointwise_conv_takes_the_rank_r_path_and_matches_the_merged_kernel(method):
+  # A 1x1 convolution at stride 1 is a matmul over channels: its adapter is applied as
+  # (x @ a) @ b (no kernel-sized merge in the program); a 3x3 one is merged per call.
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Conv(12, (1, 1), name="pw")(x))
+      return nn.Conv(6, (3, 3), name="full")(h)
+
+  model = Net()
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 8))
+  params = model.init(jax.random.key(1), x)["params"]
+  ads = sl.init_adapters(jax.random.key(2), model, params,
+                         [rule(r".*kernel", method=method, rank=3, alpha=3.0)], x)
+  ads = randomize(ads, jax.random.key(3))
+
+  def adapted(ad):
+    return jnp.sum(jnp.sin(sl.apply(model, {"params": params}, ad, x)))
+
+  def merged(ad):  # the reference: kernels with their updates folded in, plain autodiff
+    return jnp.sum(jnp.sin(model.apply({"params": tree.merge(params, ad)}, x)))
+
+  np.testing.assert_allclose(adapted(ads), merged(ads), rtol=1e-5)
+  got, want = jax.grad(adapted)(ads), jax.grad(merged)(ads)
+  for k in ("pw", "full"):
+    np.testing.assert_allclose(got[k]["kernel"].a, want[k]["kernel"].a, rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(got[k]["kernel"].b, want[k]["kernel"].b, rtol=2e-4, atol=1e-5)
+  # The 1x1 conv's gradient program forms no (1, 1, 8, 12) kernel-sized update.
+  found, _ = big_intermediates(jax.make_jaxpr(jax.grad(adapted))(ads), 1)
+  assert not [f for f in found if tuple(f[1]) == (1, 1, 8, 12)], found
+  assert [f for f in found if tuple(f[1]) == (3, 3, 12, 6)]  # the check can fail: 3x3 merges

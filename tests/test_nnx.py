@@ -268,3 +268,25 @@ def test_nnx_optimizer_many_steps_one_trace_matches_split_state(method):
   if method == "sds":
     assert all(float(a.sds_on) == 1.0 for a in jax.tree.leaves(snnx.adapters(model),
                                                                   is_leaf=is_adapter))
+
+
+def test_pointwise_conv_matches_the_merged_model():
+  # An NNX 1x1 Conv goes through the rank-r path; the merged copy is the reference.
+  from sdslora_jax.targets import rule
+  from testing_utils import randomize
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.pw = nnx.Conv(8, 12, (1, 1), rngs=rngs)
+      self.full = nnx.Conv(12, 6, (3, 3), rngs=rngs)
+
+    def __call__(self, x):
+      return self.full(nnx.relu(self.pw(x)))
+
+  model = snnx.adapt(Net(nnx.Rngs(0)), [rule(r".*kernel", method="sds", rank=3, alpha=3.0)],
+                     key=jax.random.key(1))
+  fresh = randomize(snnx.adapters(model), jax.random.key(2))
+  for name in ("pw", "full"):
+    getattr(model, name).adapter.set_value(fresh[name]["kernel"])
+  x = jax.random.normal(jax.random.key(3), (2, 5, 5, 8))
+  np.testing.assert_allclose(model(x), snnx.merged(model)(x), rtol=1e-5, atol=1e-6)

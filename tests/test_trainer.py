@@ -403,3 +403,24 @@ def test_other_methods_train(tmp_path, method):
     assert summary["trainable_parameters"] == sum(np.size(x) for x in jax.tree.leaves(task.params))
   else:
     assert summary["trainable_parameters"] < 60_000
+
+
+@pytest.mark.slow
+def test_diagnostics_are_logged_and_satisfy_the_identities(tmp_path):
+  T.train_and_evaluate(smoke(method="lora", export=False, diagnostics__every=2,
+                             diagnostics__alignment=True), tmp_path)
+  diag = records(tmp_path, "diagnostics")
+  assert [r["step"] for r in diag] == [0, 2, 4]
+  q = "bert/encoder/layer_0/attention/query/kernel"
+  first, later = diag[0], diag[-1]
+  # LoRA starts with b = 0, so dL/da = s G b.T is exactly zero at step 0 (rank 0),
+  # and not after training has moved b.
+  assert first[f"{q}/grad_a_effective_rank"] == 0.0
+  assert 0.0 < later[f"{q}/grad_a_effective_rank"] <= 8.0
+  for r in diag:
+    for k, v in r.items():
+      if k.endswith("/alignment"):
+        assert 0.0 <= v <= 1.0 + 1e-6, (k, v)
+      if k.endswith("effective_rank"):
+        assert 0.0 <= v <= 8.0 + 1e-4, (k, v)
+  assert "mean/alignment" in first and first["mean/alignment"] > 0.0

@@ -24,6 +24,7 @@ PEFT's ``modules_to_save``), or ``{"params": ...}`` for full fine-tuning.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -42,10 +43,12 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from sdslora_jax import checkpoint as sl_ckpt
+from sdslora_jax import diagnostics as sl_diagnostics
+from sdslora_jax.adapter import is_adapter
 from sdslora_jax import sharding as sl_sharding
 from sdslora_jax.optim import sds_lora
 from sdslora_jax.optim.baselines import scale_by_riemannian_lora
-from sdslora_jax.targets import rule
+from sdslora_jax.targets import path_keys, path_str, rule
 from experiments.finetune import input_pipeline as ip
 from experiments.finetune import reporting
 from experiments.finetune.tasks import Task, build_task
@@ -80,6 +83,11 @@ def check_config(config) -> None:
     need(isinstance(config.adapter.rank, int) and config.adapter.rank >= 1, "adapter.rank",
          f"must be a positive int, got {config.adapter.rank!r}")
     need(len(config.adapter.targets) > 0, "adapter.targets", "no target patterns")
+  every = config.diagnostics.every
+  need(isinstance(every, int) and every >= 0, "diagnostics.every",
+       f"must be an int >= 0, got {every!r}")
+  need(every == 0 or config.method != "full", "diagnostics.every",
+       "diagnostics are of adapters; method 'full' has none")
   lr = config.optim.learning_rate
   need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "optim.learning_rate",
        f"must be finite and positive, got {lr!r}")
@@ -256,6 +264,37 @@ class _Run:
                "grad_norm": optax.tree.norm(grads)}
     new_state = {**state, "trainable": trainable, "opt_state": opt_state, "step": step + 1}
     return new_state, metrics
+
+  def diagnostics_step(self, trainable, base, batch, alignment: bool):
+    """Gradient geometry of every 2-D adapter on ``batch`` (``sdslora_jax.diagnostics``).
+
+    The gradient of the training loss (dropout from a fixed key) at the current
+    state: effective rank and condition numbers of the factor gradients, condition
+    number and stable rank of the factors, and with ``alignment`` the cosine between
+    the full fine-tuning gradient of each adapted kernel and the kernel update its
+    adapter's gradient step induces. Means over the adapters are under ``mean/``.
+    """
+    rng = jax.random.key(0)
+    if alignment:
+      g_train, g_base = jax.grad(self.loss, argnums=(0, 1))(trainable, base, batch, rng)
+    else:
+      g_train, g_base = jax.grad(self.loss)(trainable, base, batch, rng), None
+    adapters = trainable["adapters"]
+    out = sl_diagnostics.tree_diagnostics(adapters, g_train["adapters"])
+    if alignment:
+      leaves, _ = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=is_adapter)
+      for key_path, ad in leaves:
+        if not is_adapter(ad) or ad.a.ndim != 2:
+          continue
+        node = g_base
+        for k in path_keys(key_path):
+          node = node[k]
+        out[f"{path_str(key_path)}/alignment"] = sl_diagnostics.update_alignment(ad, node)
+    names = sorted({k.rsplit("/", 1)[1] for k in out})
+    for name in names:
+      values = [v for k, v in out.items() if k.rsplit("/", 1)[1] == name]
+      out[f"mean/{name}"] = jnp.mean(jnp.stack(values))
+    return out
 
   def eval_step(self, trainable, base, batch):
     params, adapters = self._params(trainable, base)
@@ -494,6 +533,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
   train_step = jax.jit(run.train_step, in_shardings=(state_sh, base_sh, None),
                        out_shardings=(state_sh, metrics_batch), donate_argnums=(0,))
   eval_step = jax.jit(run.eval_step, in_shardings=(trainable_sh, base_sh, None))
+  diag_every = config.diagnostics.every
+  diagnostics_step = jax.jit(
+      functools.partial(run.diagnostics_step, alignment=bool(config.diagnostics.alignment)),
+      in_shardings=(trainable_sh, base_sh, None)) if diag_every else None
 
   writer = reporting.MetricWriter(workdir, enabled=lead)
   writer.write_hparams(meta)
@@ -515,6 +558,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
       examples = next(data)
       local = task.encode(examples)
       batch = _global_batch(local, mesh, run.batch_spec)
+      if diag_every and step % diag_every == 0:  # before the step, which donates the state
+        diag = jax.device_get(diagnostics_step(state["trainable"], base, batch))
+        writer.write("diagnostics", step, {k: float(v) for k, v in diag.items()})
       state, metrics = train_step(state, base, batch)
       step += 1
       window_units += task.units(local) * jax.process_count()

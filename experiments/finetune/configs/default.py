@@ -68,6 +68,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.export = True  # adapters-only export (library format, and PEFT for MiniLM) at the end
   c.progress = True
+  # Gradient-geometry diagnostics (sdslora_jax.diagnostics), logged as split "diagnostics"
+  # every `every` steps on that step's batch (0: off; adapter methods only). `alignment`
+  # also differentiates the frozen base (a full fine-tuning gradient: kernel-sized memory)
+  # for the cosine between it and the kernel update each adapter induces.
+  c.diagnostics = ml_collections.ConfigDict()
+  c.diagnostics.every = 0
+  c.diagnostics.alignment = False
 
   # Device mesh: sizes of the ("data", "fsdp", "tensor") axes; -1 takes the devices left.
   c.mesh = ml_collections.ConfigDict()

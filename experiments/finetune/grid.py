@@ -1,0 +1,240 @@
+"""The fine-tuning grid: methods x ranks x learning rates x seeds on two tasks, resumable.
+
+``python -m experiments.finetune.grid [--workdir runs/grid] [--tasks minilm,efficientnet]``
+
+Tasks (sized so the whole grid runs in the background on a 2-core CPU):
+
+* ``minilm``: all-MiniLM-L6-v2 on the movie-review sentences (max 32 tokens, batch 16,
+  ``MINILM_STEPS`` steps; the full validation and test splits).
+* ``efficientnet``: EfficientNet-Lite0 on Fashion-MNIST at 32 px (batch 32,
+  ``EFFNET_STEPS`` steps; the last four blocks' 1x1 convolutions and the head adapted;
+  2,000 validation and 2,000 test images).
+
+Methods: full fine-tuning, LoRA, rsLoRA, SDS-LoRA and Riemannian-preconditioned LoRA;
+ranks 8 and 32 for the adapters. Phase 1 trains every learning rate of ``LRS`` with seed
+0 and picks, per (task, method, rank), the one with the best validation accuracy (ties:
+lower validation loss). Phase 2 trains seeds 1 and 2 at that rate. Each run is a trainer
+workdir (``<workdir>/<task>/<method>_r<rank>_lr<lr>_s<seed>``): a finished run is read
+back, an interrupted one resumes from its checkpoint, so the command run again continues
+the grid where it stopped.
+
+Writes ``experiments/results/finetune.json`` (one record per run), ``finetune.md`` (mean
+and standard deviation over seeds, and the share of the LoRA-to-full gap SDS-LoRA closes)
+and ``finetune.png``; ``--regenerate`` rebuilds the last two from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+RESULTS = pathlib.Path(__file__).resolve().parent.parent / "results"
+METHODS = ("full", "lora", "rslora", "sds", "riemannian")
+LABELS = {"full": "full FT", "lora": "LoRA", "rslora": "rsLoRA", "sds": "SDS-LoRA",
+          "riemannian": "Riemannian LoRA"}
+RANKS = (8, 32)
+SEEDS = (0, 1, 2)
+# Three learning rates per method, around the usual AdamW rates (SGD + momentum for the
+# Riemannian preconditioner, whose steps are preconditioned by the factors' Gram matrices).
+LRS = {"full": (3e-5, 1e-4, 3e-4), "lora": (5e-4, 1e-3, 2e-3), "rslora": (5e-4, 1e-3, 2e-3),
+       "sds": (5e-4, 1e-3, 2e-3), "riemannian": (3e-2, 1e-1, 3e-1)}
+MINILM_STEPS = 120
+EFFNET_STEPS = 100
+
+
+def config_for(task: str, method: str, rank: int, lr: float, seed: int, quick: bool = False):
+  from experiments.finetune.configs import efficientnet_fashion_mnist, minilm_sentiment
+
+  if task == "minilm":
+    c = minilm_sentiment.get_config("smoke" if quick else "")
+    if not quick:
+      c.data.max_len = 32
+      c.batch_size = 16
+      c.num_steps = MINILM_STEPS
+  elif task == "efficientnet":
+    c = efficientnet_fashion_mnist.get_config("smoke" if quick else "")
+    if not quick:
+      c.data.image_size = 32
+      c.batch_size = 32
+      c.num_steps = EFFNET_STEPS
+      c.data.eval_split = "train[55000:57000]"
+      c.data.test_split = "test[:2000]"
+      c.adapter.targets = (r"block_1[2-5]/(expand_conv|project_conv)/kernel",
+                           r"conv_head/kernel")
+  else:
+    raise ValueError(f"unknown task {task!r}; choose minilm or efficientnet")
+  c.method = method
+  c.adapter.rank = rank
+  c.adapter.alpha = 2.0 * rank
+  c.optim.learning_rate = lr
+  c.seed = seed
+  c.eval_every = c.checkpoint_every = max(c.num_steps // 2, 1)
+  c.export = False
+  c.progress = False
+  return c
+
+
+def _run_dir(workdir: pathlib.Path, task, method, rank, lr, seed) -> pathlib.Path:
+  return workdir / task / f"{method}_r{rank}_lr{lr:g}_s{seed}"
+
+
+def train_one(workdir, task, method, rank, lr, seed, quick=False) -> dict:
+  """Trains one run (or reads it back when finished); returns its record."""
+  from experiments.finetune.train import train_and_evaluate
+
+  wd = _run_dir(workdir, task, method, rank, lr, seed)
+  done = wd / "summary.json"
+  if done.exists() and not json.loads(done.read_text()).get("interrupted", True):
+    summary = json.loads(done.read_text())
+  else:
+    start = time.perf_counter()
+    summary = train_and_evaluate(config_for(task, method, rank, lr, seed, quick), wd,
+                                 resume=True)
+    if summary["interrupted"]:
+      raise SystemExit(1)
+    summary["wall_seconds"] = time.perf_counter() - start
+    done.write_text(json.dumps(summary, indent=2))
+  return {"task": task, "method": method, "rank": rank, "lr": lr, "seed": seed,
+          "test_accuracy": summary["test_accuracy"],
+          "validation_accuracy": summary["validation_accuracy"],
+          "validation_loss": summary["validation_loss"],
+          "final_train_loss": summary["final_train_loss"], "steps": summary["steps"],
+          "wall_seconds": summary.get("wall_seconds")}
+
+
+def cells(tasks):
+  for task in tasks:
+    for method in METHODS:
+      for rank in ((None,) if method == "full" else RANKS):
+        yield task, method, rank
+
+
+def run(workdir: pathlib.Path, tasks, quick=False, log=print) -> list[dict]:
+  lrs = {m: v[:2] for m, v in LRS.items()} if quick else LRS
+  seeds = SEEDS[:2] if quick else SEEDS
+  todo = [(c, lr) for c in cells(tasks) for lr in lrs[c[1]]]
+  todo_total = len(todo) + sum(1 for _ in cells(tasks)) * (len(seeds) - 1)
+  records, n, start = [], 0, time.perf_counter()
+  for (task, method, rank), lr in todo:
+    records.append(train_one(workdir, task, method, rank or 0, lr, seeds[0], quick))
+    n += 1
+    log(f"[{n}/{todo_total}] {task} {method} r{rank} lr {lr:g} seed {seeds[0]}: val "
+        f"{records[-1]['validation_accuracy']:.4f} ({time.perf_counter() - start:.0f} s)")
+  for task, method, rank in cells(tasks):
+    best = choose_lr(records, task, method, rank or 0)
+    for seed in seeds[1:]:
+      records.append(train_one(workdir, task, method, rank or 0, best, seed, quick))
+      n += 1
+      log(f"[{n}/{todo_total}] {task} {method} r{rank} lr {best:g} seed {seed}: test "
+          f"{records[-1]['test_accuracy']:.4f} ({time.perf_counter() - start:.0f} s)")
+  chosen = {(t, m, r or 0): choose_lr(records, t, m, r or 0) for t, m, r in cells(tasks)}
+  for rec in records:
+    rec["chosen_lr"] = chosen[rec["task"], rec["method"], rec["rank"]] == rec["lr"]
+  return records
+
+
+def choose_lr(records, task, method, rank) -> float:
+  """The seed-0 learning rate with the best validation accuracy (ties: lower loss)."""
+  cands = [r for r in records if (r["task"], r["method"], r["rank"]) == (task, method, rank)
+           and r["seed"] == min(x["seed"] for x in records)]
+  return max(cands, key=lambda r: (r["validation_accuracy"], -r["validation_loss"]))["lr"]
+
+
+def _stats(records, task, method, rank):
+  rows = [r for r in records if (r["task"], r["method"], r["rank"]) == (task, method, rank)
+          and r.get("chosen_lr")]
+  acc = np.array([r["test_accuracy"] for r in rows])
+  loss = np.array([r["final_train_loss"] for r in rows])
+  return rows, acc, loss
+
+
+def table(records) -> str:
+  tasks = list(dict.fromkeys(r["task"] for r in records))
+  lines = ["| task | method | rank | lr (chosen) | seeds | test acc. mean ± sd | final train loss |",
+           "|---|---|---|---|---|---|---|"]
+  gaps = []
+  for task in tasks:
+    full = _stats(records, task, "full", 0)[1]
+    for method in METHODS:
+      for rank in ((0,) if method == "full" else RANKS):
+        rows, acc, loss = _stats(records, task, method, rank)
+        if not rows:
+          continue
+        lines.append(f"| {task} | {LABELS[method]} | {rank or '-'} | {rows[0]['lr']:g} | "
+                     f"{len(rows)} | {acc.mean():.4f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.4f}"
+                     f" | {loss.mean():.4f} |")
+    for rank in RANKS:
+      lora, sds = _stats(records, task, "lora", rank)[1], _stats(records, task, "sds", rank)[1]
+      if len(full) and len(lora) and len(sds):
+        gap = full.mean() - lora.mean()
+        share = (sds.mean() - lora.mean()) / gap if abs(gap) > 1e-12 else float("nan")
+        gaps.append(f"| {task} | {rank} | {full.mean():.4f} | {lora.mean():.4f} | "
+                    f"{sds.mean():.4f} | {share:+.2f} |")
+  if gaps:
+    lines += ["", "Share of the LoRA-to-full-fine-tuning gap (test accuracy) that SDS-LoRA closes:",
+              "", "| task | rank | full FT | LoRA | SDS-LoRA | share closed |",
+              "|---|---|---|---|---|---|", *gaps]
+  return "\n".join(lines)
+
+
+def plot(records, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  tasks = list(dict.fromkeys(r["task"] for r in records))
+  fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.4), squeeze=False)
+  for ax, task in zip(axes[0], tasks):
+    labels, means, sds = [], [], []
+    for method in METHODS:
+      for rank in ((0,) if method == "full" else RANKS):
+        _, acc, _ = _stats(records, task, method, rank)
+        if len(acc):
+          labels.append(LABELS[method] + ("" if method == "full" else f"\nr={rank}"))
+          means.append(acc.mean())
+          sds.append(acc.std(ddof=1) if len(acc) > 1 else 0.0)
+    ax.bar(range(len(means)), means, yerr=sds, capsize=3,
+           color=["tab:gray" if "full" in lab else "tab:blue" if "SDS" in lab else "tab:orange"
+                  for lab in labels])
+    ax.set_xticks(range(len(means)), labels, fontsize=6)
+    lo = min(means) - 3 * max(max(sds), 0.005) if means else 0
+    ax.set_ylim(max(lo, 0), min(1.0, max(means) + 3 * max(max(sds), 0.005)) if means else 1)
+    ax.set_title(f"{task}: test accuracy, mean ± sd over seeds", fontsize=9)
+    ax.tick_params(labelsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=72)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="runs/grid")
+  parser.add_argument("--tasks", default="minilm,efficientnet")
+  parser.add_argument("--results", default=str(RESULTS))
+  parser.add_argument("--quick", action="store_true", help="smoke configs, for tests")
+  parser.add_argument("--regenerate", action="store_true",
+                      help="rebuild the table and plot from finetune.json only")
+  args = parser.parse_args(argv)
+  results = pathlib.Path(args.results)
+  results.mkdir(parents=True, exist_ok=True)
+  if args.regenerate:
+    records = json.loads((results / "finetune.json").read_text())
+  else:
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    records = run(pathlib.Path(args.workdir), args.tasks.split(","), args.quick, log)
+    (results / "finetune.json").write_text(json.dumps(records, indent=1) + "\n")
+  md = table(records)
+  (results / "finetune.md").write_text(md + "\n")
+  plot(records, results / "finetune.png")
+  print(md)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
