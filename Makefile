@@ -34,7 +34,7 @@ experiment: $(DATA)
 	$(VENV)/bin/python -m experiments.finetune.compare --workdir runs/compare
 
 conditioning: $(STAMP)
-	$(VENV)/bin/python -m experiments.condition_number --overwrite
+	$(VENV)/bin/python -m experiments.conditioning --overwrite
 
 test: $(DATA)
 	$(VENV)/bin/python -m pytest -q

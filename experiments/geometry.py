@@ -13,8 +13,8 @@ adapted kernel every ``--every`` steps, on that step's batch:
 * the cosine between the full fine-tuning gradient of each kernel and the kernel update
   the method's gradient step induces (the claim: SDS-LoRA's is better aligned).
 
-Writes ``experiments/results/geometry.json`` (one record per method, step, kernel and
-metric) and ``geometry.png``. Runs checkpoint as the trainer does: an interrupted command
+Writes ``experiments/results/geometry.json`` (one record per method, kernel and metric,
+with its steps and values), ``geometry.md`` and ``geometry.png``. Runs checkpoint as the trainer does: an interrupted command
 run again resumes; ``--regenerate`` rebuilds the plot from the JSON alone.
 """
 
@@ -65,14 +65,21 @@ def run(steps: int, every: int, workdir: pathlib.Path, progress: bool) -> list[d
     for r in reporting.MetricWriter(wd, enabled=False).read():
       if r["split"] == "diagnostics":
         latest[r["step"]] = r  # a resumed run may log a step twice: keep the last
+    series: dict[tuple, list] = {}
     for step, r in sorted(latest.items()):
       for key, value in r.items():
-        if key in ("split", "step"):
-          continue
-        kernel, metric = key.rsplit("/", 1)
-        out.append({"method": method, "step": step, "kernel": kernel, "metric": metric,
-                    "value": value})
+        if key not in ("split", "step"):
+          series.setdefault(tuple(key.rsplit("/", 1)), []).append((step, value))
+    for (kernel, metric), pts in sorted(series.items()):
+      out.append({"method": method, "kernel": kernel, "metric": metric,
+                  "steps": [p[0] for p in pts], "values": [float(f"{p[1]:.5g}") for p in pts]})
   return out
+
+
+def _flat(records: list[dict]) -> list[dict]:
+  """One row per (method, kernel, metric, step) from the JSON's series."""
+  return [{"method": r["method"], "kernel": r["kernel"], "metric": r["metric"], "step": s,
+           "value": v} for r in records for s, v in zip(r["steps"], r["values"])]
 
 
 def plot(records: list[dict], path: pathlib.Path) -> None:
@@ -81,7 +88,7 @@ def plot(records: list[dict], path: pathlib.Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, len(PANELS), figsize=(13, 3.2))
+  fig, axes = plt.subplots(1, len(PANELS), figsize=(12, 3.0))
   colors = {"lora": "tab:red", "sds": "tab:blue"}
   for ax, (metric, title) in zip(axes, PANELS):
     for method in METHODS:
@@ -104,7 +111,7 @@ def plot(records: list[dict], path: pathlib.Path) -> None:
   fig.suptitle("all-MiniLM-L6-v2, movie-review sentiment, rank 8: gradient geometry per "
                "adapted kernel", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=72)
+  fig.savefig(path, dpi=60)
   plt.close(fig)
 
 
@@ -142,8 +149,8 @@ def main(argv=None) -> int:
     records = run(args.steps, args.every, pathlib.Path(args.workdir), not args.no_progress)
     print(f"geometry: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     (results / "geometry.json").write_text(json.dumps(records) + "\n")
-  plot(records, results / "geometry.png")
-  md = summary(records)
+  plot(_flat(records), results / "geometry.png")
+  md = summary(_flat(records))
   (results / "geometry.md").write_text(md + "\n")
   print(md)
   return 0
