@@ -230,7 +230,7 @@ def test_root_module_layouts():
                              model.apply({"params": tree.merge(params, ads)}, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lora", "sds"])
+@pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "sds"])
 def test_pointwise_conv_takes_the_rank_r_path_and_matches_the_merged_kernel(method):
   # A 1x1 convolution at stride 1 is a matmul over channels: its adapter is applied as
   # (x @ a) @ b (no kernel-sized merge in the program); a 3x3 one is merged per call.
