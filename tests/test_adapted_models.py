@@ -125,7 +125,8 @@ def _nnx_paths(linen_tree):
   return {"encoder": {"layers": {int(k.split("_")[1]): v for k, v in linen_tree["encoder"].items()}}}
 
 
-@pytest.mark.parametrize("frontend", ["linen", "nnx"])
+# The Linen conv paths are covered by tests/test_linen.py by default.
+@pytest.mark.parametrize("frontend", [pytest.param("linen", marks=pytest.mark.slow), "nnx"])
 def test_convnet(frontend):
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
   if frontend == "linen":

@@ -170,6 +170,7 @@ class Scanned(nn.Module):
     return nn.Dense(2, name="head")(h)
 
 
+@pytest.mark.slow  # tests/test_scan.py covers stacked adapters by default
 def test_scanned_stacked_kernel_gets_one_adapter_per_layer():
   model, x = Scanned(), jnp.ones((2, 8))
   params = model.init(jax.random.key(0), x)["params"]

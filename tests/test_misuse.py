@@ -50,6 +50,7 @@ def test_sds_on_init_is_zero_update_with_sds_gradients(d_in, d_out, rank):
   assert float(jnp.abs(g.a).max()) > 0 and float(jnp.abs(g.b).max()) > 0
 
 
+@pytest.mark.slow  # the sds_on init is covered on small adapters and NNX by default
 def test_bert_sds_on_exact_at_init_and_trains_without_warmup():
   model = bert.BertEncoder(bert.tiny_config())
   ids = jax.random.randint(jax.random.key(0), (2, 8), 0, 100)

@@ -278,7 +278,7 @@ def test_frozen_base_has_no_optimizer_state():
   assert labels["base"]["kernel"] == "other"
 
 
-@pytest.mark.parametrize("refresh", [2, "phases"])
+@pytest.mark.parametrize("refresh", [pytest.param(2, marks=pytest.mark.slow), "phases"])
 def test_compose_with_refresh_schedules_single_trace(refresh):
   traces = []
   sched = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 16)
