@@ -18,7 +18,8 @@ def pytest_ignore_collect(collection_path, config):
 
 # Variants whose code path a default test already covers (here: the scan+remat variant
 # of the same test); opt in with ``-m slow``.
-_SLOW_VARIANTS = ("test_scan.py::test_scanned_trains_with_sds_lora_one_trace[scan]",)
+_SLOW_VARIANTS = ("test_scan.py::test_scanned_trains_with_sds_lora_one_trace[scan]",
+                  "test_scan.py::test_scanned_matches_unrolled_outputs_and_gradients[scan-1.0]")
 
 
 def pytest_collection_modifyitems(config, items):
