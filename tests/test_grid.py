@@ -55,3 +55,35 @@ def test_train_one_runs_then_reads_back(tmp_path, monkeypatch):
                       lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
   assert grid.train_one(tmp_path, "minilm", "lora", 8, 1e-3, 0, quick=True) == rec
   assert json.loads((tmp_path / "minilm" / "lora_r8_lr0.001_s0" / "summary.json").read_text())
+
+
+def test_run_takes_known_records_and_saves_after_every_run(tmp_path, monkeypatch):
+  """A grid continues from the results file: matching records are not retrained."""
+  trained, saved = [], []
+
+  def fake_train_one(workdir, task, method, rank, lr, seed, quick=False):
+    trained.append((method, rank, lr, seed))
+    return {"task": task, "method": method, "rank": rank, "lr": lr, "seed": seed,
+            "test_accuracy": 0.5 + lr, "validation_accuracy": 0.5 + lr,
+            "validation_loss": 0.5, "final_train_loss": 0.3,
+            "steps": grid._steps(task, quick), "wall_seconds": 1.0}
+
+  monkeypatch.setattr(grid, "train_one", fake_train_one)
+  monkeypatch.setattr(grid, "METHODS", ("full", "lora"))
+  first = fake_train_one(None, "minilm", "full", 0, 3e-5, 0, quick=True)
+  stale = dict(fake_train_one(None, "minilm", "lora", 8, 5e-4, 0, quick=True), steps=1)
+  trained.clear()
+  recs = grid.run(tmp_path, ["minilm"], quick=True, log=lambda m: None,
+                  known=[first, stale], save=saved.append)
+  assert ("full", 0, 3e-5, 0) not in trained  # known: taken
+  assert ("lora", 8, 5e-4, 0) in trained  # a different step count: retrained
+  # full: 2 lrs + 1 seed; lora at ranks 8 and 32: 2 lrs + 1 seed each.
+  assert len(recs) == 9 and len(saved) == 9 and len(trained) == 8
+  assert [len(s) for s in saved] == list(range(1, 10))  # the stale record is dropped
+  chosen = {(r["method"], r["rank"], r["seed"]): r["lr"] for r in recs if r["chosen_lr"]}
+  assert chosen == {("full", 0, 0): 1e-4, ("full", 0, 1): 1e-4, ("lora", 8, 0): 1e-3,
+                    ("lora", 8, 1): 1e-3, ("lora", 32, 0): 1e-3, ("lora", 32, 1): 1e-3}
+  # A partial grid: a cell without its whole sweep is not marked, and the table says so.
+  part = grid.annotate(saved[2])
+  assert not any(r["chosen_lr"] for r in part if r["method"] == "lora")
+  assert "Partial grid" in grid.table(part)

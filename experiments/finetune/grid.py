@@ -16,7 +16,9 @@ ranks 8 and 32 for the adapters. Phase 1 trains every learning rate of ``LRS`` w
 lower validation loss). Phase 2 trains seeds 1 and 2 at that rate. Each run is a trainer
 workdir (``<workdir>/<task>/<method>_r<rank>_lr<lr>_s<seed>``): a finished run is read
 back, an interrupted one resumes from its checkpoint, so the command run again continues
-the grid where it stopped.
+the grid where it stopped. ``finetune.json`` is rewritten after every run, and its records
+(at the same step count) are taken rather than retrained, so a grid continues from the
+committed results file on a fresh checkout too.
 
 Writes ``experiments/results/finetune.json`` (one record per run), ``finetune.md`` (mean
 and standard deviation over seeds, and the share of the LoRA-to-full gap SDS-LoRA closes)
@@ -114,28 +116,64 @@ def cells(tasks):
         yield task, method, rank
 
 
-def run(workdir: pathlib.Path, tasks, quick=False, log=print) -> list[dict]:
-  lrs = {m: v[:2] for m, v in LRS.items()} if quick else LRS
-  seeds = SEEDS[:2] if quick else SEEDS
+def _key(rec) -> tuple:
+  return rec["task"], rec["method"], rec["rank"], rec["lr"], rec["seed"]
+
+
+def _steps(task: str, quick: bool) -> int:
+  return config_for(task, "lora", 8, 1e-3, 0, quick).num_steps
+
+
+def _lrs(quick: bool) -> dict:
+  return {m: v[:2] for m, v in LRS.items()} if quick else LRS
+
+
+def run(workdir: pathlib.Path, tasks, quick=False, log=print, known=(), save=None) -> list[dict]:
+  """Runs the grid; ``known`` records (same key and step count) are taken, not retrained.
+
+  ``save(records)`` is called after every run with everything known so far, so an
+  interrupted grid leaves its finished runs in the results file.
+  """
+  lrs, seeds = _lrs(quick), (SEEDS[:2] if quick else SEEDS)
+  steps = {t: _steps(t, quick) for t in tasks}
+  known = {_key(r): r for r in known if r["task"] in steps and r["steps"] == steps[r["task"]]}
   todo = [(c, lr) for c in cells(tasks) for lr in lrs[c[1]]]
   todo_total = len(todo) + sum(1 for _ in cells(tasks)) * (len(seeds) - 1)
-  records, n, start = [], 0, time.perf_counter()
+  records, start = [], time.perf_counter()
+
+  def one(task, method, rank, lr, seed):
+    rec = known.pop((task, method, rank or 0, lr, seed), None)
+    rec = rec or train_one(workdir, task, method, rank or 0, lr, seed, quick)
+    records.append({k: v for k, v in rec.items() if k != "chosen_lr"})
+    if save is not None:
+      save(annotate(records + list(known.values()), lrs))
+    what = "val" if seed == seeds[0] else "test"
+    log(f"[{len(records)}/{todo_total}] {task} {method} r{rank} lr {lr:g} seed {seed}: "
+        f"{what} {rec[what.replace('val', 'validation') + '_accuracy']:.4f} "
+        f"({time.perf_counter() - start:.0f} s)")
+
   for (task, method, rank), lr in todo:
-    records.append(train_one(workdir, task, method, rank or 0, lr, seeds[0], quick))
-    n += 1
-    log(f"[{n}/{todo_total}] {task} {method} r{rank} lr {lr:g} seed {seeds[0]}: val "
-        f"{records[-1]['validation_accuracy']:.4f} ({time.perf_counter() - start:.0f} s)")
+    one(task, method, rank, lr, seeds[0])
   for task, method, rank in cells(tasks):
     best = choose_lr(records, task, method, rank or 0)
     for seed in seeds[1:]:
-      records.append(train_one(workdir, task, method, rank or 0, best, seed, quick))
-      n += 1
-      log(f"[{n}/{todo_total}] {task} {method} r{rank} lr {best:g} seed {seed}: test "
-          f"{records[-1]['test_accuracy']:.4f} ({time.perf_counter() - start:.0f} s)")
-  chosen = {(t, m, r or 0): choose_lr(records, t, m, r or 0) for t, m, r in cells(tasks)}
-  for rec in records:
-    rec["chosen_lr"] = chosen[rec["task"], rec["method"], rec["rank"]] == rec["lr"]
-  return records
+      one(task, method, rank, best, seed)
+  return annotate(records, lrs)
+
+
+def annotate(records, lrs=None) -> list[dict]:
+  """Marks ``chosen_lr`` on the runs at each cell's chosen rate, once all its rates ran."""
+  lrs = lrs or LRS
+  out = [dict(r) for r in records]
+  for task, method, rank in {(r["task"], r["method"], r["rank"]) for r in out}:
+    cell = [r for r in out if (r["task"], r["method"], r["rank"]) == (task, method, rank)]
+    first = min(r["seed"] for r in cell)
+    complete = {r["lr"] for r in cell if r["seed"] == first} >= set(lrs[method])
+    best = choose_lr(cell, task, method, rank) if complete else None
+    for r in cell:
+      r["chosen_lr"] = r["lr"] == best
+  return sorted(out, key=lambda r: (r["task"], METHODS.index(r["method"]), r["rank"],
+                                    r["seed"], r["lr"]))
 
 
 def choose_lr(records, task, method, rank) -> float:
@@ -175,6 +213,11 @@ def table(records) -> str:
         share = (sds.mean() - lora.mean()) / gap if abs(gap) > 1e-12 else float("nan")
         gaps.append(f"| {task} | {rank} | {full.mean():.4f} | {lora.mean():.4f} | "
                     f"{sds.mean():.4f} | {share:+.2f} |")
+  pending = {(r["task"], r["method"], r["rank"]) for r in records} - {
+    (r["task"], r["method"], r["rank"]) for r in records if r.get("chosen_lr")}
+  if pending:
+    lines += ["", f"Partial grid: {len(records)} runs recorded; {len(pending)} cells still "
+              "lack a learning rate of their sweep and are not shown."]
   if gaps:
     lines += ["", "Share of the LoRA-to-full-fine-tuning gap (test accuracy) that SDS-LoRA closes:",
               "", "| task | rank | full FT | LoRA | SDS-LoRA | share closed |",
@@ -212,6 +255,12 @@ def plot(records, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def _write_json(path: pathlib.Path, records) -> None:
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(records, indent=1) + "\n")
+  tmp.replace(path)  # atomic: an interrupted write leaves the previous file
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="runs/grid")
@@ -223,12 +272,18 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   results = pathlib.Path(args.results)
   results.mkdir(parents=True, exist_ok=True)
+  path = results / "finetune.json"
   if args.regenerate:
-    records = json.loads((results / "finetune.json").read_text())
+    records = json.loads(path.read_text())
   else:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    records = run(pathlib.Path(args.workdir), args.tasks.split(","), args.quick, log)
-    (results / "finetune.json").write_text(json.dumps(records, indent=1) + "\n")
+    known = json.loads(path.read_text()) if path.exists() else []
+    records = run(pathlib.Path(args.workdir), args.tasks.split(","), args.quick, log,
+                  known=known, save=lambda recs: _write_json(path, recs))
+    # Records of tasks not run this time stay in the file.
+    records = annotate(records + [r for r in known if r["task"] not in args.tasks.split(",")],
+                       _lrs(args.quick))
+    _write_json(path, records)
   md = table(records)
   (results / "finetune.md").write_text(md + "\n")
   plot(records, results / "finetune.png")
