@@ -602,3 +602,55 @@ def test_update_program_grows_little_per_adapter():
 
   small, large = size(2), size(10)
   assert (large - small) / 8 < 600, (small, large)
+
+
+def test_switch_state_keep_carries_the_moments_on():
+  """``switch_state="keep"``: the inner state after the switch is the inner update's own."""
+  params = _tree()
+  x, y = _data()
+  inner = optax.adamw(1e-2)
+  tx = sds_lora(inner, warmup_steps=3, switch_state="keep")
+  step = _make_step(tx)
+  state = tx.init(params)
+  for _ in range(2):
+    params, state, _ = step(params, state, x, y)
+  _, want = inner.update(trainable_params(jax.grad(_loss)(params, x, y)), state.inner_state,
+                         trainable_params(params))
+  params, state, _ = step(params, state, x, y)  # the switch
+  assert all(float(ad.sds_on) == 1.0 for ad in _sds_adapters(params))
+  chex.assert_trees_all_close(state.inner_state, want, rtol=1e-5, atol=1e-10)
+  adam = optax.tree_utils.tree_get(state, "ScaleByAdamState")
+  assert jnp.any(adam.mu["layer0"]["kernel"].a != 0)  # not reset (the default would zero it)
+
+
+def test_rewarmup_ramps_the_sds_factor_updates_only():
+  """``rewarmup_steps=k``: post-switch update j of SDS factors is min(1, j/k) x the inner's."""
+  params = _tree()
+  x, y = _data()
+  inner, k = optax.sgd(0.05, momentum=0.9), 3
+  tx = sds_lora(inner, warmup_steps=1, refresh=100, rewarmup_steps=k)
+  step = _make_step(tx)
+  state = tx.init(params)
+  inner_update = jax.jit(
+      lambda p, s: inner.update(trainable_params(jax.grad(_loss)(p, x, y)), s, trainable_params(p))
+  )
+  for _ in range(6):
+    want, _ = inner_update(params, state.inner_state)
+    params_next, state, updates = step(params, state, x, y)
+    j = int(state.count) - 1
+    if j >= 1:
+      f = min(1.0, j / k)
+      for got, ref in zip(_sds_adapters(updates), _sds_adapters(want)):
+        chex.assert_trees_all_close((got.a, got.b), (f * ref.a, f * ref.b), rtol=1e-5, atol=1e-7)
+      chex.assert_trees_all_close(updates["head"], want["head"], rtol=1e-6)  # not scaled
+      chex.assert_trees_all_close(updates["lora"].b, want["lora"].b, rtol=1e-6)
+    params = params_next
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"switch_state": "rescale"}, "unknown switch_state"),
+    ({"rewarmup_steps": -1}, "rewarmup_steps"),
+])
+def test_switch_options_are_checked(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    sds_lora(optax.adam(1e-3), **kwargs)

@@ -29,6 +29,7 @@ import pytest
 from experiments.finetune import input_pipeline as ip
 from experiments.finetune import train as T
 from experiments.finetune.configs import efficientnet_fashion_mnist, minilm_sentiment, text_csv
+import sdslora_jax as sl
 from sdslora_jax import checkpoint as sl_ckpt
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -344,6 +345,10 @@ def test_sigkill_mid_training_then_resume_ends_with_the_same_adapters(tmp_path):
   ({"compute_dtype": "float16"}, "config.compute_dtype"),
   ({"model__name": "gpt2"}, "config.model.name"),
   ({"data__max_len": 1}, "config.data.max_len"),
+  ({"adapter__sds_init": "random"}, "config.adapter.sds_init"),
+  ({"method": "lora", "adapter__sds_init": "zero"}, "config.adapter.sds_init"),
+  ({"optim__sds_switch_state": "rescale"}, "config.optim.sds_switch_state"),
+  ({"optim__sds_rewarmup_steps": -2}, "config.optim.sds_rewarmup_steps"),
 ])
 def test_bad_config_names_the_field(tmp_path, overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -424,3 +429,19 @@ def test_diagnostics_are_logged_and_satisfy_the_identities(tmp_path):
       if k.endswith("effective_rank"):
         assert 0.0 <= v <= 8.0 + 1e-4, (k, v)
   assert "mean/alignment" in first and first["mean/alignment"] > 0.0
+
+
+def test_sds_init_zero_starts_adapters_in_the_sds_phase():
+  """``adapter.sds_init="zero"``: zero factors, orthonormal bases, sds_on = 1, zero update."""
+  config = smoke(adapter__sds_init="zero", optim__sds_warmup_steps=0)
+  task = T.build_task(config, jax.random.key(0))
+  adapters = task.init_adapters(jax.random.key(1), T.adapter_rules(config),
+                                sds_on=T._sds_on_at_init(config))
+  leaves = [x for x in jax.tree.leaves(adapters, is_leaf=sl.is_adapter) if sl.is_adapter(x)]
+  assert leaves and all(float(np.min(x.sds_on)) == 1.0 for x in leaves)
+  for x in leaves:
+    assert not np.any(x.a) and not np.any(x.b)
+    qa = np.asarray(x.qa).reshape(-1, *x.qa.shape[-2:])
+    for q in qa:
+      np.testing.assert_allclose(q.T @ q, np.eye(q.shape[1]), atol=1e-5)
+  assert not T._sds_on_at_init(smoke())  # the default starts in the LoRA warm-up

@@ -85,22 +85,26 @@ def _run_dir(workdir: pathlib.Path, task, method, rank, lr, seed) -> pathlib.Pat
   return workdir / task / f"{method}_r{rank}_lr{lr:g}_s{seed}"
 
 
-def train_one(workdir, task, method, rank, lr, seed, quick=False) -> dict:
-  """Trains one run (or reads it back when finished); returns its record."""
+def train_or_read_back(make_config, wd: pathlib.Path) -> dict:
+  """The summary of the run in ``wd``: read back when finished, else trained (resumed)."""
   from experiments.finetune.train import train_and_evaluate
 
-  wd = _run_dir(workdir, task, method, rank, lr, seed)
   done = wd / "summary.json"
   if done.exists() and not json.loads(done.read_text()).get("interrupted", True):
-    summary = json.loads(done.read_text())
-  else:
-    start = time.perf_counter()
-    summary = train_and_evaluate(config_for(task, method, rank, lr, seed, quick), wd,
-                                 resume=True)
-    if summary["interrupted"]:
-      raise SystemExit(1)
-    summary["wall_seconds"] = time.perf_counter() - start
-    done.write_text(json.dumps(summary, indent=2))
+    return json.loads(done.read_text())
+  start = time.perf_counter()
+  summary = train_and_evaluate(make_config(), wd, resume=True)
+  if summary["interrupted"]:
+    raise SystemExit(1)
+  summary["wall_seconds"] = time.perf_counter() - start
+  done.write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def train_one(workdir, task, method, rank, lr, seed, quick=False) -> dict:
+  """Trains one run (or reads it back when finished); returns its record."""
+  wd = _run_dir(workdir, task, method, rank, lr, seed)
+  summary = train_or_read_back(lambda: config_for(task, method, rank, lr, seed, quick), wd)
   return {"task": task, "method": method, "rank": rank, "lr": lr, "seed": seed,
           "test_accuracy": summary["test_accuracy"],
           "validation_accuracy": summary["validation_accuracy"],

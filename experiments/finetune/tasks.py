@@ -80,10 +80,14 @@ class Task:
     examples = ip.collate([self.train[0]])
     return {k: v for k, v in self.encode(examples).items() if k in self.input_keys}
 
-  def init_adapters(self, key: jax.Array, rules) -> dict:
-    """Adapters for ``params`` (head excluded by the rules' patterns), layouts from a trace."""
+  def init_adapters(self, key: jax.Array, rules, sds_on: bool = False) -> dict:
+    """Adapters for ``params`` (head excluded by the rules' patterns), layouts from a trace.
+
+    ``sds_on``: SDS adapters start in the SDS phase (zero factors, random bases).
+    """
     example = self.example_inputs()
-    return self.model.init_adapters(key, self.params, rules, *(example[k] for k in self.input_keys))
+    return self.model.init_adapters(key, self.params, rules,
+                                    *(example[k] for k in self.input_keys), sds_on=sds_on)
 
   def units(self, inputs: Mapping[str, np.ndarray]) -> int:
     """Tokens (non-padding) or images in a batch, for throughput."""
@@ -296,9 +300,10 @@ class _RenamedHead:
   def adapted_apply(self, variables, adapters, *args, **kwargs):
     return sl_linen.apply(self.model, self._rename(variables), adapters, *args, **kwargs)
 
-  def init_adapters(self, key, params, rules, *example_args):
+  def init_adapters(self, key, params, rules, *example_args, sds_on=False):
     renamed = self._rename({"params": params})["params"]
-    adapters = sl_linen.init_adapters(key, self.model, renamed, rules, *example_args)
+    adapters = sl_linen.init_adapters(key, self.model, renamed, rules, *example_args,
+                                      sds_on=sds_on)
     if self.name in adapters:
       adapters["head"] = adapters.pop(self.name)
     return adapters
@@ -324,8 +329,8 @@ class _Resized:
   def adapted_apply(self, variables, adapters, images, **kwargs):
     return self.model.adapted_apply(variables, adapters, self._prepare(images), **kwargs)
 
-  def init_adapters(self, key, params, rules, images):
-    return self.model.init_adapters(key, params, rules, self._prepare(images))
+  def init_adapters(self, key, params, rules, images, sds_on=False):
+    return self.model.init_adapters(key, params, rules, self._prepare(images), sds_on=sds_on)
 
 
 _NO_DATA = {"train": None, "validation": None, "test": None}

@@ -46,7 +46,7 @@ from sdslora_jax import checkpoint as sl_ckpt
 from sdslora_jax import diagnostics as sl_diagnostics
 from sdslora_jax.adapter import is_adapter
 from sdslora_jax import sharding as sl_sharding
-from sdslora_jax.optim import sds_lora
+from sdslora_jax.optim import SWITCH_STATES, sds_lora
 from sdslora_jax.optim.baselines import scale_by_riemannian_lora
 from sdslora_jax.targets import path_keys, path_str, rule
 from experiments.finetune import input_pipeline as ip
@@ -83,6 +83,15 @@ def check_config(config) -> None:
     need(isinstance(config.adapter.rank, int) and config.adapter.rank >= 1, "adapter.rank",
          f"must be a positive int, got {config.adapter.rank!r}")
     need(len(config.adapter.targets) > 0, "adapter.targets", "no target patterns")
+  need(config.adapter.sds_init in ("lora", "zero"), "adapter.sds_init",
+       f"must be 'lora' or 'zero', got {config.adapter.sds_init!r}")
+  need(config.adapter.sds_init == "lora" or config.method == "sds", "adapter.sds_init",
+       f"'zero' starts SDS-LoRA adapters in the SDS phase; method is {config.method!r}")
+  need(config.optim.sds_switch_state in SWITCH_STATES, "optim.sds_switch_state",
+       f"{config.optim.sds_switch_state!r} is not one of {SWITCH_STATES}")
+  rewarm = config.optim.sds_rewarmup_steps
+  need(isinstance(rewarm, int) and rewarm >= 0, "optim.sds_rewarmup_steps",
+       f"must be an int >= 0, got {rewarm!r}")
   every = config.diagnostics.every
   need(isinstance(every, int) and every >= 0, "diagnostics.every",
        f"must be an int >= 0, got {every!r}")
@@ -188,14 +197,20 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     if isinstance(refresh, str) and refresh.isdigit():
       refresh = int(refresh)
     tx = sds_lora(tx, warmup_steps=o.sds_warmup_steps, refresh=refresh,
-                  total_steps=config.num_steps)
+                  total_steps=config.num_steps, switch_state=o.sds_switch_state,
+                  rewarmup_steps=o.sds_rewarmup_steps)
   return tx, schedule
+
+
+def _sds_on_at_init(config) -> bool:
+  return config.method == "sds" and config.adapter.sds_init == "zero"
 
 
 def adapter_rules(config) -> list:
   a = config.adapter
   method = "sds" if config.method == "sds" else "lora"
-  return [rule(t, method=method, rank=a.rank, alpha=a.alpha, rslora=config.method == "rslora")
+  sqrt_scale = config.method == "rslora" or a.sqrt_rank_scaling
+  return [rule(t, method=method, rank=a.rank, alpha=a.alpha, rslora=sqrt_scale)
           for t in a.targets]
 
 
@@ -490,7 +505,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
     rules = adapter_rules(config)
     head_np = base_np["head"]
     init_fn = lambda k: {  # noqa: E731
-      "adapters": task.init_adapters(k, rules),
+      "adapters": task.init_adapters(k, rules, sds_on=_sds_on_at_init(config)),
       "head": jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), head_np)}
     adapters_key = jax.random.fold_in(key, 2)
     trainable_abs = jax.eval_shape(init_fn, adapters_key)

@@ -24,11 +24,12 @@ from sdslora_jax.optim.schedules import (
     refresh_phases,
     refresh_steps,
 )
-from sdslora_jax.optim.sds import SdsLoraState, sds_lora, trainable_params
+from sdslora_jax.optim.sds import SWITCH_STATES, SdsLoraState, sds_lora, trainable_params
 
 __all__ = [
     "FACTOR_LABELS",
     "RefreshSchedule",
+    "SWITCH_STATES",
     "SdsLoraState",
     "factor_labels",
     "loraplus",

@@ -106,6 +106,7 @@ from sdslora_jax.optim.schedules import RefreshSchedule, make_refresh_schedule
 from sdslora_jax.reparam import factors_from_qr, thin_qr
 
 _F32 = jnp.float32
+SWITCH_STATES = ("reset", "keep")
 
 
 class SdsLoraState(NamedTuple):
@@ -381,6 +382,8 @@ def sds_lora(
     phases: int = 5,
     total_steps: int | None = None,
     basis: str = "gram",
+    switch_state: str = "reset",
+    rewarmup_steps: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Trains a tree of ``Adapter`` nodes as SDS-LoRA with the optimizer ``inner``.
 
@@ -408,6 +411,14 @@ def sds_lora(
     basis: how the switch and the refreshes compute bases: ``"gram"``
       (default: Cholesky-QR on ``r x r`` Gram matrices, so a sharded factor is
       never gathered) or ``"householder"`` (LAPACK / XLA QR).
+    switch_state: what the switch does to the inner optimizer's state of the
+      switching factors: ``"reset"`` (default: the moment-reset rule of the
+      module docstring) or ``"keep"`` (moments carry on, although the factors
+      they describe are re-expressed in other coordinates).
+    rewarmup_steps: ``k > 0`` scales the inner updates of adapters in SDS mode by
+      ``min(1, j / k)`` on post-warm-up update ``j`` (a linear learning-rate
+      re-warm-up of the factors after the switch; other leaves, and adapters
+      that switch later than ``warmup_steps``, are not scaled). ``0``: none.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra arguments go to ``inner``.
@@ -438,6 +449,9 @@ def sds_lora(
     total_steps = _check_int("total_steps", total_steps, 1)
   if basis not in BASIS_METHODS:
     raise ValueError(f"unknown basis method {basis!r}; choose from {BASIS_METHODS}")
+  if switch_state not in SWITCH_STATES:
+    raise ValueError(f"unknown switch_state {switch_state!r}; choose from {SWITCH_STATES}")
+  rewarmup_steps = _check_int("rewarmup_steps", rewarmup_steps, 0)
   should_refresh = make_refresh_schedule(
       refresh, warmup_steps=warmup_steps, phases=phases, total_steps=total_steps
   )
@@ -475,6 +489,13 @@ def sds_lora(
       return treedef.unflatten(upd_leaves), SdsLoraState(count, state.num_refreshes, inner_state)
 
     view_leaves = plain_def.flatten_up_to(view)
+    if rewarmup_steps:
+      ramp = jnp.clip((count - warmup_steps) / rewarmup_steps, 0.0, 1.0)
+      for i in sds_idx:
+        u = upd_leaves[i]
+        f = jnp.where(jnp.asarray(leaves[i].sds_on) > 0.5, ramp, 1.0)
+        upd_leaves[i] = dataclasses.replace(
+            u, a=(u.a * f).astype(u.a.dtype), b=(u.b * f).astype(u.b.dtype))
     # SDS adapters alike in shapes, dtypes and scale are stacked into groups: the
     # switch, the refresh and the stamps then run once per group (and the QRs once
     # per factor shape), so the program does not grow with the number of adapters.
@@ -516,6 +537,8 @@ def sds_lora(
         for i, (na, nb, sw) in g.unstack(new_a, new_b, switch[k]).items():
           new_view[i] = dataclasses.replace(view_leaves[i], a=na, b=nb)
           flags[id(view_leaves[i])] = sw
+      if switch_state == "keep":
+        return out, istate
       fresh = inner.init(plain_def.unflatten([new_view.get(i, v)
                                               for i, v in enumerate(view_leaves)]))
       return out, _reset_state(view, istate, fresh, flags)
@@ -583,4 +606,4 @@ def sds_lora(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-__all__ = ["SdsLoraState", "sds_lora", "trainable_params"]
+__all__ = ["SWITCH_STATES", "SdsLoraState", "sds_lora", "trainable_params"]

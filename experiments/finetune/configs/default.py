@@ -40,6 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.adapter = ml_collections.ConfigDict()
   c.adapter.rank = 8
   c.adapter.alpha = 16.0
+  # SDS-LoRA's start: "lora" (LoRA init, a plain-LoRA warm-up of optim.sds_warmup_steps,
+  # then the switch) or "zero" (zero factors with random orthonormal bases: an exactly
+  # zero update that trains as SDS-LoRA from the first step; use sds_warmup_steps = 0).
+  c.adapter.sds_init = "lora"
+  c.adapter.sqrt_rank_scaling = False  # scale alpha / sqrt(r) (rsLoRA's) instead of alpha / r
   # Regexes (re.fullmatch on "/"-joined parameter paths) of the adapted kernels.
   c.adapter.targets = (
     r".*attention/(query|key|value|output)/kernel",
@@ -55,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0  # global-norm clipping; 0 for none
   c.optim.sds_warmup_steps = 10  # plain-LoRA updates before SDS-LoRA's switch
   c.optim.sds_refresh = "every_step"  # every_step | an int k | phases
+  c.optim.sds_switch_state = "reset"  # reset | keep: Adam's moments of the switched factors
+  c.optim.sds_rewarmup_steps = 0  # linear re-warm-up of the factor updates after the switch
   c.optim.riemannian_damping = 1e-6
 
   c.batch_size = 32  # global, over all processes
