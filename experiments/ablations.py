@@ -1,0 +1,161 @@
+"""SDS-LoRA ablations on MiniLM sentiment: the switch, the warm-up, the refresh, the scale.
+
+``python -m experiments.ablations [--workdir runs/ablations] [--seeds 0]``
+
+Every variant is the fine-tuning grid's MiniLM run (``experiments.finetune.grid``: 32
+tokens, batch 16, 120 steps, rank 8, alpha 16, AdamW with a 10-step learning-rate
+warm-up and cosine decay) at learning rate ``LR`` = 2e-3, where the switch after a
+10-step LoRA warm-up made the training loss jump in the main job; one setting changes per
+variant (``VARIANTS``). Training losses are logged every step, so the jump after the
+switch is measured on the same batches for every variant: ``jump`` is the largest loss of
+the 5 updates after the switch minus the mean of the 5 before it (LoRA: the same steps).
+
+Runs are resumable trainer workdirs, and ``ablations.json`` is rewritten after every run
+(its records are taken, not retrained). Writes ``experiments/results/ablations.{json,md,
+png}``; ``--regenerate`` rebuilds the table and plot from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from experiments.finetune import grid
+
+RESULTS = grid.RESULTS
+LR, RANK, WINDOW = 2e-3, 8, 5
+# name -> (method, config overrides, what it tests)
+VARIANTS = {
+    "lora": ("lora", {}, "LoRA, the reference"),
+    "sds": ("sds", {}, "defaults: 10 LoRA warm-up steps, moments reset, refresh every step"),
+    "sds_keep": ("sds", {"optim.sds_switch_state": "keep"}, "moments kept at the switch"),
+    "sds_rewarmup10": ("sds", {"optim.sds_rewarmup_steps": 10},
+                       "10-step linear re-warm-up of the factor updates after the switch"),
+    "sds_warmup0_zero": ("sds", {"optim.sds_warmup_steps": 0, "adapter.sds_init": "zero"},
+                         "no warm-up: zero factors, random orthonormal bases"),
+    "sds_warmup60": ("sds", {"optim.sds_warmup_steps": 60}, "60 LoRA warm-up steps (half)"),
+    "sds_refresh10": ("sds", {"optim.sds_refresh": "10"}, "bases refreshed every 10 steps"),
+    "sds_phases": ("sds", {"optim.sds_refresh": "phases"}, "refresh in 5 growing phases"),
+    "sds_sqrt_scale": ("sds", {"adapter.sqrt_rank_scaling": True}, "scale alpha / sqrt(r)"),
+}
+
+
+def config_for(name: str, seed: int):
+  method, overrides, _ = VARIANTS[name]
+  c = grid.config_for("minilm", method, RANK, LR, seed)
+  c.log_every = 1
+  for key, value in overrides.items():
+    node, field = key.split(".")
+    setattr(c[node], field, value)
+  return c
+
+
+def switch_step(name: str) -> int:
+  """The update after which SDS-LoRA switches (LoRA: the default's, for comparison)."""
+  c = config_for(name, 0)
+  return 1 if c.adapter.sds_init == "zero" else max(c.optim.sds_warmup_steps, 1)
+
+
+def _losses(wd: pathlib.Path) -> dict[int, float]:
+  out = {}
+  for line in (wd / "metrics.jsonl").read_text().splitlines():
+    rec = json.loads(line)
+    if rec.get("split") == "train":
+      out[rec["step"]] = rec["loss"]
+  return out
+
+
+def train_variant(workdir: pathlib.Path, name: str, seed: int) -> dict:
+  wd = workdir / f"{name}_s{seed}"
+  summary = grid.train_or_read_back(lambda: config_for(name, seed), wd)
+  losses = _losses(wd)
+  t = switch_step(name if name != "lora" else "sds")
+  before = [losses[s] for s in range(t - WINDOW + 1, t + 1) if s in losses]
+  after = [losses[s] for s in range(t + 1, t + WINDOW + 1) if s in losses]
+  jump = max(after) - float(np.mean(before)) if before and after else float("nan")
+  return {"variant": name, "method": VARIANTS[name][0], "settings": VARIANTS[name][1],
+          "lr": LR, "rank": RANK, "seed": seed, "switch_step": t, "jump": jump,
+          "test_accuracy": summary["test_accuracy"],
+          "validation_accuracy": summary["validation_accuracy"],
+          "final_train_loss": summary["final_train_loss"],
+          "mean_loss_last_20": float(np.mean([losses[s] for s in sorted(losses)[-20:]])),
+          "steps": summary["steps"], "wall_seconds": summary.get("wall_seconds"),
+          "losses": [losses[s] for s in sorted(losses)]}
+
+
+def table(records) -> str:
+  lines = ["| variant | what changes | seeds | test acc. | val. acc. | loss, last 20 steps | "
+           "jump after switch |", "|---|---|---|---|---|---|---|"]
+  for name in VARIANTS:
+    rows = [r for r in records if r["variant"] == name]
+    if not rows:
+      continue
+    col = lambda k: np.array([r[k] for r in rows])  # noqa: E731
+    lines.append(f"| {name} | {VARIANTS[name][2]} | {len(rows)} | {col('test_accuracy').mean():.4f}"
+                 f" | {col('validation_accuracy').mean():.4f} | "
+                 f"{col('mean_loss_last_20').mean():.4f} | {col('jump').mean():+.3f} |")
+  return "\n".join(lines)
+
+
+def plot(records, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 3.6))
+  for name in VARIANTS:
+    rows = [r for r in records if r["variant"] == name]
+    if not rows:
+      continue
+    curve = np.mean([r["losses"] for r in rows], axis=0)
+    smooth = np.convolve(curve, np.ones(WINDOW) / WINDOW, mode="valid")
+    ax.plot(np.arange(WINDOW, len(curve) + 1), smooth, label=name,
+            lw=2 if name in ("lora", "sds") else 1, color="k" if name == "lora" else None)
+  ax.set_xlabel("step")
+  ax.set_ylabel(f"training loss ({WINDOW}-step mean)")
+  ax.set_title(f"MiniLM sentiment, AdamW lr {LR:g}, rank {RANK}", fontsize=9)
+  ax.legend(fontsize=6, ncol=2)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=72)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="runs/ablations")
+  parser.add_argument("--seeds", default="0")
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--results", default=str(RESULTS))
+  parser.add_argument("--regenerate", action="store_true")
+  args = parser.parse_args(argv)
+  results = pathlib.Path(args.results)
+  path = results / "ablations.json"
+  records = json.loads(path.read_text()) if path.exists() else []
+  if not args.regenerate:
+    known = {(r["variant"], r["seed"]): r for r in records}
+    for seed in (int(s) for s in args.seeds.split(",")):
+      for name in args.variants.split(","):
+        if name not in VARIANTS:
+          raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        if (name, seed) not in known:
+          known[name, seed] = train_variant(pathlib.Path(args.workdir), name, seed)
+          records = list(known.values())
+          grid._write_json(path, records)
+        r = known[name, seed]
+        print(f"{name} seed {seed}: test {r['test_accuracy']:.4f} jump {r['jump']:+.3f}",
+              file=sys.stderr, flush=True)
+  md = table(records)
+  (results / "ablations.md").write_text(md + "\n")
+  plot(records, results / "ablations.png")
+  print(md)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
