@@ -88,16 +88,20 @@ def train_variant(workdir: pathlib.Path, name: str, seed: int) -> dict:
 
 
 def table(records) -> str:
-  lines = ["| variant | what changes | seeds | test acc. | val. acc. | loss, last 20 steps | "
+  lines = ["| variant | what changes | seeds | test acc. (± sd) | val. acc. | loss, last 20 steps | "
            "jump after switch |", "|---|---|---|---|---|---|---|"]
   for name in VARIANTS:
     rows = [r for r in records if r["variant"] == name]
     if not rows:
       continue
-    col = lambda k: np.array([r[k] for r in rows])  # noqa: E731
-    lines.append(f"| {name} | {VARIANTS[name][2]} | {len(rows)} | {col('test_accuracy').mean():.4f}"
-                 f" | {col('validation_accuracy').mean():.4f} | "
-                 f"{col('mean_loss_last_20').mean():.4f} | {col('jump').mean():+.3f} |")
+    def col(key, fmt=".4f"):
+      x = np.array([r[key] for r in rows])
+      sd = f" ± {x.std(ddof=1):{fmt.lstrip('+')}}" if len(x) > 1 else ""
+      return f"{x.mean():{fmt}}{sd}"
+
+    lines.append(f"| {name} | {VARIANTS[name][2]} | {len(rows)} | {col('test_accuracy')} | "
+                 f"{col('validation_accuracy')} | {col('mean_loss_last_20')} | "
+                 f"{col('jump', '+.3f')} |")
   return "\n".join(lines)
 
 
@@ -138,6 +142,7 @@ def main(argv=None) -> int:
   path = results / "ablations.json"
   records = json.loads(path.read_text()) if path.exists() else []
   if not args.regenerate:
+    grid.share_compilations(pathlib.Path(args.workdir))
     known = {(r["variant"], r["seed"]): r for r in records}
     for seed in (int(s) for s in args.seeds.split(",")):
       for name in args.variants.split(","):
@@ -150,10 +155,7 @@ def main(argv=None) -> int:
         r = known[name, seed]
         print(f"{name} seed {seed}: test {r['test_accuracy']:.4f} jump {r['jump']:+.3f}",
               file=sys.stderr, flush=True)
-  md = table(records)
-  (results / "ablations.md").write_text(md + "\n")
-  plot(records, results / "ablations.png")
-  print(md)
+  grid.report(records, results / "ablations", table, plot)
   return 0
 
 

@@ -373,25 +373,35 @@ def test_bases_after_every_refresh(refresh):
   assert int(state.num_refreshes) == len(expected)
 
 
-def test_factor_updates_bit_exact_between_events():
-  """After the switch, factors move by exactly the inner optimizer's updates."""
+def _updates_and_inner_reference(tx, inner, num_steps):
+  """Steps ``tx``; yields (updates after the switch, the inner optimizer's own updates from
+  the same parameters and inner state), from the first update after the switch on."""
   params = _tree()
   x, y = _data()
-  inner = optax.sgd(0.05, momentum=0.9)
-  tx = sds_lora(inner, warmup_steps=1, refresh=4)
   step = _make_step(tx)
   state = tx.init(params)
   inner_update = jax.jit(
       lambda p, s: inner.update(trainable_params(jax.grad(_loss)(p, x, y)), s, trainable_params(p))
   )
-  for _ in range(3):
+  for _ in range(num_steps):
     want, _ = inner_update(params, state.inner_state)
-    params_next, state, updates = step(params, state, x, y)
-    if int(state.count) > 1:
-      for got, ref in zip(_sds_adapters(updates), _sds_adapters(want)):
-        chex.assert_trees_all_close((got.a, got.b), (ref.a, ref.b), rtol=1e-6, atol=1e-7)
-        assert not jnp.any(got.qa) and not jnp.any(got.sds_on)
-    params = params_next
+    params, state, updates = step(params, state, x, y)
+    j = int(state.count) - 1
+    if j >= 1:
+      yield j, updates, want
+
+
+def test_factor_updates_bit_exact_between_events():
+  """After the switch, factors move by exactly the inner optimizer's updates."""
+  inner = optax.sgd(0.05, momentum=0.9)
+  tx = sds_lora(inner, warmup_steps=1, refresh=4)
+  seen = 0
+  for _, updates, want in _updates_and_inner_reference(tx, inner, 3):
+    seen += 1
+    for got, ref in zip(_sds_adapters(updates), _sds_adapters(want)):
+      chex.assert_trees_all_close((got.a, got.b), (ref.a, ref.b), rtol=1e-6, atol=1e-7)
+      assert not jnp.any(got.qa) and not jnp.any(got.sds_on)
+  assert seen == 2
 
 
 def test_one_trace_for_warmup_switch_and_refreshes():
@@ -625,26 +635,17 @@ def test_switch_state_keep_carries_the_moments_on():
 
 def test_rewarmup_ramps_the_sds_factor_updates_only():
   """``rewarmup_steps=k``: post-switch update j of SDS factors is min(1, j/k) x the inner's."""
-  params = _tree()
-  x, y = _data()
   inner, k = optax.sgd(0.05, momentum=0.9), 3
   tx = sds_lora(inner, warmup_steps=1, refresh=100, rewarmup_steps=k)
-  step = _make_step(tx)
-  state = tx.init(params)
-  inner_update = jax.jit(
-      lambda p, s: inner.update(trainable_params(jax.grad(_loss)(p, x, y)), s, trainable_params(p))
-  )
-  for _ in range(6):
-    want, _ = inner_update(params, state.inner_state)
-    params_next, state, updates = step(params, state, x, y)
-    j = int(state.count) - 1
-    if j >= 1:
-      f = min(1.0, j / k)
-      for got, ref in zip(_sds_adapters(updates), _sds_adapters(want)):
-        chex.assert_trees_all_close((got.a, got.b), (f * ref.a, f * ref.b), rtol=1e-5, atol=1e-7)
-      chex.assert_trees_all_close(updates["head"], want["head"], rtol=1e-6)  # not scaled
-      chex.assert_trees_all_close(updates["lora"].b, want["lora"].b, rtol=1e-6)
-    params = params_next
+  seen = []
+  for j, updates, want in _updates_and_inner_reference(tx, inner, 6):
+    seen.append(j)
+    f = min(1.0, j / k)
+    for got, ref in zip(_sds_adapters(updates), _sds_adapters(want)):
+      chex.assert_trees_all_close((got.a, got.b), (f * ref.a, f * ref.b), rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(updates["head"], want["head"], rtol=1e-6)  # not scaled
+    chex.assert_trees_all_close(updates["lora"].b, want["lora"].b, rtol=1e-6)
+  assert seen == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("kwargs, match", [
