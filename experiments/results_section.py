@@ -2,7 +2,7 @@
 
 ``python -m experiments.results_section [--readme README.md]``
 
-Rebuilds, from ``experiments/results/{conditioning,geometry,finetune}.json`` alone, each
+Rebuilds, from ``experiments/results/{conditioning,geometry,finetune,ablations}.json`` alone, each
 experiment's Markdown table and PNG (through its module's own ``regenerate``), and
 rewrites the README between ``<!-- results:begin -->`` and ``<!-- results:end -->``
 with the tables and the plots. The readings and verdicts around that block are written
@@ -20,40 +20,57 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
-def section(results: pathlib.Path = RESULTS) -> str:
-  from experiments import conditioning, geometry
-  from experiments.finetune import grid
+def _conditioning(path: pathlib.Path, results: pathlib.Path) -> str:
+  from experiments import conditioning
 
+  conditioning.regenerate(path, results)
+  return (results / "conditioning.md").read_text().strip()
+
+
+def _geometry(path: pathlib.Path, results: pathlib.Path) -> str:
+  from experiments import geometry
+
+  flat = geometry._flat(json.loads(path.read_text()))
+  geometry.plot(flat, results / "geometry.png")
+  return geometry.summary(flat)
+
+
+def _table_and_plot(module: str, stem: str):
+  def render(path: pathlib.Path, results: pathlib.Path) -> str:
+    import importlib
+
+    mod = importlib.import_module(module)
+    records = json.loads(path.read_text())
+    md = mod.table(records)
+    (results / f"{stem}.md").write_text(md + "\n")
+    mod.plot(records, results / f"{stem}.png")
+    return md
+  return render
+
+
+# (results file stem, heading, command, renderer, plot's alt text)
+BLOCKS = (
+  ("conditioning", "Convergence against condition number", "python -m experiments.conditioning",
+   _conditioning, "steps to 1e-6 against kappa"),
+  ("geometry", "Gradient geometry during fine-tuning", "python -m experiments.geometry",
+   _geometry, "gradient geometry per adapted kernel"),
+  ("finetune", "Fine-tuning grid", "python -m experiments.finetune.grid",
+   _table_and_plot("experiments.finetune.grid", "finetune"), "test accuracy by method"),
+  ("ablations", "SDS-LoRA ablations (MiniLM, lr 2e-3)",
+   "python -m experiments.ablations --seeds 0,1,2",
+   _table_and_plot("experiments.ablations", "ablations"), "training loss per ablation"),
+)
+
+
+def section(results: pathlib.Path = RESULTS) -> str:
   parts = []
-  cond = results / "conditioning.json"
-  if cond.exists():
-    conditioning.regenerate(cond, results)
-    parts += ["#### Convergence against condition number (`python -m experiments.conditioning`)",
-              "", (results / "conditioning.md").read_text().strip(), "",
-              "![steps to 1e-6 against kappa](experiments/results/conditioning.png)", ""]
-  else:
-    parts += ["Convergence against condition number: not run yet.", ""]
-  geo = results / "geometry.json"
-  if geo.exists():
-    records = json.loads(geo.read_text())
-    flat = geometry._flat(records)
-    geometry.plot(flat, results / "geometry.png")
-    parts += ["#### Gradient geometry during fine-tuning (`python -m experiments.geometry`)", "",
-              geometry.summary(flat), "",
-              "![gradient geometry per adapted kernel](experiments/results/geometry.png)", ""]
-  else:
-    parts += ["Gradient geometry: not run yet.", ""]
-  fine = results / "finetune.json"
-  if fine.exists():
-    records = json.loads(fine.read_text())
-    (results / "finetune.md").write_text(grid.table(records) + "\n")
-    grid.plot(records, results / "finetune.png")
-    parts += ["#### Fine-tuning grid (`python -m experiments.finetune.grid`)", "",
-              grid.table(records), "",
-              "![test accuracy by method](experiments/results/finetune.png)", ""]
-  else:
-    parts += ["Fine-tuning grid: not finished yet (`python -m experiments.finetune.grid` "
-              "resumes it).", ""]
+  for stem, heading, command, render, alt in BLOCKS:
+    path = results / f"{stem}.json"
+    if not path.exists():
+      parts += [f"{heading}: not run yet (`{command}`).", ""]
+      continue
+    parts += [f"#### {heading} (`{command}`)", "", render(path, results), "",
+              f"![{alt}](experiments/results/{stem}.png)", ""]
   return "\n".join(parts).strip()
 
 
