@@ -142,7 +142,6 @@ def main(argv=None) -> int:
   path = results / "ablations.json"
   records = json.loads(path.read_text()) if path.exists() else []
   if not args.regenerate:
-    grid.share_compilations(pathlib.Path(args.workdir))
     known = {(r["variant"], r["seed"]): r for r in records}
     for seed in (int(s) for s in args.seeds.split(",")):
       for name in args.variants.split(","):

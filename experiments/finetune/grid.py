@@ -261,15 +261,6 @@ def plot(records, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def share_compilations(workdir: pathlib.Path) -> None:
-  """Persistent compilation cache under ``workdir``: runs that differ only in the seed
-  compile the same steps once (the numbers are unchanged, only the wall time drops)."""
-  import jax
-
-  jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
 def report(records, stem: pathlib.Path, table_fn, plot_fn) -> None:
   """Writes ``<stem>.md`` (the table, also printed) and ``<stem>.png`` from ``records``."""
   md = table_fn(records)
@@ -293,7 +284,6 @@ def main(argv=None) -> int:
   parser.add_argument("--regenerate", action="store_true",
                       help="rebuild the table and plot from finetune.json only")
   args = parser.parse_args(argv)
-  share_compilations(pathlib.Path(args.workdir))
   results = pathlib.Path(args.results)
   results.mkdir(parents=True, exist_ok=True)
   path = results / "finetune.json"
