@@ -76,7 +76,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sdslora_jax import _checks
+from sdslora_jax import _checks, _linalg
 
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
@@ -350,10 +350,11 @@ def _basis(m, passes, axis_name):
   shape = m.shape
   ms = m.reshape((-1, *shape[-2:]))
   xs, finite = jax.vmap(lambda x: _prepare(x, axis_name))(ms)
-  q, ok = jax.vmap(lambda x: _fast_path(x, passes, axis_name))(xs)
+  # Per matrix (a loop on CPU): see _linalg.map_matrices.
+  q, ok = _linalg.map_matrices(lambda x: _fast_path(x, passes, axis_name), xs)
 
   def safe(q, xs):
-    q_safe = jax.vmap(lambda x: _safe_path(x, axis_name))(xs)
+    q_safe = _linalg.map_matrices(lambda x: _safe_path(x, axis_name), xs)
     return jnp.where(ok[:, None, None], q, q_safe)
 
   # A cond on the whole batch (not a per-matrix select under vmap, which would run

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sdslora_jax import _checks
+from sdslora_jax import _checks, _linalg
 from sdslora_jax.basis import BASIS_METHODS, basis
 from sdslora_jax.gram_basis import gram_qr
 
@@ -92,13 +92,14 @@ def thin_qr(m: jax.Array, method: str = "gram") -> tuple[jax.Array, jax.Array]:
   m32 = jnp.asarray(m, jnp.float32)
   if method == "gram":  # r x r communication only when a factor is sharded
     return gram_qr(m32)
-  return jnp.linalg.qr(m32, mode="reduced")
+  return _linalg.map_matrices(lambda x: jnp.linalg.qr(x, mode="reduced"), m32)
 
 
 def factors_from_qr(q_a, r_a, q_b, r_b, scale) -> tuple[jax.Array, jax.Array]:
   """Steps 2-3 of the switch from ``a = q_a r_a`` and ``b.T = q_b r_b`` (batched)."""
   scale = jnp.asarray(scale, jnp.float32)[..., None, None]
-  u, s, vt = jnp.linalg.svd(scale * (r_a @ jnp.swapaxes(r_b, -1, -2)), full_matrices=False)
+  core = scale * (r_a @ jnp.swapaxes(r_b, -1, -2))
+  u, s, vt = _linalg.map_matrices(lambda x: jnp.linalg.svd(x, full_matrices=False), core)
   qa = q_a @ u
   qb = q_b @ jnp.swapaxes(vt, -1, -2)
   half = s / (2.0 * scale[..., 0])
