@@ -126,7 +126,8 @@ def _nnx_paths(linen_tree):
 
 
 # The Linen conv paths are covered by tests/test_linen.py by default.
-@pytest.mark.parametrize("frontend", [pytest.param("linen", marks=pytest.mark.slow), "nnx"])
+@pytest.mark.slow  # conv adapters: test_linen (pointwise, conv kinds), test_nnx
+@pytest.mark.parametrize("frontend", ["linen", "nnx"])
 def test_convnet(frontend):
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
   if frontend == "linen":

@@ -23,6 +23,7 @@ def quick(tmp_path_factory):
   return work, out, json.loads((out / "conditioning.json").read_text())
 
 
+@pytest.mark.slow
 def test_quick_sweep_records(quick):
   _, out, recs = quick
   n_lrs = sum(len(lrs) for _, lrs in QUICK.lrs)
@@ -42,6 +43,7 @@ def test_quick_sweep_records(quick):
   assert (out / "conditioning.png").stat().st_size < 100_000
 
 
+@pytest.mark.slow
 def test_train_seeds_equals_train_per_seed(quick):
   # After the quick sweep: same steps and number of seeds, so its compilations are reused.
   # SDS runs at kappa 1: at kappa 100 within 300 steps some runs (Adam on its plateau, SDS

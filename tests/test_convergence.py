@@ -34,6 +34,7 @@ def test_lora_convergence_degrades_with_condition_number():
   assert l1000 is None or l1000 > 10 * s1000  # far more steps than SDS-LoRA
 
 
+@pytest.mark.slow
 def test_without_warmup_the_property_is_weaker():
   w1, w1000 = _steps("sds", 1.0), _steps("sds", 1000.0)
   n1, n1000 = _steps("sds_no_warmup", 1.0), _steps("sds_no_warmup", 1000.0)

@@ -226,6 +226,7 @@ def test_hand_edited_factors_need_restamp():
 # --- 6. The bfloat16 switch is computed in float32 and rounded once ---------------------------
 
 
+@pytest.mark.slow
 def test_bfloat16_switch_is_rounding_limited():
   """The adapted function moves by bfloat16 rounding only, and the bases fit the new factors."""
   k = jax.random.split(jax.random.key(0), 3)

@@ -175,6 +175,7 @@ class Block(nnx.Module):
     self.fc = nnx.Linear(8, 8, rngs=rngs)
 
 
+@pytest.mark.slow
 def test_vmapped_stacked_kernel_gets_one_adapter_per_layer():
   model, x = Stacked(nnx.Rngs(0)), jnp.ones((2, 8))
   assert model.layers.fc.kernel.shape == (3, 8, 8)

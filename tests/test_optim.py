@@ -597,6 +597,7 @@ def test_grouped_update_equals_each_adapter_alone():
                                  atol=1e-7, err_msg=f"{name}.{f}")
 
 
+@pytest.mark.slow
 def test_update_program_grows_little_per_adapter():
   # Switch, refresh and stamps run once per group of alike adapters: adding an
   # adapter adds only its per-leaf work (the inner optimizer, stacking and slicing),

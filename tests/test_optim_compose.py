@@ -123,6 +123,7 @@ def test_switch_preserves_output_inside_chain():
   np.testing.assert_allclose(_forward(p_sds, x), _forward(p_ref, x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # schedules across the switch: test_optim (Adam count restarts)
 def test_inject_hyperparams_continue_across_switch():
   sched = optax.linear_schedule(1e-2, 1e-3, 20)
   inner = optax.inject_hyperparams(optax.adamw)(learning_rate=sched, weight_decay=1e-3)
@@ -182,6 +183,7 @@ def test_multi_steps_switch_and_refresh_only_on_real_updates():
   assert len(traces) == 1
 
 
+@pytest.mark.slow
 def test_apply_if_finite_skipped_step_changes_nothing():
   warm = 2
   tx = optax.apply_if_finite(
@@ -210,6 +212,7 @@ def test_apply_if_finite_skipped_step_changes_nothing():
   assert int(s4.inner_state.count) == 3
 
 
+@pytest.mark.slow
 def test_loraplus_partition_learning_rates():
   lr, ratio = 1e-2, 16.0
   tx = sds_lora(loraplus(lr, ratio=ratio, optimizer=optax.sgd), warmup_steps=2)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from experiments import step_overhead
 
 
+@pytest.mark.slow
 def test_tiny_dense_stack_records_and_equal_starting_losses():
   rows = step_overhead.run_configuration(
       {"model": "dense_stack", "d": 64, "rank": 4, "tokens": 256, "repeats": 2}, lambda _: None)

@@ -165,6 +165,7 @@ def test_csv_file_trains_with_held_out_split(tmp_path):
   assert json.loads((tmp_path / "run" / "config.json").read_text())["classes"] == ["neg", "pos"]
 
 
+@pytest.mark.slow
 def test_efficientnet_fashion_mnist_smoke(tmp_path):
   summary = T.train_and_evaluate(smoke(efficientnet_fashion_mnist, method="lora"), tmp_path)
   assert summary["steps"] == 4 and summary["step_compilations"] == 1
