@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -53,3 +54,8 @@ def map_matrices(fn: Callable[..., Any], *args: jax.Array, ndim: int = 2) -> Any
 
   out = batched(*flat) if n == 1 else lax.platform_dependent(*flat, cpu=looped, default=batched)
   return jax.tree.map(lambda y: y.reshape((*lead, *y.shape[1:])), out)
+
+
+def reduced_qr(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``jnp.linalg.qr(m, mode="reduced")`` of ``(..., n, r)`` matrices, per matrix on CPU."""
+  return map_matrices(lambda x: jnp.linalg.qr(x, mode="reduced"), m)

@@ -40,7 +40,7 @@ def orthonormal_basis(m: jax.Array) -> jax.Array:
   _checks.check_tall_matrix("m", shape[-2:] if len(shape) > 2 else shape)
   _checks.check_float_arrays(m=m)
   m32 = jnp.asarray(m, jnp.float32)
-  q, r = _linalg.map_matrices(lambda x: jnp.linalg.qr(x, mode="reduced"), m32)
+  q, r = _linalg.reduced_qr(m32)
   signs = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0).astype(jnp.float32)
   return q * signs[..., None, :]
 

@@ -92,7 +92,7 @@ def thin_qr(m: jax.Array, method: str = "gram") -> tuple[jax.Array, jax.Array]:
   m32 = jnp.asarray(m, jnp.float32)
   if method == "gram":  # r x r communication only when a factor is sharded
     return gram_qr(m32)
-  return _linalg.map_matrices(lambda x: jnp.linalg.qr(x, mode="reduced"), m32)
+  return _linalg.reduced_qr(m32)
 
 
 def factors_from_qr(q_a, r_a, q_b, r_b, scale) -> tuple[jax.Array, jax.Array]:
