@@ -92,3 +92,27 @@ def test_run_takes_known_records_and_saves_after_every_run(tmp_path, monkeypatch
   part = grid.annotate(saved[2])
   assert not any(r["chosen_lr"] for r in part if r["method"] == "lora")
   assert "Partial grid" in grid.table(part)
+
+
+def test_interrupted_run_of_one_task_keeps_the_other_tasks_records(tmp_path, monkeypatch):
+  """Every write of finetune.json, not only the last, carries the tasks not being run."""
+  other = {"task": "efficientnet", "method": "full", "rank": 0, "lr": 3e-4, "seed": 0,
+           "test_accuracy": 0.8, "validation_accuracy": 0.8, "validation_loss": 0.5,
+           "final_train_loss": 0.3, "steps": 7, "wall_seconds": 1.0}
+  (tmp_path / "finetune.json").write_text(json.dumps([other]))
+  calls = []
+
+  def train_then_interrupt(workdir, task, method, rank, lr, seed, quick=False):
+    if calls:
+      raise KeyboardInterrupt
+    calls.append(method)
+    return dict(other, task=task, method=method, rank=rank, lr=lr, seed=seed,
+                steps=grid._steps(task, quick))
+
+  monkeypatch.setattr(grid, "train_one", train_then_interrupt)
+  with pytest.raises(KeyboardInterrupt):
+    grid.main(["--tasks", "minilm", "--quick", "--results", str(tmp_path),
+               "--workdir", str(tmp_path / "runs")])
+  saved = json.loads((tmp_path / "finetune.json").read_text())
+  assert sorted(r["task"] for r in saved) == ["efficientnet", "minilm"]
+  assert [r for r in saved if r["task"] == "efficientnet"][0]["test_accuracy"] == 0.8

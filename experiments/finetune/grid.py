@@ -297,11 +297,13 @@ def main(argv=None) -> int:
   else:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     known = json.loads(path.read_text()) if path.exists() else []
-    records = run(pathlib.Path(args.workdir), args.tasks.split(","), args.quick, log,
-                  known=known, save=lambda recs: _write_json(path, recs))
-    # Records of tasks not run this time stay in the file.
-    records = annotate(records + [r for r in known if r["task"] not in args.tasks.split(",")],
-                       _lrs(args.quick))
+    tasks = args.tasks.split(",")
+    # Records of tasks not run this time stay in the file, in every write (an
+    # interrupted run of one task must not lose the other task's results).
+    others = [r for r in known if r["task"] not in tasks]
+    records = run(pathlib.Path(args.workdir), tasks, args.quick, log, known=known,
+                  save=lambda recs: _write_json(path, annotate(recs + others, _lrs(args.quick))))
+    records = annotate(records + others, _lrs(args.quick))
     _write_json(path, records)
   report(records, results / "finetune", table, plot)
   return 0
