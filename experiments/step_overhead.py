@@ -34,6 +34,7 @@ Run::
   python -m experiments.step_overhead --quick    # a small grid, under a minute
   python -m experiments.step_overhead --json     # one JSON record per line on stdout
   python -m experiments.step_overhead --load 2   # with 2 busy processes competing
+  python -m experiments.step_overhead --models minilm --variants lora,sds  # two-way A/B
 
 Ratios (``ratio_vs_lora``, ``ratio_vs_full``, ``ratio_vs_handwritten``) are of
 median step times measured in the same process.
@@ -333,7 +334,12 @@ def configurations(quick: bool) -> list[dict]:
   return grid
 
 
-def run_configuration(c: dict, log) -> list[dict]:
+VARIANTS = ("full", "handwritten", "lora", "sds", "nnx_lora")
+
+
+def run_configuration(c: dict, log, only: Sequence[str] = VARIANTS) -> list[dict]:
+  """Measures the variants named in ``only`` (fewer variants: less memory traffic between
+  interleaved steps, so a steadier two-way comparison such as ``lora,sds``)."""
   if c["model"] == "minilm":
     variants = minilm_variants(c["batch"], c["seq"], c["rank"], c["num_layers"])
     meta = {"model": "minilm" if not c["num_layers"] else f"minilm_{c['num_layers']}layers",
@@ -341,6 +347,7 @@ def run_configuration(c: dict, log) -> list[dict]:
   else:
     variants = _stack_variants(c["d"], c["rank"], c["tokens"])
     meta = {"model": "dense_stack", "d": c["d"], "rank": c["rank"], "tokens": c["tokens"]}
+  variants = [v for v in variants if v.name in only]
   log(f"{meta}")
   rows = measure(variants, c["repeats"], log)
   return [{**meta, "dtype": "float32", "platform": jax.devices()[0].platform, **r} for r in rows]
@@ -349,6 +356,10 @@ def run_configuration(c: dict, log) -> list[dict]:
 def _busy() -> None:  # a competing process for --load
   while True:
     pass
+
+
+def _ratio(x) -> str:
+  return "-" if x is None else f"{x:.3f}"
 
 
 def table(rows: Sequence[dict]) -> str:
@@ -360,8 +371,8 @@ def table(rows: Sequence[dict]) -> str:
     lines.append(
         f"| {r['model']} | {r['d']} | {r['rank']} | {r['tokens']} | {r['method']} | "
         f"{r['step_time_median_s']:.4f} | {r['step_time_p25_s']:.4f}-{r['step_time_p75_s']:.4f} | "
-        f"{r['ratio_vs_lora']:.3f} | {r['ratio_vs_full']:.3f} | {r['ratio_vs_handwritten']:.3f} | "
-        f"{temp} | {r['compile_s']:.1f} |")
+        f"{_ratio(r['ratio_vs_lora'])} | {_ratio(r['ratio_vs_full'])} | "
+        f"{_ratio(r['ratio_vs_handwritten'])} | {temp} | {r['compile_s']:.1f} |")
   return "\n".join(lines)
 
 
@@ -407,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--ranks", type=int, nargs="*", help="only these ranks of the Dense stacks")
   parser.add_argument("--tokens", type=int, nargs="*", help="only these token counts")
   parser.add_argument("--repeats", type=int, help="interleaved repeats (default: per config)")
+  parser.add_argument("--variants", default=",".join(VARIANTS),
+                      help=f"comma-separated subset of {','.join(VARIANTS)}")
   parser.add_argument("--load", type=int, default=0,
                       help="busy processes competing for the CPU during the measurement")
   parser.add_argument("--out", help="also write the JSON records to this file")
@@ -429,6 +442,9 @@ def main(argv: Sequence[str] | None = None) -> None:
               and (not args.tokens or c["tokens"] in args.tokens)))]
   if not grid:
     parser.error("no configuration matches the filters")
+  only = args.variants.split(",")
+  if unknown := sorted(set(only) - set(VARIANTS)):
+    parser.error(f"unknown variants {unknown}; choose from {','.join(VARIANTS)}")
   hogs = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(args.load)]
   for h in hogs:
     h.start()
@@ -440,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       if args.repeats:
         c = {**c, "repeats": args.repeats}
       log(f"[{i + 1}/{len(grid)}]")
-      new = [{**r, "load": args.load} for r in run_configuration(c, log)]
+      new = [{**r, "load": args.load} for r in run_configuration(c, log, only)]
       rows.extend(new)
       if args.json:
         for r in new:

@@ -27,3 +27,13 @@ def test_tiny_dense_stack_records_and_equal_starting_losses():
   # And every variant trains: its loss went down over the 4 steps.
   for r in rows:
     assert r["last_loss"] < r["first_loss"], r["method"]
+
+
+def test_variant_subset_measures_only_those_and_tabulates_missing_ratios():
+  rows = step_overhead.run_configuration(
+      {"model": "dense_stack", "d": 32, "rank": 2, "tokens": 128, "repeats": 1}, lambda _: None,
+      only=("lora", "sds"))
+  assert [r["method"] for r in rows] == ["lora", "sds"]
+  assert rows[0]["ratio_vs_full"] is None and rows[1]["ratio_vs_lora"] > 0
+  text = step_overhead.table(rows)
+  assert "| sds |" in text and "| - |" in text and "| full |" not in text
