@@ -41,10 +41,12 @@ LABELS = {"full": "full FT", "lora": "LoRA", "rslora": "rsLoRA", "sds": "SDS-LoR
           "riemannian": "Riemannian LoRA"}
 RANKS = (8, 32)
 SEEDS = (0, 1, 2)
-# Three learning rates per method, around the usual AdamW rates (SGD + momentum for the
-# Riemannian preconditioner, whose steps are preconditioned by the factors' Gram matrices).
+# Three learning rates per method, around the usual AdamW rates. The Riemannian
+# preconditioner runs SGD + momentum on steps scaled by the inverse Gram matrices of the
+# factors (up to 1 / damping while b is near its zero start); its first sweep, 3e-2 to
+# 3e-1, diverged nearly everywhere, so it was extended down to 1e-3.
 LRS = {"full": (3e-5, 1e-4, 3e-4), "lora": (5e-4, 1e-3, 2e-3), "rslora": (5e-4, 1e-3, 2e-3),
-       "sds": (5e-4, 1e-3, 2e-3), "riemannian": (3e-2, 1e-1, 3e-1)}
+       "sds": (5e-4, 1e-3, 2e-3), "riemannian": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)}
 GAP_NOISE = 0.01  # one point of test accuracy
 MINILM_STEPS = 120
 EFFNET_STEPS = 100
