@@ -338,8 +338,7 @@ VARIANTS = ("full", "handwritten", "lora", "sds", "nnx_lora")
 
 
 def run_configuration(c: dict, log, only: Sequence[str] = VARIANTS) -> list[dict]:
-  """Measures the variants named in ``only`` (fewer variants: less memory traffic between
-  interleaved steps, so a steadier two-way comparison such as ``lora,sds``)."""
+  """Measures the variants named in ``only`` (e.g. ``("lora", "sds")`` for a two-way A/B)."""
   if c["model"] == "minilm":
     variants = minilm_variants(c["batch"], c["seq"], c["rank"], c["num_layers"])
     meta = {"model": "minilm" if not c["num_layers"] else f"minilm_{c['num_layers']}layers",

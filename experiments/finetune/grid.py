@@ -41,9 +41,9 @@ LABELS = {"full": "full FT", "lora": "LoRA", "rslora": "rsLoRA", "sds": "SDS-LoR
           "riemannian": "Riemannian LoRA"}
 RANKS = (8, 32)
 SEEDS = (0, 1, 2)
-# Three learning rates per method, around the usual AdamW rates. The Riemannian
-# preconditioner runs SGD + momentum on steps scaled by the inverse Gram matrices of the
-# factors (up to 1 / damping while b is near its zero start); its first sweep, 3e-2 to
+# Three learning rates per method, around the usual AdamW rates; six for the Riemannian
+# preconditioner, which runs SGD + momentum on steps scaled by the inverse Gram matrices of
+# the factors (up to 1 / damping while b is near its zero start): its first sweep, 3e-2 to
 # 3e-1, diverged nearly everywhere, so it was extended down to 1e-3.
 LRS = {"full": (3e-5, 1e-4, 3e-4), "lora": (5e-4, 1e-3, 2e-3), "rslora": (5e-4, 1e-3, 2e-3),
        "sds": (5e-4, 1e-3, 2e-3), "riemannian": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)}
@@ -302,9 +302,10 @@ def main(argv=None) -> int:
     tasks = args.tasks.split(",")
     # Records of tasks not run this time stay in the file, in every write (an
     # interrupted run of one task must not lose the other task's results).
+    # (``run`` hands ``save`` annotated records; ``others`` are annotated in the file.)
     others = [r for r in known if r["task"] not in tasks]
     records = run(pathlib.Path(args.workdir), tasks, args.quick, log, known=known,
-                  save=lambda recs: _write_json(path, annotate(recs + others, _lrs(args.quick))))
+                  save=lambda recs: _write_json(path, recs + others))
     records = annotate(records + others, _lrs(args.quick))
     _write_json(path, records)
   report(records, results / "finetune", table, plot)
