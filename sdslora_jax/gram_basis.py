@@ -205,7 +205,16 @@ def _deflating_cholesky(g, thresholds):
     root = jnp.sqrt(jnp.where(is_bad, 1.0, d))
     col = jnp.where((idx > j) & ~is_bad, v / root, 0.0)
     col = jnp.where(idx == j, root, col)
-    l = lax.dynamic_update_index_in_dim(l, col, j, axis=1)
+    # Column j written by a select, not ``dynamic_update_slice``: under jit with
+    # an input sharded over an Explicit mesh axis, ``g`` (hence ``col``) is
+    # replicated *on that mesh* (``_cross``'s out_sharding), while ``l`` starts
+    # as a constant on the empty mesh (JAX 0.12 takes a new array's mesh from
+    # its operands, here a scalar, ignoring the out_sharding ``zeros_like``
+    # passes outside a mesh context). Both are replicated r x r / r values,
+    # nothing is sharded over r, but ``dynamic_update_slice`` demands equal
+    # shardings (mesh included) and raised; elementwise ops accept an
+    # empty-mesh operand next to a meshed one (and loop carries allow it).
+    l = jnp.where(idx[None, :] == j, col[:, None], l)
     bad = bad.at[j].set(is_bad)
     return l, bad
 
