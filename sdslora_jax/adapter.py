@@ -389,8 +389,8 @@ def layer_view(adapter: Adapter) -> Adapter:
 
   For an adapter whose static metadata says it is stacked but whose arrays
   are one layer's (a scan body sliced them), returns the per-layer adapter:
-  ``kernel_shape`` without the layer axes, ``in_axes`` shifted, no
-  ``layer_axes``. An unstacked adapter is returned as is.
+  ``kernel_shape`` without the layer axes (wherever they sit), ``in_axes``
+  renumbered, no ``layer_axes``. An unstacked adapter is returned as is.
   """
   n = len(adapter.stacked_axes)
   if not n:
@@ -401,10 +401,11 @@ def layer_view(adapter: Adapter) -> Adapter:
         f"{adapter.target_shape}) was applied to one layer with factors of shape "
         f"{adapter.a.shape}: apply it inside the scan over layers, or take a layer first"
     )
+  layers = adapter.stacked_axes
   return dataclasses.replace(
       adapter,
-      kernel_shape=adapter.target_shape[n:],
-      in_axes=tuple(i - n for i in adapter.input_axes),
+      kernel_shape=tuple(d for i, d in enumerate(adapter.target_shape) if i not in layers),
+      in_axes=tuple(i - sum(j < i for j in layers) for i in adapter.input_axes),
       layer_axes=None,
   )
 
@@ -441,7 +442,10 @@ def kernel_delta(adapter: Adapter) -> jax.Array:
   stacked adapter gives every layer's update, stacked along the layer axes.
   """
   if adapter.stacked_axes and adapter.a.ndim > 2:
-    return _stacked(kernel_delta, adapter)
+    # One update per layer, stacked in front, then moved to the layer axes' places
+    # (MaxText-style stacks keep their layers on axis 1, for instance).
+    n = len(adapter.stacked_axes)
+    return jnp.moveaxis(_stacked(kernel_delta, adapter), tuple(range(n)), adapter.stacked_axes)
   adapter = layer_view(adapter)
   delta = adapter_delta(adapter)
   shape = adapter.target_shape

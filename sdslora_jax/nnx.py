@@ -50,7 +50,9 @@ from sdslora_jax.tree import (
 __all__ = [
     "AdapterVariable",
     "Adapted",
+    "OpAdapted",
     "adapt",
+    "adapt_ops",
     "adapter_state",
     "adapters",
     "attach",
@@ -338,3 +340,99 @@ def is_adapted(model: nnx.Module) -> bool:
   """Whether any submodule is an ``Adapted`` wrapper."""
   return any(isinstance(m, Adapted) for _, m in _modules(model))
 
+
+
+# --- the op-level path: any NNX model, whatever its layers -------------------
+
+
+class OpAdapted(nnx.Module):
+  """Any NNX model with adapters applied where its weights meet activations.
+
+  Built by ``adapt_ops``. ``model`` is the original model, untouched (its
+  ``nnx.Param`` weights are the frozen base); ``adapters`` holds one
+  ``AdapterVariable`` per adapted weight, keyed by its "/"-joined ``nnx.Param``
+  path (``"layers/0/attn/q_proj/w"``); ``adapter_tree()`` gives them as a nested
+  tree for ``tree.merge``, checkpoints and PEFT export. Calling it runs the model through
+  ``sdslora_jax.intercept.apply``: layers of any class (``nnx.Linear``, a
+  codebase's own ``Einsum`` or ``Linear``, weights stacked by ``nnx.vmap`` and run
+  by ``nnx.scan``) get the rank-r op at their ``dot_general`` / lookup. Non-parameter
+  state the model changes while running (batch statistics, RNG counters) is
+  written back. ``nnx.Optimizer(adapted, sds_lora(...), wrt=AdapterVariable)``
+  trains only the adapters.
+  """
+
+  def __init__(self, model: nnx.Module, adapter_tree: Any):
+    self.model = model
+    # One AdapterVariable per adapter (as nnx.Optimizer expects), keyed by the weight's path.
+    self._keys = tuple(keys for keys, _ in adapter_items(adapter_tree))
+    self.adapters = nnx.Dict({path_str(keys): AdapterVariable(ad)
+                              for keys, ad in adapter_items(adapter_tree)})
+
+  def adapter_tree(self) -> dict:
+    """The adapters as a plain tree keyed by the weights' paths (for merge, export)."""
+    tree: dict = {}
+    for keys in self._keys:
+      node = tree
+      for k in keys[:-1]:
+        node = node.setdefault(k, {})
+      node[keys[-1]] = self.adapters[path_str(keys)].get_value()
+    return tree
+
+  def _split(self):
+    graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
+    return graphdef, params, rest
+
+  def __call__(self, *args, **kwargs):
+    from sdslora_jax import intercept
+    graphdef, params, rest = self._split()
+    pure = nnx.to_pure_dict(params)
+
+    def fn(p, *a, **kw):
+      state = jax.tree.map(lambda v: v, params)  # fresh Variables at this trace level
+      nnx.replace_by_pure_dict(state, p)
+      m = nnx.merge(graphdef, state, rest)
+      out = m(*a, **kw)
+      return out, nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
+
+    out, new_rest = intercept.apply(fn, pure, self.adapter_tree(), *args, **kwargs)
+    nnx.replace_by_pure_dict(rest, new_rest)
+    nnx.update(self.model, rest)
+    return out
+
+  def merged(self) -> nnx.Module:
+    """A copy of the model with every update folded into its weight."""
+    from sdslora_jax.tree import merge as merge_tree
+    graphdef, params, rest = self._split()
+    params = jax.tree.map(lambda v: v, params)
+    nnx.replace_by_pure_dict(params, merge_tree(nnx.to_pure_dict(params), self.adapter_tree()))
+    return nnx.merge(graphdef, params, rest)
+
+
+def adapt_ops(
+    model: nnx.Module,
+    rules: Sequence[Rule | tuple],
+    *example_args: Any,
+    key: jax.Array,
+    sds_on: bool = False,
+    **example_kwargs: Any,
+) -> OpAdapted:
+  """Wraps any NNX model with adapters on the op-level path (the model is not changed).
+
+  ``rules`` select ``nnx.Param`` weights by their "/"-joined paths, whatever the
+  weights are called; the example inputs are traced abstractly to read how each
+  selected weight is used (see ``sdslora_jax.intercept``). The update is exactly
+  zero after this call.
+  """
+  from sdslora_jax import intercept
+  if isinstance(model, OpAdapted):
+    raise ValueError("the model is already wrapped by adapt_ops; adapt a model once")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def fn(p, *a, **kw):
+    state = jax.tree.map(lambda v: v, params)
+    nnx.replace_by_pure_dict(state, p)
+    return nnx.merge(graphdef, state, rest)(*a, **kw)
+
+  ads = intercept.init_adapters(key, fn, nnx.to_pure_dict(params), rules, *example_args,
+                                sds_on=sds_on, **example_kwargs)
+  return OpAdapted(model, ads)

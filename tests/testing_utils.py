@@ -109,3 +109,39 @@ def nnx_mse_step(x, target, traces=None):
     return value
 
   return step
+
+
+_ARITHMETIC = ("dot_general", "add", "add_any", "sub", "mul", "reduce_sum")
+
+
+def kernel_shaped_arithmetic(jaxpr, kernel_shapes):
+  """Arithmetic equations whose output is shaped like a targeted kernel, sub-jaxprs included.
+
+  A dense merge forms ``a @ b`` and ``K + dK`` in the kernel's shape; the rank-r
+  path never does (casts and transposes of the frozen kernel itself are not
+  arithmetic and are not counted). A shape counts when it is a permutation of a
+  kernel's shape, of one layer of it, or of its ``(d_in, d_out)`` matrix:
+  ``kernel_shapes`` lists those shapes.
+  """
+  wanted = {tuple(sorted(s)) for s in kernel_shapes}
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  found = []
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      shape = tuple(getattr(v.aval, "shape", ()))
+      if eqn.primitive.name in _ARITHMETIC and tuple(sorted(shape)) in wanted:
+        found.append((eqn.primitive.name, shape))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += kernel_shaped_arithmetic(sub, kernel_shapes)
+  return found
+
+
+def adapter_kernel_shapes(adapters):
+  """Per-layer kernel shapes and ``(d_in, d_out)`` of every adapter in a tree."""
+  out = set()
+  for ad in jax.tree.leaves(adapters, is_leaf=is_adapter):
+    shape = ad.target_shape
+    out.add(tuple(d for i, d in enumerate(shape) if i not in ad.stacked_axes))
+    out.add(tuple(shape))
+    out.add(ad.shape)
+  return out
