@@ -99,7 +99,15 @@ def _name_for(module_names: ModuleNames, kernel_path: str, layer: Any = None) ->
     raise KeyError(
         f"module_names has no entry for {kernel_path!r} (nor its module path {mod!r})"
     )
-  if layer is not None and not callable(module_names):
+  if isinstance(name, (list, tuple)):  # a fused kernel: one module per part of its output
+    if not name:
+      raise ValueError(f"module names for {kernel_path!r} must not be an empty sequence")
+    return tuple(_format_one(n, kernel_path, layer, callable(module_names)) for n in name)
+  return _format_one(name, kernel_path, layer, callable(module_names))
+
+
+def _format_one(name: Any, kernel_path: str, layer: Any, from_callable: bool) -> str:
+  if layer is not None and not from_callable:
     if not isinstance(name, str) or "{layer}" not in name:
       raise ValueError(
           f"{kernel_path!r} is a stacked kernel (one PEFT module per layer): its module_names "
@@ -110,6 +118,33 @@ def _name_for(module_names: ModuleNames, kernel_path: str, layer: Any = None) ->
   if not isinstance(name, str) or not name:
     raise ValueError(f"module name for {kernel_path!r} must be a non-empty string, got {name!r}")
   return name
+
+
+def _split_fused(ad: Adapter, names: tuple[str, ...], kpath: str, a_t, b_t):
+  """PEFT modules of a fused kernel: ``lora_B``'s rows split along the first output axis.
+
+  The output side is flattened in kernel order, so the first output axis (size
+  ``len(names)``: Gemma's ``kv_einsum`` ``(2, K, D, H)``, ``gating_einsum``
+  ``(2, D, F)``) is the slowest: part ``i`` is a contiguous block of rows. Each
+  module gets the shared ``lora_A`` and its block of ``lora_B``, so their
+  updates are exactly the fused update's parts.
+  """
+  shape = tuple(d for i, d in enumerate(ad.target_shape) if i not in ad.stacked_axes)
+  in_axes = _local_in_axes(ad)
+  out_axes = tuple(i for i in range(len(shape)) if i not in in_axes)
+  if _kind(ad) != "dense" or not out_axes or shape[out_axes[0]] != len(names):
+    first = shape[out_axes[0]] if out_axes else None
+    raise ValueError(
+        f"{kpath!r} is given {len(names)} module names {list(names)}: a fused kernel is split "
+        f"along its first output axis, which here has size {first} (kernel shape {shape}, "
+        f"output axes {out_axes}); give one name, or as many as that axis has entries")
+  rows = b_t.shape[0] // len(names)
+  return [(n, a_t, b_t[i * rows:(i + 1) * rows]) for i, n in enumerate(names)]
+
+
+def _local_in_axes(ad: Adapter) -> tuple[int, ...]:
+  layers = ad.stacked_axes
+  return tuple(i - sum(j < i for j in layers) for i in ad.input_axes)
 
 
 def _layers(ad_or_layout) -> list[Any]:
@@ -216,7 +251,11 @@ def export_peft(
       (scanned layers) becomes one PEFT module per layer: the callable is
       called as ``module_names(module_path, layer)`` (``layer`` an int, a
       tuple for several layer axes), and a dict value must contain
-      ``"{layer}"``, e.g. ``"model.layers.{layer}.self_attn.q_proj"``.
+      ``"{layer}"``, e.g. ``"model.layers.{layer}.self_attn.q_proj"``. A
+      fused kernel (Gemma's ``kv_einsum``, ``gating_einsum``) gets a list of
+      names, one per entry of its first output axis (``["...k_proj",
+      "...v_proj"]``): the modules share ``lora_A`` and split ``lora_B``'s rows,
+      exactly.
     base_model_name_or_path: written to the config.
     overwrite: replace existing files.
 
@@ -259,17 +298,23 @@ def export_peft(
         raise KeyError(f"module_names gives no module name for {kpath!r}"
                        + ("" if layer is None else f" layer {layer}"))
       where = kpath if layer is None else f"{kpath} (layer {layer})"
-      if name in owner:
-        raise ValueError(f"module name {name!r} is given to both {owner[name]!r} and {where!r}")
-      owner[name] = where
-      per_module.append((name, ad))
-  for name, ad in per_module:
+      for n in (name if isinstance(name, tuple) else (name,)):
+        if n in owner:
+          raise ValueError(f"module name {n!r} is given to both {owner[n]!r} and {where!r}")
+        owner[n] = where
+      if isinstance(name, tuple):
+        _split_fused(stacked, name, kpath, np.zeros((1, 1)), np.zeros((len(name), 1)))
+      per_module.append((name, ad, kpath))
+  for name, ad, kpath in per_module:
     left, right, scale = _lora_factors(ad)
-    a_t, b_t, (sa, sb) = _to_torch(ad, left, right, name)
-    tensors[f"{_PREFIX}{name}{sa}"] = np.ascontiguousarray(a_t, np.float32)
-    tensors[f"{_PREFIX}{name}{sb}"] = np.ascontiguousarray(b_t, np.float32)
-    ranks[name] = int(left.shape[1])
-    alphas[name] = float(scale * left.shape[1])
+    a_t, b_t, (sa, sb) = _to_torch(ad, left, right, str(name))
+    parts = (_split_fused(ad, name, kpath, a_t, b_t) if isinstance(name, tuple)
+             else [(name, a_t, b_t)])
+    for n, a_n, b_n in parts:
+      tensors[f"{_PREFIX}{n}{sa}"] = np.ascontiguousarray(a_n, np.float32)
+      tensors[f"{_PREFIX}{n}{sb}"] = np.ascontiguousarray(b_n, np.float32)
+      ranks[n] = int(left.shape[1])
+      alphas[n] = float(scale * left.shape[1])
   r_common = collections.Counter(ranks.values()).most_common(1)[0][0]
   alpha_common = collections.Counter(alphas.values()).most_common(1)[0][0]
   config = {
