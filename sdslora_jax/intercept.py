@@ -663,6 +663,19 @@ def apply(fn: Callable, params: Any, adapters: Any, *args, **kwargs) -> Any:
   items = adapter_items(adapters)
   if not items:
     return fn(params, *args, **kwargs)
+  leaves, treedef, dyn = _split_args(args, kwargs)
+  if not any(isinstance(x, jax.core.Tracer)
+             for x in jax.tree.leaves((params, adapters, [leaves[i] for i in dyn]))):
+    # Called outside any transformation: one compiled program instead of op-by-op
+    # dispatch (and one compile per nested jit the interpreter keeps).
+    def run(params, adapters, dyn_vals):
+      full = list(leaves)
+      for i, v in zip(dyn, dyn_vals):
+        full[i] = v
+      a, kw = jax.tree_util.tree_unflatten(treedef, full)
+      return apply(fn, params, adapters, *a, **kw)
+
+    return jax.jit(run)(params, adapters, [leaves[i] for i in dyn])
   adapters = guard_tree(adapters)
   items = adapter_items(adapters)
   flat, _ = jax.tree_util.tree_flatten_with_path(params)

@@ -230,3 +230,21 @@ def test_conv_is_merged_per_call():
   ads = intercept.init_adapters(jax.random.key(2), fn, params, [rule("k", rank=2)], x)
   assert ads["k"].kind == "conv" and ads["k"].input_axes == (0, 1, 2)
   _check_against_merge(fn, params, randomize(ads, jax.random.key(3)), x)
+
+
+def test_checkpoint_round_trip_of_axis_1_stack(tmp_path):
+  """Adapters laid out by the op-level path (layers on axis 1) save and restore exactly,
+  with and without a target, and the restored ones compute the same function."""
+  from sdslora_jax import checkpoint
+  fn, params = _scanned(1, False)
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  ads = intercept.init_adapters(jax.random.key(2), fn, params, [rule("w1|w2", rank=4)], x)
+  ads = randomize(ads, jax.random.key(3))
+  checkpoint.save_adapters(tmp_path / "ck", ads)
+  for restored in (checkpoint.restore_adapters(tmp_path / "ck", ads),
+                   checkpoint.restore_adapters(tmp_path / "ck")):
+    assert restored["w1"].layer_axes == (1,) and restored["w1"].kernel_shape == (16, 3, 32)
+    np.testing.assert_array_equal(intercept.apply(fn, params, restored, x),
+                                  intercept.apply(fn, params, ads, x))
+  with pytest.raises(FileExistsError):
+    checkpoint.save_adapters(tmp_path / "ck", ads)
