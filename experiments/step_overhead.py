@@ -16,6 +16,15 @@ warm-up compiles (the switch branch is in it either way). Variants:
   ``sdslora_jax.linen.apply`` for MiniLM, NNX ``sdslora_jax.nnx.adapt`` for the
   Dense stacks).
 * ``nnx_lora``: Flax's ``nnx.LoRA`` wrapping each ``nnx.Linear`` (Dense stacks).
+* ``op_lora``, ``op_sds``: the same adapted steps written through the op-level path,
+  ``sdslora_jax.intercept.apply`` over the plain, unadapted model function (the
+  frozen parameters as a pure dict, the adapter tree as the trainable state; same
+  rules, optimizer and schedule as ``lora`` / ``sds``). Their records add
+  ``frontend`` (``"lora"`` / ``"sds"``, the variant they are compared with) and the
+  op-level / frontend ratios ``ratio_vs_frontend`` (median step time),
+  ``compile_ratio_vs_frontend`` and ``temp_ratio_vs_frontend`` (temporary memory);
+  a second table prints them side by side. ``run_configuration`` measures them only
+  when asked (``only=ALL_VARIANTS``); the command line measures them by default.
 
 Models: all-MiniLM-L6-v2 with a classification head (trained fully by every
 adapted variant), rank 8 on q/k/v/o and the FFN; a stack of 4 ``nnx.Linear``
@@ -35,6 +44,7 @@ Run::
   python -m experiments.step_overhead --json     # one JSON record per line on stdout
   python -m experiments.step_overhead --load 2   # with 2 busy processes competing
   python -m experiments.step_overhead --models minilm --variants lora,sds  # two-way A/B
+  python -m experiments.step_overhead --quick --variants full,lora,sds,op_lora,op_sds
 
 Ratios (``ratio_vs_lora``, ``ratio_vs_full``, ``ratio_vs_handwritten``) are of
 median step times measured in the same process.
@@ -59,7 +69,7 @@ import optax
 
 import sdslora_jax.linen
 import sdslora_jax.nnx
-from sdslora_jax import targets, tree
+from sdslora_jax import intercept, targets, tree
 from sdslora_jax.optim import sds_lora
 
 LR = 1e-4
@@ -153,7 +163,8 @@ def _hand_lora(factors: dict, scale: float):
   return interceptor
 
 
-def minilm_variants(batch: int, seq: int, rank: int, num_layers: int | None) -> list[Variant]:
+def minilm_variants(batch: int, seq: int, rank: int, num_layers: int | None,
+                    op_level: bool = False) -> list[Variant]:
   import flax.linen as nn
 
   from sdslora_jax.models import SentenceClassifier
@@ -200,7 +211,7 @@ def minilm_variants(batch: int, seq: int, rank: int, num_layers: int | None) -> 
     return xent(out, d["label"])
 
   adamw = optax.adamw(LR)
-  return [
+  out = [
       _variant("full", full_loss, adamw, _copy({**base, "classifier": head}), {}, data),
       _variant("handwritten", hand_loss, adamw, {"factors": _copy(factors), "head": _copy(head)},
                base, data),
@@ -208,13 +219,39 @@ def minilm_variants(batch: int, seq: int, rank: int, num_layers: int | None) -> 
       _variant("sds", adapted_loss, sds_lora(optax.adamw(LR), warmup_steps=0),
                {"adapters": sds_ad, "head": _copy(head)}, base, data),
   ]
+  if not op_level:
+    return out
+
+  # The op-level path: the plain model function, adapters added at its dot_generals.
+  def plain(p, ids, mask):
+    return model.apply({"params": p}, ids, mask, deterministic=True)
+
+  def op_loss(t, frozen, d):
+    out = intercept.apply(plain, {**frozen, "classifier": t["head"]}, t["adapters"],
+                          d["ids"], d["mask"])
+    return xent(out, d["label"])
+
+  def op_adapters(rs, sds_on):
+    ad = intercept.init_adapters(jax.random.key(1), plain, {**base, "classifier": head}, rs,
+                                 ids, mask, sds_on=sds_on)
+    ad.pop("classifier", None)
+    return ad
+
+  out += [
+      _variant("op_lora", op_loss, optax.adamw(LR),
+               {"adapters": op_adapters(rules, False), "head": _copy(head)}, base, data),
+      _variant("op_sds", op_loss, sds_lora(optax.adamw(LR), warmup_steps=0),
+               {"adapters": op_adapters(sds_rules, True), "head": _copy(head)}, base, data),
+  ]
+  return out
 
 
 # ----------------------------------------------------------------------------------------
 # A stack of nnx.Linear layers.
 
 
-def _stack_variants(d: int, rank: int, tokens: int, layers: int = 4, seq: int = 128):
+def _stack_variants(d: int, rank: int, tokens: int, layers: int = 4, seq: int = 128,
+                    op_level: bool = False):
   from flax import nnx
 
   class Stack(nnx.Module):
@@ -277,6 +314,27 @@ def _stack_variants(d: int, rank: int, tokens: int, layers: int = 4, seq: int = 
   for i, layer in enumerate(m.layers):
     m.layers[i] = nnx.LoRA(d, rank, d, base_module=layer, rngs=nnx.Rngs(100 + i))
   out.append(split_step("nnx_lora", m, nnx.LoRAParam, optax.adamw(LR)))
+  if not op_level:
+    return out
+
+  # The op-level path: the unadapted Stack as a function of a pure parameter dict, the
+  # adapters added by intercept.apply where each kernel meets its activations.
+  graphdef, params, rest = nnx.split(build(), nnx.Param, ...)
+  frozen = nnx.to_pure_dict(params)
+
+  def plain(p, x):
+    state = jax.tree.map(lambda v: v, params)  # fresh Variables at this trace level
+    nnx.replace_by_pure_dict(state, p)
+    return nnx.merge(graphdef, state, rest)(x)
+
+  def op_loss(t, f, batch):
+    return jnp.mean((intercept.apply(plain, f, t, batch["x"]) - batch["y"]) ** 2)
+
+  for name, method, tx in (("op_lora", "lora", optax.adamw(LR)),
+                           ("op_sds", "sds", sds_lora(optax.adamw(LR), warmup_steps=0))):
+    ads = intercept.init_adapters(jax.random.key(1), plain, frozen, rules(method), x,
+                                  sds_on=method == "sds")
+    out.append(_variant(name, op_loss, tx, ads, frozen, data))
   return out
 
 
@@ -314,6 +372,16 @@ def measure(variants: Sequence[Variant], repeats: int, log) -> list[dict]:
       r[f"ratio_vs_{ref}"] = (r["step_time_median_s"] / by[ref]["step_time_median_s"]
                               if ref in by else None)
     r["compile_ratio_vs_lora"] = r["compile_s"] / by["lora"]["compile_s"] if "lora" in by else None
+  for r in rows:  # op-level rows only: the existing records keep their keys
+    if (ref := FRONTEND.get(r["method"])) is None:
+      continue
+    f = by.get(ref)
+    r["frontend"] = ref
+    r["ratio_vs_frontend"] = r["step_time_median_s"] / f["step_time_median_s"] if f else None
+    r["compile_ratio_vs_frontend"] = r["compile_s"] / f["compile_s"] if f else None
+    r["temp_ratio_vs_frontend"] = (
+        r["temp_bytes"] / f["temp_bytes"] if f and r["temp_bytes"] is not None
+        and f["temp_bytes"] else None)
   return rows
 
 
@@ -335,16 +403,23 @@ def configurations(quick: bool) -> list[dict]:
 
 
 VARIANTS = ("full", "handwritten", "lora", "sds", "nnx_lora")
+OP_VARIANTS = ("op_lora", "op_sds")  # the op-level path (intercept.apply), opt-in here
+ALL_VARIANTS = VARIANTS + OP_VARIANTS
+FRONTEND = {"op_lora": "lora", "op_sds": "sds"}  # op-level variant -> the variant it mirrors
 
 
 def run_configuration(c: dict, log, only: Sequence[str] = VARIANTS) -> list[dict]:
-  """Measures the variants named in ``only`` (e.g. ``("lora", "sds")`` for a two-way A/B)."""
+  """Measures the variants named in ``only`` (e.g. ``("lora", "sds")`` for a two-way A/B).
+
+  The op-level variants (``OP_VARIANTS``) are built only when ``only`` names one.
+  """
+  op_level = any(v in OP_VARIANTS for v in only)
   if c["model"] == "minilm":
-    variants = minilm_variants(c["batch"], c["seq"], c["rank"], c["num_layers"])
+    variants = minilm_variants(c["batch"], c["seq"], c["rank"], c["num_layers"], op_level)
     meta = {"model": "minilm" if not c["num_layers"] else f"minilm_{c['num_layers']}layers",
             "d": 384, "rank": c["rank"], "tokens": c["batch"] * c["seq"]}
   else:
-    variants = _stack_variants(c["d"], c["rank"], c["tokens"])
+    variants = _stack_variants(c["d"], c["rank"], c["tokens"], op_level=op_level)
     meta = {"model": "dense_stack", "d": c["d"], "rank": c["rank"], "tokens": c["tokens"]}
   variants = [v for v in variants if v.name in only]
   log(f"{meta}")
@@ -372,6 +447,36 @@ def table(rows: Sequence[dict]) -> str:
         f"{r['step_time_median_s']:.4f} | {r['step_time_p25_s']:.4f}-{r['step_time_p75_s']:.4f} | "
         f"{_ratio(r['ratio_vs_lora'])} | {_ratio(r['ratio_vs_full'])} | "
         f"{_ratio(r['ratio_vs_handwritten'])} | {temp} | {r['compile_s']:.1f} |")
+  return "\n".join(lines)
+
+
+def oplevel_table(rows: Sequence[dict]) -> str:
+  """The op-level rows beside the variants they mirror ("" when there are none)."""
+  rows = [r for r in rows if r["method"] in FRONTEND]
+  if not rows:
+    return ""
+  head = ("| model | d | r | tokens | op-level | step (s): op / frontend | op / frontend | "
+          "op / full | frontend / full | compile (s): op / frontend | compile op / frontend | "
+          "temp MiB: op / frontend | temp op / frontend |")
+  lines = [head, "|" + "---|" * 13]
+  mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f}"
+  for r in rows:
+    vs_full = r["ratio_vs_full"]
+    front_full = (vs_full / r["ratio_vs_frontend"]
+                  if vs_full is not None and r["ratio_vs_frontend"] else None)
+    front_t = (r["step_time_median_s"] / r["ratio_vs_frontend"]
+               if r["ratio_vs_frontend"] else None)
+    front_c = r["compile_s"] / r["compile_ratio_vs_frontend"] if r["compile_ratio_vs_frontend"] \
+        else None
+    front_m = (r["temp_bytes"] / r["temp_ratio_vs_frontend"]
+               if r["temp_ratio_vs_frontend"] else None)
+    lines.append(
+        f"| {r['model']} | {r['d']} | {r['rank']} | {r['tokens']} | {r['method']} | "
+        f"{r['step_time_median_s']:.4f} / {'-' if front_t is None else f'{front_t:.4f}'} | "
+        f"{_ratio(r['ratio_vs_frontend'])} | {_ratio(vs_full)} | {_ratio(front_full)} | "
+        f"{r['compile_s']:.1f} / {'-' if front_c is None else f'{front_c:.1f}'} | "
+        f"{_ratio(r['compile_ratio_vs_frontend'])} | {mib(r['temp_bytes'])} / {mib(front_m)} | "
+        f"{_ratio(r['temp_ratio_vs_frontend'])} |")
   return "\n".join(lines)
 
 
@@ -405,6 +510,8 @@ def write_markdown(rows: Sequence[dict], path: str, load: int) -> None:
     f.write(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
             f"load {load}, float32; medians of interleaved steps.\n\n{summary_table(rows)}\n\n"
             f"All variants:\n\n{table(rows)}\n")
+    if op := oplevel_table(rows):
+      f.write(f"\nOp-level path (intercept.apply) against the frontends:\n\n{op}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -417,8 +524,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--ranks", type=int, nargs="*", help="only these ranks of the Dense stacks")
   parser.add_argument("--tokens", type=int, nargs="*", help="only these token counts")
   parser.add_argument("--repeats", type=int, help="interleaved repeats (default: per config)")
-  parser.add_argument("--variants", default=",".join(VARIANTS),
-                      help=f"comma-separated subset of {','.join(VARIANTS)}")
+  parser.add_argument("--variants", default=",".join(ALL_VARIANTS),
+                      help=f"comma-separated subset of {','.join(ALL_VARIANTS)}")
   parser.add_argument("--load", type=int, default=0,
                       help="busy processes competing for the CPU during the measurement")
   parser.add_argument("--out", help="also write the JSON records to this file")
@@ -442,8 +549,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   if not grid:
     parser.error("no configuration matches the filters")
   only = args.variants.split(",")
-  if unknown := sorted(set(only) - set(VARIANTS)):
-    parser.error(f"unknown variants {unknown}; choose from {','.join(VARIANTS)}")
+  if unknown := sorted(set(only) - set(ALL_VARIANTS)):
+    parser.error(f"unknown variants {unknown}; choose from {','.join(ALL_VARIANTS)}")
   hogs = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(args.load)]
   for h in hogs:
     h.start()
@@ -467,6 +574,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for h in hogs:
       h.terminate()
   print(table(rows), file=sys.stderr if args.json else sys.stdout)
+  if op := oplevel_table(rows):
+    print(f"\nOp-level path (intercept.apply) against the frontends:\n\n{op}",
+          file=sys.stderr if args.json else sys.stdout)
   if args.markdown:
     write_markdown(rows, args.markdown, args.load)
 
