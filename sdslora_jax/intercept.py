@@ -38,8 +38,9 @@ No Flax import here: this is part of the functional core.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -48,11 +49,11 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from sdslora_jax.adapter import Adapter, adapter_matmul, guard_tree, is_adapter, kernel_delta
+from sdslora_jax.adapter import Adapter, adapter_matmul, guard_tree, kernel_delta
 from sdslora_jax.targets import KernelLayout, Rule, path_keys, path_str
 from sdslora_jax.tree import adapters_from_targets, adapter_items
 
-__all__ = ["OpLayout", "apply", "init_adapters", "layouts", "select_weights"]
+__all__ = ["OpLayout", "OpLevelError", "apply", "init_adapters", "layouts", "select_weights"]
 
 # Ops that only move, cast or annotate a weight: followed, never adapted.
 _CASTS = ("convert_element_type", "copy", "copy_p", "sharding_constraint", "reshard",
@@ -244,7 +245,7 @@ class _Tracer:
       return outs
 
     inner.__name__ = str(eqn.params.get("name", "call"))
-    outs = jax.jit(inner)(list(invals), adapters) if name_is_jit(eqn) else inner(
+    outs = jax.jit(inner)(list(invals), adapters) if _is_jit(eqn) else inner(
         list(invals), adapters)
     return outs if eqn.primitive.multiple_results else outs[0], box["views"]
 
@@ -471,7 +472,7 @@ def _bind(eqn, invals):
     return eqn.primitive.bind(*invals, **params)
 
 
-def name_is_jit(eqn) -> bool:
+def _is_jit(eqn) -> bool:
   return eqn.primitive.name in ("jit", "pjit")
 
 
@@ -486,7 +487,8 @@ def _remaining_layer_axes(w: _Weight, sliced: Sequence[int]) -> tuple[int, ...]:
 
 
 def _per_layer(ad: Adapter) -> Adapter:
-  """The adapter as a plain 2-D adapter (arrays may keep leading layer axes for vmap)."""
+  """The adapter's metadata for one ``(d_in, d_out)`` matrix; the arrays may still carry
+  leading layer axes, which the caller vmaps over."""
   return dataclasses.replace(ad, kernel_shape=None, in_axes=None, layer_axes=None, kind=None)
 
 
@@ -527,7 +529,6 @@ def select_weights(params: Any, rules: Sequence[Rule | tuple]) -> dict[str, tupl
         break
   for j, r in enumerate(rules):
     if not used[j]:
-      import difflib
       near = difflib.get_close_matches(r.match if isinstance(r.match, str) else "", paths, 5, 0.3)
       raise ValueError(f"rule {r.label} matches no parameter; nearby paths: "
                        f"{', '.join(map(repr, near)) or ', '.join(map(repr, paths[:5]))}")
@@ -696,6 +697,3 @@ def apply(fn: Callable, params: Any, adapters: Any, *args, **kwargs) -> Any:
   out, weights = _run(fn, params, args, kwargs, ws, False, {order[i]: ad for i, ad in ads.items()})
   return out
 
-
-def is_op_adapter_tree(tree: Any) -> bool:
-  return any(is_adapter(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_adapter))

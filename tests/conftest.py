@@ -9,8 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def pytest_ignore_collect(collection_path, config):
-  """The PyTorch PEFT module is collected only when ``-m peft_torch`` selects it."""
-  if collection_path.name != "test_peft_torch.py":
+  """The PyTorch PEFT modules are collected only when ``-m peft_torch`` selects them."""
+  if collection_path.name not in ("test_peft_torch.py", "test_peft_torch_llm.py"):
     return None
   expr = config.getoption("markexpr") or ""
   return True if "peft_torch" not in expr or "not peft_torch" in expr else None
