@@ -60,6 +60,9 @@ _CASTS = ("convert_element_type", "copy", "copy_p", "sharding_constraint", "resh
           "mesh_cast", "pvary", "reduce_precision")
 _CALLS = ("jit", "pjit", "closed_call", "core_call")
 _REMATS = ("remat2", "checkpoint", "remat")
+# Ops that turn a quantized weight's codes into its float value (see ``_Dequant``).
+_DEQUANT_OPS = ("convert_element_type", "reshape", "mul", "div", "sub", "add", "squeeze",
+                "broadcast_in_dim", "copy", "copy_p", "sharding_constraint")
 
 
 class OpLevelError(ValueError):
@@ -109,11 +112,24 @@ class _View:
   sliced: tuple[int, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Dequant:
+  """A value on the way from a quantized weight's stored codes to its float value.
+
+  Casts, reshapes (tiling), arithmetic with the scale or zero point and code-table
+  lookups keep this state; the first other op must receive the dequantized
+  kernel, in the weight's logical shape, which then becomes a plain ``_View``.
+  """
+
+  w: int
+
+
 @dataclasses.dataclass
 class _Weight:
   path: str
   shape: tuple[int, ...]
   layout: OpLayout | None = None  # known layout (apply), or the first recorded one (init)
+  quantized: str | None = None  # the quantized type's name, for a quantized frozen weight
 
 
 class _Tracer:
@@ -174,6 +190,21 @@ class _Tracer:
     name = eqn.primitive.name
     (view, pos), = [(vw, i) for i, vw in enumerate(inviews) if vw is not None][:1]
     nviews = sum(vw is not None for vw in inviews)
+    if isinstance(view, _Dequant):
+      if nviews == 1 and (name in _DEQUANT_OPS or (name == "gather" and pos == 1)):
+        return _bind(eqn, invals), [view] * len(eqn.outvars)
+      if name in _CALLS:
+        return self._call(eqn, invals, inviews, adapters)
+      w = self.weights[view.w]
+      if tuple(np.shape(invals[pos])) != w.shape or name == "scan":
+        raise OpLevelError(
+            f"weight {w.path!r} (quantized, {w.quantized}) reaches `{name}` as a value of "
+            f"shape {tuple(np.shape(invals[pos]))}, not as its dequantized {w.shape} kernel: "
+            "the op-level path follows a quantized weight through casts, reshapes, its "
+            "scale and code table up to a dot_general, convolution or lookup only")
+      inviews = [(_View(vw.w, tuple((a,) for a in range(len(w.shape))))
+                  if isinstance(vw, _Dequant) else vw) for vw in inviews]
+      return self._eqn(eqn, invals, inviews, adapters)
     if name in _CASTS:
       return _bind(eqn, invals), [view]
     if name == "transpose":
@@ -514,8 +545,19 @@ def select_weights(params: Any, rules: Sequence[Rule | tuple]) -> dict[str, tupl
   chosen: dict[str, tuple[int, Rule]] = {}
   used = [False] * len(rules)
   paths = []
+  groups = quantized_weights(params)
+  parts = {i for g in groups.values() for i in g["leaves"]}
+  for path, g in groups.items():  # a quantized weight is selected by its own path
+    paths.append(path)
+    for j, r in enumerate(rules):
+      if r.matches(path, None):
+        used[j] = True
+        chosen[path] = (g["qvalue"], r)
+        break
   for i, (kp, leaf) in enumerate(flat):
     path = path_str(kp)
+    if i in parts:
+      continue
     paths.append(path)
     for j, r in enumerate(rules):
       if r.matches(path, leaf):
@@ -533,6 +575,27 @@ def select_weights(params: Any, rules: Sequence[Rule | tuple]) -> dict[str, tupl
       raise ValueError(f"rule {r.label} matches no parameter; nearby paths: "
                        f"{', '.join(map(repr, near)) or ', '.join(map(repr, paths[:5]))}")
   return chosen
+
+
+def quantized_weights(params: Any) -> dict[str, dict]:
+  """Quantized frozen weights in a parameter tree, by the path of the weight itself.
+
+  A quantized weight is a node with a ``qvalue`` leaf (qwix's ``QArray``, also
+  wrapped as ``WithAux(array=QArray(...))``): its path is the node's, without the
+  trailing ``array``; its logical shape is ``qvalue``'s. Returns ``{path:
+  {"qvalue": flat index, "leaves": flat indices of its parts, "qtype": name}}``.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  paths = [path_keys(kp) for kp, _ in flat]
+  out: dict[str, dict] = {}
+  for i, keys in enumerate(paths):
+    if keys and keys[-1] == "qvalue":
+      node = keys[:-1]
+      group = node[:-1] if node and node[-1] == "array" else node
+      leaves = [j for j, k in enumerate(paths) if k[:len(node)] == node]
+      out[path_str(group)] = {"qvalue": i, "leaves": leaves, "keys": group,
+                              "qtype": str(getattr(flat[i][1], "dtype", "?"))}
+  return out
 
 
 def _split_args(args, kwargs):
@@ -562,8 +625,10 @@ def _run(fn, params, args, kwargs, weights_by_index, record, adapters_by_w):
   closed, out_shape, p_leaves, dyn_vals = _trace(fn, params, args, kwargs)
   weights = [w for _, w in sorted(weights_by_index.items())]
   index_of = {i: n for n, i in enumerate(sorted(weights_by_index))}
-  views = [(_View(index_of[i], tuple((a,) for a in range(np.ndim(x))))
-            if i in index_of else None) for i, x in enumerate(p_leaves)]
+  views = [None if i not in index_of else
+           _Dequant(index_of[i]) if weights[index_of[i]].quantized else
+           _View(index_of[i], tuple((a,) for a in range(np.ndim(x))))
+           for i, x in enumerate(p_leaves)]
   views += [None] * len(dyn_vals)
   tracer = _Tracer(weights, record)
   outs, outviews = tracer.eval(closed.jaxpr, closed.consts, list(p_leaves) + list(dyn_vals),
@@ -584,6 +649,7 @@ def layouts(fn: Callable, params: Any, rules: Sequence[Rule | tuple], *args,
   used in a way the op-level path cannot adapt.
   """
   chosen = select_weights(params, rules)
+  groups = quantized_weights(params)
   leaves, treedef, dyn = _split_args(args, kwargs)
   p_leaves = jax.tree_util.tree_leaves(params)
   box = {}
@@ -593,7 +659,9 @@ def layouts(fn: Callable, params: Any, rules: Sequence[Rule | tuple], *args,
     for i, v in zip(dyn, dyn_vals):
       full[i] = v
     a, kw = jax.tree_util.tree_unflatten(treedef, full)
-    ws = {i: _Weight(path, tuple(np.shape(p_leaves[i]))) for path, (i, _) in chosen.items()}
+    ws = {i: _Weight(path, tuple(np.shape(p_leaves[i])),
+                     quantized=groups[path]["qtype"] if path in groups else None)
+          for path, (i, _) in chosen.items()}
     _, box["weights"] = _run(fn, params, a, kw, ws, True, {})
     return 0
 
@@ -630,8 +698,13 @@ def init_adapters(key: jax.Array, fn: Callable, params: Any, rules: Sequence[Rul
   from sdslora_jax.targets import Target
   targets = []
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  groups = quantized_weights(params)
   for path, (i, r) in sorted(chosen.items(), key=lambda kv: kv[1][0]):
     lay = lays[path]
+    if path in groups:  # a quantized weight: the adapter sits at the weight's own path
+      targets.append(Target(path=path, keys=groups[path]["keys"], rule=_check_rank(r, path, lay),
+                            layout=lay.kernel_layout(), dtype=None))
+      continue
     if r.in_axes is not None and tuple(sorted(r.in_axes)) != lay.in_axes:
       raise ValueError(f"rule {r.label}: in_axes {r.in_axes} for {path!r} disagree with its use "
                        f"in `{lay.op}`, which contracts axes {lay.in_axes}")
@@ -681,6 +754,8 @@ def apply(fn: Callable, params: Any, adapters: Any, *args, **kwargs) -> Any:
   items = adapter_items(adapters)
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   index = {path_keys(kp): i for i, (kp, _) in enumerate(flat)}
+  groups = {g["keys"]: g for g in quantized_weights(params).values()}
+  index.update({keys: g["qvalue"] for keys, g in groups.items()})
   ws, ads = {}, {}
   for keys, ad in items:
     i = index.get(keys)
@@ -691,7 +766,8 @@ def apply(fn: Callable, params: Any, adapters: Any, *args, **kwargs) -> Any:
       raise ValueError(f"adapter at {path_str(keys)!r} is for a weight of shape "
                        f"{ad.target_shape}, but the parameter there has shape {shape}")
     ws[i] = _Weight(path_str(keys), shape, OpLayout(
-        path_str(keys), shape, ad.input_axes, ad.stacked_axes, ad.kind or "dense", "init"))
+        path_str(keys), shape, ad.input_axes, ad.stacked_axes, ad.kind or "dense", "init"),
+        quantized=groups[keys]["qtype"] if keys in groups else None)
     ads[i] = ad
   order = {i: n for n, i in enumerate(sorted(ws))}
   out, weights = _run(fn, params, args, kwargs, ws, False, {order[i]: ad for i, ad in ads.items()})
