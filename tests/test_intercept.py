@@ -9,13 +9,11 @@ same outputs and gradients without forming a kernel-sized array.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from sdslora_jax import intercept, tree
-from sdslora_jax.optim import sds_lora
 from sdslora_jax.targets import rule
-from testing_utils import big_intermediates, randomize
+from testing_utils import big_intermediates, randomize, train_adapters
 
 
 def _rel(x, y):
@@ -155,22 +153,8 @@ def test_trains_through_the_switch_in_one_trace():
   x = jax.random.normal(jax.random.key(1), (32, 16))
   target = jnp.sin(x)
   ads = intercept.init_adapters(jax.random.key(2), fn, params, [rule("w1|w2", rank=4)], x)
-  tx = sds_lora(optax.adamw(3e-2), warmup_steps=5)
-  state = tx.init(ads)
-  traces = []
-
-  @jax.jit
-  def step(ads, state, params, x):
-    traces.append(1)
-    loss = lambda a: jnp.mean((intercept.apply(fn, params, a, x) - target) ** 2)
-    value, grads = jax.value_and_grad(loss)(ads)
-    updates, state = tx.update(grads, state, ads)
-    return optax.apply_updates(ads, updates), state, value
-
-  losses = []
-  for _ in range(20):
-    ads, state, value = step(ads, state, params, x)
-    losses.append(float(value))
+  loss = lambda a, params, x: jnp.mean((intercept.apply(fn, params, a, x) - target) ** 2)
+  ads, losses, traces = train_adapters(loss, ads, params, x)
   assert len(traces) == 1
   assert float(ads["w1"].sds_on.min()) == 1.0  # every layer switched to SDS-LoRA
   assert losses[-1] < 0.5 * losses[0]

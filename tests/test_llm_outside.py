@@ -22,34 +22,20 @@ import optax
 import pytest
 
 from sdslora_jax import intercept, sharding, tree
-from sdslora_jax.optim import sds_lora
 from sdslora_jax.targets import rule
-from testing_utils import adapter_kernel_shapes, kernel_shaped_arithmetic
+from testing_utils import adapter_kernel_shapes, kernel_shaped_arithmetic, train_adapters
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _train_20_steps(fn, params, ads, inputs, target, *, lr=3e-2):
   """20 steps of sds_lora(adamw) through the switch (warm-up 5); returns ads, losses, traces."""
-  tx = sds_lora(optax.adamw(lr), warmup_steps=5)
-  state = tx.init(ads)
-  traces = []
 
   def loss_fn(a, params):
     logits = intercept.apply(fn, params, a, *inputs)
     return optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
 
-  @jax.jit
-  def step(ads, state, params):
-    traces.append(1)
-    value, grads = jax.value_and_grad(loss_fn)(ads, params)
-    updates, state = tx.update(grads, state, ads)
-    return optax.apply_updates(ads, updates), state, value
-
-  losses = []
-  for _ in range(20):
-    ads, state, value = step(ads, state, params)
-    losses.append(float(value))
+  ads, losses, traces = train_adapters(loss_fn, ads, params, lr=lr)
   return ads, losses, traces, loss_fn
 
 

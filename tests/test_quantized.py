@@ -11,14 +11,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import qwix
 
 from sdslora_jax import intercept, tree
-from sdslora_jax.optim import sds_lora
 from sdslora_jax.targets import rule
-from testing_utils import randomize
+from testing_utils import randomize, train_adapters
 
 RULES = [rule(r"Dense_\d/kernel", method="sds", rank=4)]
 
@@ -67,22 +65,8 @@ def test_quantized_base_trains_through_the_switch_in_one_trace():
   _, fn, qparams, _, x = _quantized("nf4", 8)
   target = jnp.sin(jax.random.normal(jax.random.key(7), (8, 64)))
   ads = intercept.init_adapters(jax.random.key(1), fn, qparams, RULES, x)
-  tx = sds_lora(optax.adamw(3e-2), warmup_steps=5)
-  state = tx.init(ads)
-  traces = []
-
-  @jax.jit
-  def step(ads, state, qparams):
-    traces.append(1)
-    loss = lambda a: jnp.mean((intercept.apply(fn, qparams, a, x) - target) ** 2)
-    value, grads = jax.value_and_grad(loss)(ads)
-    updates, state = tx.update(grads, state, ads)
-    return optax.apply_updates(ads, updates), state, value
-
-  losses = []
-  for _ in range(20):
-    ads, state, value = step(ads, state, qparams)
-    losses.append(float(value))
+  loss = lambda a, qparams: jnp.mean((intercept.apply(fn, qparams, a, x) - target) ** 2)
+  ads, losses, traces = train_adapters(loss, ads, qparams)
   assert len(traces) == 1 and losses[-1] < 0.5 * losses[0]
   assert float(ads["Dense_1"]["kernel"].sds_on) == 1.0
 

@@ -145,3 +145,30 @@ def adapter_kernel_shapes(adapters):
     out.add(tuple(shape))
     out.add(ad.shape)
   return out
+
+
+def train_adapters(loss, ads, *args, steps=20, lr=3e-2, warmup_steps=5):
+  """``steps`` jitted steps of ``sds_lora(adamw(lr), warmup_steps)`` on ``loss(ads, *args)``.
+
+  ``args`` (the frozen base, the batch) are arguments of the jitted step. Returns
+  ``(adapters, losses, traces)``; ``traces`` counts the step's traces.
+  """
+  import optax
+  from sdslora_jax.optim import sds_lora
+
+  tx = sds_lora(optax.adamw(lr), warmup_steps=warmup_steps)
+  state = tx.init(ads)
+  traces = []
+
+  @jax.jit
+  def step(ads, state, *args):
+    traces.append(1)
+    value, grads = jax.value_and_grad(loss)(ads, *args)
+    updates, state = tx.update(grads, state, ads)
+    return optax.apply_updates(ads, updates), state, value
+
+  losses = []
+  for _ in range(steps):
+    ads, state, value = step(ads, state, *args)
+    losses.append(float(value))
+  return ads, losses, traces
