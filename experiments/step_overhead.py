@@ -319,13 +319,7 @@ def _stack_variants(d: int, rank: int, tokens: int, layers: int = 4, seq: int = 
 
   # The op-level path: the unadapted Stack as a function of a pure parameter dict, the
   # adapters added by intercept.apply where each kernel meets its activations.
-  graphdef, params, rest = nnx.split(build(), nnx.Param, ...)
-  frozen = nnx.to_pure_dict(params)
-
-  def plain(p, x):
-    state = jax.tree.map(lambda v: v, params)  # fresh Variables at this trace level
-    nnx.replace_by_pure_dict(state, p)
-    return nnx.merge(graphdef, state, rest)(x)
+  plain, frozen, _ = sdslora_jax.nnx.as_function(build())
 
   def op_loss(t, f, batch):
     return jnp.mean((intercept.apply(plain, f, t, batch["x"]) - batch["y"]) ** 2)

@@ -648,7 +648,10 @@ def layouts(fn: Callable, params: Any, rules: Sequence[Rule | tuple], *args,
   ``OpLevelError`` for a selected weight that no supported op uses, or that is
   used in a way the op-level path cannot adapt.
   """
-  chosen = select_weights(params, rules)
+  return _layouts(fn, params, select_weights(params, rules), args, kwargs)
+
+
+def _layouts(fn, params, chosen, args, kwargs) -> dict[str, OpLayout]:
   groups = quantized_weights(params)
   leaves, treedef, dyn = _split_args(args, kwargs)
   p_leaves = jax.tree_util.tree_leaves(params)
@@ -694,7 +697,7 @@ def init_adapters(key: jax.Array, fn: Callable, params: Any, rules: Sequence[Rul
     The adapter tree (nested dicts mirroring ``params``), every update exactly zero.
   """
   chosen = select_weights(params, rules)
-  lays = layouts(fn, params, rules, *args, **kwargs)
+  lays = _layouts(fn, params, chosen, args, kwargs)
   from sdslora_jax.targets import Target
   targets = []
   flat, _ = jax.tree_util.tree_flatten_with_path(params)

@@ -53,6 +53,7 @@ __all__ = [
     "OpAdapted",
     "adapt",
     "adapt_ops",
+    "as_function",
     "adapter_state",
     "adapters",
     "attach",
@@ -378,22 +379,9 @@ class OpAdapted(nnx.Module):
       node[keys[-1]] = self.adapters[path_str(keys)].get_value()
     return tree
 
-  def _split(self):
-    graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
-    return graphdef, params, rest
-
   def __call__(self, *args, **kwargs):
     from sdslora_jax import intercept
-    graphdef, params, rest = self._split()
-    pure = nnx.to_pure_dict(params)
-
-    def fn(p, *a, **kw):
-      state = jax.tree.map(lambda v: v, params)  # fresh Variables at this trace level
-      nnx.replace_by_pure_dict(state, p)
-      m = nnx.merge(graphdef, state, rest)
-      out = m(*a, **kw)
-      return out, nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
-
+    fn, pure, rest = as_function(self.model, with_state=True)
     out, new_rest = intercept.apply(fn, pure, self.adapter_tree(), *args, **kwargs)
     nnx.replace_by_pure_dict(rest, new_rest)
     nnx.update(self.model, rest)
@@ -402,10 +390,33 @@ class OpAdapted(nnx.Module):
   def merged(self) -> nnx.Module:
     """A copy of the model with every update folded into its weight."""
     from sdslora_jax.tree import merge as merge_tree
-    graphdef, params, rest = self._split()
-    params = jax.tree.map(lambda v: v, params)
-    nnx.replace_by_pure_dict(params, merge_tree(nnx.to_pure_dict(params), self.adapter_tree()))
-    return nnx.merge(graphdef, params, rest)
+    graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
+    return nnx.merge(graphdef, _with_values(params, merge_tree(nnx.to_pure_dict(params),
+                                                               self.adapter_tree())), rest)
+
+
+def _with_values(params: nnx.State, pure: Any) -> nnx.State:
+  """A copy of ``params`` (fresh Variables at this trace level) holding ``pure``'s arrays."""
+  state = jax.tree.map(lambda v: v, params)
+  nnx.replace_by_pure_dict(state, pure)
+  return state
+
+
+def as_function(model: nnx.Module, *, with_state: bool = False):
+  """``(fn, params, rest)``: the model as ``fn(params, *inputs)`` of its pure ``nnx.Param`` dict.
+
+  ``rest`` is the model's other state. With ``with_state``, ``fn`` returns
+  ``(output, the pure dict of the other state after the call)``, for models that
+  update batch statistics or RNG counters while running.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def fn(p, *args, **kwargs):
+    m = nnx.merge(graphdef, _with_values(params, p), rest)
+    out = m(*args, **kwargs)
+    return (out, nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))) if with_state else out
+
+  return fn, nnx.to_pure_dict(params), rest
 
 
 def adapt_ops(
@@ -426,13 +437,7 @@ def adapt_ops(
   from sdslora_jax import intercept
   if isinstance(model, OpAdapted):
     raise ValueError("the model is already wrapped by adapt_ops; adapt a model once")
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-  def fn(p, *a, **kw):
-    state = jax.tree.map(lambda v: v, params)
-    nnx.replace_by_pure_dict(state, p)
-    return nnx.merge(graphdef, state, rest)(*a, **kw)
-
-  ads = intercept.init_adapters(key, fn, nnx.to_pure_dict(params), rules, *example_args,
-                                sds_on=sds_on, **example_kwargs)
+  fn, pure, _ = as_function(model)
+  ads = intercept.init_adapters(key, fn, pure, rules, *example_args, sds_on=sds_on,
+                                **example_kwargs)
   return OpAdapted(model, ads)

@@ -120,8 +120,8 @@ def _format_one(name: Any, kernel_path: str, layer: Any, from_callable: bool) ->
   return name
 
 
-def _split_fused(ad: Adapter, names: tuple[str, ...], kpath: str, a_t, b_t):
-  """PEFT modules of a fused kernel: ``lora_B``'s rows split along the first output axis.
+def _fused_rows(ad: Adapter, names: tuple[str, ...], kpath: str) -> int:
+  """Rows of ``lora_B`` per module of a fused kernel (``ad``: one layer's adapter).
 
   The output side is flattened in kernel order, so the first output axis (size
   ``len(names)``: Gemma's ``kv_einsum`` ``(2, K, D, H)``, ``gating_einsum``
@@ -129,22 +129,14 @@ def _split_fused(ad: Adapter, names: tuple[str, ...], kpath: str, a_t, b_t):
   module gets the shared ``lora_A`` and its block of ``lora_B``, so their
   updates are exactly the fused update's parts.
   """
-  shape = tuple(d for i, d in enumerate(ad.target_shape) if i not in ad.stacked_axes)
-  in_axes = _local_in_axes(ad)
-  out_axes = tuple(i for i in range(len(shape)) if i not in in_axes)
+  shape, out_axes = ad.target_shape, ad.output_axes
   if _kind(ad) != "dense" or not out_axes or shape[out_axes[0]] != len(names):
     first = shape[out_axes[0]] if out_axes else None
     raise ValueError(
         f"{kpath!r} is given {len(names)} module names {list(names)}: a fused kernel is split "
         f"along its first output axis, which here has size {first} (kernel shape {shape}, "
         f"output axes {out_axes}); give one name, or as many as that axis has entries")
-  rows = b_t.shape[0] // len(names)
-  return [(n, a_t, b_t[i * rows:(i + 1) * rows]) for i, n in enumerate(names)]
-
-
-def _local_in_axes(ad: Adapter) -> tuple[int, ...]:
-  layers = ad.stacked_axes
-  return tuple(i - sum(j < i for j in layers) for i in ad.input_axes)
+  return ad.shape[1] // len(names)
 
 
 def _layers(ad_or_layout) -> list[Any]:
@@ -302,14 +294,13 @@ def export_peft(
         if n in owner:
           raise ValueError(f"module name {n!r} is given to both {owner[n]!r} and {where!r}")
         owner[n] = where
-      if isinstance(name, tuple):
-        _split_fused(stacked, name, kpath, np.zeros((1, 1)), np.zeros((len(name), 1)))
-      per_module.append((name, ad, kpath))
-  for name, ad, kpath in per_module:
+      rows = _fused_rows(ad, name, kpath) if isinstance(name, tuple) else None
+      per_module.append((name, ad, rows))
+  for name, ad, rows in per_module:
     left, right, scale = _lora_factors(ad)
     a_t, b_t, (sa, sb) = _to_torch(ad, left, right, str(name))
-    parts = (_split_fused(ad, name, kpath, a_t, b_t) if isinstance(name, tuple)
-             else [(name, a_t, b_t)])
+    parts = ([(n, a_t, b_t[i * rows:(i + 1) * rows]) for i, n in enumerate(name)]
+             if rows is not None else [(name, a_t, b_t)])
     for n, a_n, b_n in parts:
       tensors[f"{_PREFIX}{n}{sa}"] = np.ascontiguousarray(a_n, np.float32)
       tensors[f"{_PREFIX}{n}{sb}"] = np.ascontiguousarray(b_n, np.float32)

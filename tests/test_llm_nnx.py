@@ -66,9 +66,8 @@ def _step(traces):
 def test_llama_init_train_merge(scan):
   mesh = _mesh((1, 1))
   model, adapted, opt, base_out = _build(mesh, scan)
-  layouts = intercept.layouts(
-      lambda p, ids: nnx.merge(*_graph_and_rest(model, p))(ids),
-      nnx.to_pure_dict(nnx.state(model, nnx.Param)), RULES, IDS)
+  fn, pure, _ = snnx.as_function(model)
+  layouts = intercept.layouts(fn, pure, RULES, IDS)
   q = next(v for k, v in layouts.items() if k.endswith("q_proj/w"))
   assert q.in_axes == (1,) if scan else (0,)  # (D, N, H), layers stacked in front with scan
   assert layouts["embedder/input_embedding"].kind == "embed"
@@ -90,19 +89,11 @@ def test_llama_init_train_merge(scan):
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5
 
 
-def _graph_and_rest(model, pure):
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params = jax.tree.map(lambda v: v, params)
-  nnx.replace_by_pure_dict(params, pure)
-  return graphdef, params, rest
-
-
 def test_llama_step_has_no_kernel_sized_array():
   """No kernel-shaped product or sum in the step beyond the frozen model's (rank-r path)."""
   mesh = _mesh((1, 1))
   model, adapted, _, _ = _build(mesh, False)
-  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  fn = lambda p, ids: nnx.merge(*_graph_and_rest(model, p))(ids)
+  fn, pure, _ = snnx.as_function(model)
   ads = adapted.adapter_tree()
   shapes = adapter_kernel_shapes(ads)
   count = lambda jaxpr: collections.Counter(kernel_shaped_arithmetic(jaxpr, shapes))
