@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,6 +50,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from sdslora_jax import quantized
 from sdslora_jax.adapter import Adapter, adapter_matmul, guard_tree, kernel_delta
 from sdslora_jax.targets import KernelLayout, Rule, path_keys, path_str
 from sdslora_jax.tree import adapters_from_targets, adapter_items
@@ -61,8 +63,9 @@ _CASTS = ("convert_element_type", "copy", "copy_p", "sharding_constraint", "resh
 _CALLS = ("jit", "pjit", "closed_call", "core_call")
 _REMATS = ("remat2", "checkpoint", "remat")
 # Ops that turn a quantized weight's codes into its float value (see ``_Dequant``).
-_DEQUANT_OPS = ("convert_element_type", "reshape", "mul", "div", "sub", "add", "squeeze",
-                "broadcast_in_dim", "copy", "copy_p", "sharding_constraint")
+_DEQUANT_MOVES = ("convert_element_type", "reshape", "squeeze", "broadcast_in_dim", "copy",
+                  "copy_p", "sharding_constraint", "reshard", "mesh_cast", "pvary")
+_DEQUANT_ARITH = ("mul", "div", "sub", "add")
 
 
 class OpLevelError(ValueError):
@@ -112,16 +115,46 @@ class _View:
   sliced: tuple[int, ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class _Dequant:
-  """A value on the way from a quantized weight's stored codes to its float value.
+  """A value on the way from a quantized weight's stored parts to its float value.
 
-  Casts, reshapes (tiling), arithmetic with the scale or zero point and code-table
-  lookups keep this state; the first other op must receive the dequantized
-  kernel, in the weight's logical shape, which then becomes a plain ``_View``.
+  ``part`` names a stored part (``qvalue``, ``scale``, ``zero_point``) as it
+  enters the scope, or is ``None`` for a value computed from ``roots``. Casts,
+  reshapes (tiling), arithmetic between the parts (recorded in ``steps``) and a
+  code-table lookup (``table``) keep this state; the first other op must receive
+  the dequantized kernel in the weight's (local) shape, which becomes a ``_View``.
   """
 
   w: int
+  part: str | None = None
+  roots: frozenset = frozenset()
+  steps: tuple = ()
+  table: Any = None
+  sliced: tuple[int, ...] = ()
+
+
+class _Lazy:
+  """A step of a quantized weight's dequantization, bound only if something needs it:
+  when the consuming matmul dequantizes block by block, the full float kernel is
+  never formed (not even as dead code in the jaxpr)."""
+
+  __slots__ = ("eqn", "invals", "aval", "value")
+
+  def __init__(self, eqn, invals):
+    self.eqn, self.invals, self.aval, self.value = eqn, invals, eqn.outvars[0].aval, None
+
+  shape = property(lambda self: tuple(self.aval.shape))
+  dtype = property(lambda self: self.aval.dtype)
+  ndim = property(lambda self: len(self.aval.shape))
+
+
+def _force(x):
+  if isinstance(x, _Lazy):
+    if x.value is None:
+      x.value = _bind(x.eqn, x.invals)
+    return x.value
+  return x
 
 
 @dataclasses.dataclass
@@ -130,6 +163,8 @@ class _Weight:
   shape: tuple[int, ...]
   layout: OpLayout | None = None  # known layout (apply), or the first recorded one (init)
   quantized: str | None = None  # the quantized type's name, for a quantized frozen weight
+  parts: dict[str, int] | None = None  # flat indices of a quantized weight's stored parts
+  adapted: bool = True  # False: a quantized weight followed only to dequantize it in blocks
 
 
 class _Tracer:
@@ -142,6 +177,7 @@ class _Tracer:
   def __init__(self, weights: list[_Weight], record: bool):
     self.weights = weights
     self.record = record
+    self.scopes: list[dict[int, dict[str, Any]]] = []  # stored quantized parts per scope
 
   # --- errors -------------------------------------------------------------
 
@@ -165,10 +201,23 @@ class _Tracer:
 
     for v, x in zip(jaxpr.constvars, consts):
       env[v] = x
+    scope: dict[int, dict[str, Any]] = {}
     for v, x, vw in zip(jaxpr.invars, args, views):
       env[v] = x
       if vw is not None:
         vmap_[v] = vw
+        if isinstance(vw, _Dequant) and vw.part is not None:
+          scope.setdefault(vw.w, {})[vw.part] = x
+    self.scopes.append(scope)
+    try:
+      return self._eval_eqns(jaxpr, env, vmap_, adapters)
+    finally:
+      self.scopes.pop()
+
+  def _eval_eqns(self, jaxpr, env, vmap_, adapters):
+    def read(v):
+      return v.val if isinstance(v, jcore.Literal) else env[v]
+
     for eqn in jaxpr.eqns:
       invals = [read(v) for v in eqn.invars]
       inviews = [None if isinstance(v, jcore.Literal) else vmap_.get(v) for v in eqn.invars]
@@ -182,7 +231,7 @@ class _Tracer:
         env[v] = x
         if outviews is not None and outviews[i] is not None:
           vmap_[v] = outviews[i]
-    outs = [read(v) for v in jaxpr.outvars]
+    outs = [_force(read(v)) for v in jaxpr.outvars]
     outviews = [None if isinstance(v, jcore.Literal) else vmap_.get(v) for v in jaxpr.outvars]
     return outs, outviews
 
@@ -191,20 +240,7 @@ class _Tracer:
     (view, pos), = [(vw, i) for i, vw in enumerate(inviews) if vw is not None][:1]
     nviews = sum(vw is not None for vw in inviews)
     if isinstance(view, _Dequant):
-      if nviews == 1 and (name in _DEQUANT_OPS or (name == "gather" and pos == 1)):
-        return _bind(eqn, invals), [view] * len(eqn.outvars)
-      if name in _CALLS:
-        return self._call(eqn, invals, inviews, adapters)
-      w = self.weights[view.w]
-      if tuple(np.shape(invals[pos])) != w.shape or name == "scan":
-        raise OpLevelError(
-            f"weight {w.path!r} (quantized, {w.quantized}) reaches `{name}` as a value of "
-            f"shape {tuple(np.shape(invals[pos]))}, not as its dequantized {w.shape} kernel: "
-            "the op-level path follows a quantized weight through casts, reshapes, its "
-            "scale and code table up to a dot_general, convolution or lookup only")
-      inviews = [(_View(vw.w, tuple((a,) for a in range(len(w.shape))))
-                  if isinstance(vw, _Dequant) else vw) for vw in inviews]
-      return self._eqn(eqn, invals, inviews, adapters)
+      return self._dequant_eqn(eqn, invals, inviews, adapters)
     if name in _CASTS:
       return _bind(eqn, invals), [view]
     if name == "transpose":
@@ -244,6 +280,110 @@ class _Tracer:
                  "derivative, which the op-level path does not follow")
     self._fail(view, name, "this is not a matmul, convolution or embedding lookup")
 
+  # --- quantized weights ----------------------------------------------------
+
+  def _dequant_eqn(self, eqn, invals, inviews, adapters):
+    """An op on the way from a quantized weight's parts to its float value, or its consumer."""
+    name = eqn.primitive.name
+    views = [vw for vw in inviews if vw is not None]
+    w_idx = views[0].w
+    w = self.weights[w_idx]
+    if all(isinstance(vw, _Dequant) and vw.w == w_idx for vw in views):
+      out = self._dequant_step(eqn, invals, inviews)
+      if out is not None:
+        return _Lazy(eqn, invals), [out]
+      if name in _CALLS or name in _REMATS or name == "scan":
+        return self._sub(eqn, invals, inviews, adapters)
+    if len(views) == 1:
+      view, pos = next((vw, i) for i, vw in enumerate(inviews) if vw is not None)
+      local = tuple(w.shape[a] for a in _local_axes(w, view.sliced))
+      if view.part is None and tuple(np.shape(invals[pos])) == local:
+        base = (self._blocked_base(eqn, invals, pos, view) if name == "dot_general" else None)
+        if base is None and w.adapted and not self.record:
+          warnings.warn(f"weight {w.path!r} (quantized, {w.quantized}) is dequantized in full "
+                        f"for `{name}`: its dequantization is not qwix's (codes - zero point) "
+                        "* scale in the op's scope, or the op is not a dot_general",
+                        stacklevel=2)
+        if not w.adapted:
+          return (_bind(eqn, invals) if base is None else base), None
+        as_view = _View(view.w, tuple((a,) for a in _local_axes(w, view.sliced)), view.sliced)
+        inviews = [as_view if vw is view else vw for vw in inviews]
+        if name == "dot_general":
+          return self._dot_general(eqn, invals, inviews, adapters, base=base), None
+        return self._eqn(eqn, invals, inviews, adapters)
+    if not w.adapted:  # not adapted: the model's own computation, whatever it is
+      return _bind(eqn, invals), None
+    shapes = [tuple(np.shape(x)) for x, vw in zip(invals, inviews) if vw is not None]
+    raise OpLevelError(
+        f"weight {w.path!r} (quantized, {w.quantized}) reaches `{name}` as value(s) of shape "
+        f"{', '.join(map(str, shapes))}, not as its dequantized kernel: the op-level path "
+        "follows a quantized weight through casts, reshapes, its scale, zero point and code "
+        "table up to a dot_general, convolution or embedding lookup only; leave it out of "
+        "the rules")
+
+  def _dequant_step(self, eqn, invals, inviews) -> _Dequant | None:
+    """The state after one dequantization op, or ``None`` if ``eqn`` is not one."""
+    name = eqn.primitive.name
+    if name in _DEQUANT_MOVES and inviews[0] is not None and all(
+        vw is None for vw in inviews[1:]):
+      return dataclasses.replace(inviews[0], part=None, roots=_roots(inviews[0]))
+    if name == "gather" and inviews[0] is None and inviews[1] is not None:  # a code table
+      v = inviews[1]
+      return dataclasses.replace(v, part=None, roots=_roots(v), steps=v.steps + (("table",),),
+                                 table=invals[0])
+    if name in _DEQUANT_ARITH:
+      a, b = inviews[0], inviews[1]
+      if a is None or b is None:  # arithmetic with something else: not a known formula
+        v = a or b
+        return dataclasses.replace(v, part=None, roots=_roots(v), steps=v.steps + ((name, ()),))
+      main, other = (a, b) if "qvalue" in _roots(a) else (b, a)
+      step = (name, tuple(sorted(_roots(other))))
+      if "qvalue" in _roots(other) or other.steps or main is b and name in ("sub", "div"):
+        step = (name, ("?",))
+      return dataclasses.replace(main, part=None, roots=_roots(main) | _roots(other),
+                                 steps=main.steps + (step,),
+                                 table=main.table if main.table is not None else other.table)
+    return None
+
+  def _blocked_base(self, eqn, invals, pos, view):
+    """The base ``dot_general`` dequantizing the kernel block by block, or ``None`` when
+    the chain is not the known formula or the stored parts are not in this scope."""
+    w = self.weights[view.w]
+    steps = list(view.steps)
+    if steps[:1] == [("table",)]:
+      steps = steps[1:]
+    zp = steps[:1] == [("sub", ("zero_point",))]
+    if zp:
+      steps = steps[1:]
+    parts = self.scopes[-1].get(view.w, {})
+    need = {"qvalue", "scale"} | ({"zero_point"} if zp else set())
+    if steps != [("mul", ("scale",))] or view.roots != need or not need <= set(parts):
+      return None
+    if tuple(np.shape(parts["qvalue"])) != tuple(np.shape(invals[pos])):
+      return None
+    p = eqn.params
+    y = quantized.blocked_dot_general(
+        invals[1 - pos], {k: _force(parts[k]) for k in need}, w_side=pos,
+        dimension_numbers=p["dimension_numbers"], table=view.table, dtype=invals[pos].dtype,
+        precision=p.get("precision"), preferred_element_type=p.get("preferred_element_type"))
+    return y.astype(eqn.outvars[0].aval.dtype)
+
+  def _sub(self, eqn, invals, inviews, adapters):
+    """A nested computation receiving quantized parts: stored parts keep their state;
+    a partly dequantized value enters as a plain value (dequantized in full)."""
+    w = self.weights[next(vw for vw in inviews if vw is not None).w]
+    if w.adapted and any(isinstance(vw, _Dequant) and vw.part is None for vw in inviews):
+      raise OpLevelError(f"weight {w.path!r} (quantized, {w.quantized}) enters "
+                         f"`{eqn.primitive.name}` part-way through its dequantization; the "
+                         "op-level path needs the dequantization and its matmul in one scope")
+    inviews = [None if isinstance(vw, _Dequant) and vw.part is None else vw for vw in inviews]
+    name = eqn.primitive.name
+    if name in _CALLS:
+      return self._call(eqn, invals, inviews, adapters)
+    if name in _REMATS:
+      return self._remat(eqn, invals, inviews, adapters)
+    return self._scan(eqn, invals, inviews, adapters)
+
   def _reshape(self, view, old_shape, new_shape):
     """Reshapes that only merge consecutive axes or add/drop size-1 axes."""
     old = [(n, ax) for n, ax in zip(old_shape, view.axes) if n != 1]
@@ -269,6 +409,7 @@ class _Tracer:
     """A nested ``jit`` stays a ``jit`` (same program boundaries, so XLA compiles the
     base computation as it would without adapters)."""
     closed = eqn.params["jaxpr"]
+    invals = [_force(x) for x in invals]
     box = {}
 
     def inner(args, ads):
@@ -282,6 +423,7 @@ class _Tracer:
 
   def _remat(self, eqn, invals, inviews, adapters):
     params = eqn.params
+    invals = [_force(x) for x in invals]
     box = {}
 
     def body(args, ads):
@@ -296,6 +438,7 @@ class _Tracer:
 
   def _scan(self, eqn, invals, inviews, adapters):
     p = eqn.params
+    invals = [_force(x) for x in invals]
     if "ft_in" in p:  # jax >= 0.12: a FlatTree of (consts, carry, xs)
       groups = [list(g) for g in p["ft_in"].update(list(range(len(invals)))).unpack()]
       n_consts, n_carry = len(groups[0]), len(groups[1])
@@ -317,6 +460,13 @@ class _Tracer:
     for vw in xviews:
       if vw is None:
         body_views.append(None)
+        continue
+      if isinstance(vw, _Dequant):  # a stored part of a quantized weight: sliced on axis 0
+        axis = _local_axes(self.weights[vw.w], vw.sliced)[0]
+        if sliced.get(vw.w, axis) != axis:
+          self._fail(vw, "scan", "one scan slices the weight along two different axes")
+        sliced[vw.w] = axis
+        body_views.append(dataclasses.replace(vw, sliced=vw.sliced + (axis,)))
         continue
       if len(vw.axes[0]) != 1:
         self._fail(vw, "scan", f"the scan slices merged weight axes {vw.axes[0]}")
@@ -384,8 +534,8 @@ class _Tracer:
                f"`{known.op}` (the first use)",
                "adapt it in one of the two places only, or give each use its own weight")
 
-  def _dot_general(self, eqn, invals, inviews, adapters):
-    base = _bind(eqn, invals)
+  def _dot_general(self, eqn, invals, inviews, adapters, base=None):
+    base = _bind(eqn, invals) if base is None else base
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     w_side = 0 if inviews[0] is not None else 1
     view = inviews[w_side]
@@ -487,14 +637,19 @@ class _Tracer:
     # Merged per call: the update in the kernel's own layout, then in the op's axis order.
     delta = kernel_delta(ad)
     perm = tuple(_local_axes(w, view.sliced).index(view.axes[d][0]) for d in range(len(view.axes)))
-    kernel = invals[1] + jnp.transpose(delta, perm).astype(invals[1].dtype)
+    kernel = _force(invals[1]) + jnp.transpose(delta, perm).astype(invals[1].dtype)
     return _bind(eqn, [invals[0], kernel] + list(invals[2:]))
 
 
 # --- helpers ----------------------------------------------------------------
 
 
+def _roots(v: _Dequant) -> frozenset:
+  return v.roots or frozenset({v.part})
+
+
 def _bind(eqn, invals):
+  invals = [_force(x) for x in invals]
   params = eqn.primitive.get_bind_params(eqn.params)
   if isinstance(params, tuple):  # older JAX: (subfuns, params)
     subfuns, params = params
@@ -546,7 +701,7 @@ def select_weights(params: Any, rules: Sequence[Rule | tuple]) -> dict[str, tupl
   used = [False] * len(rules)
   paths = []
   groups = quantized_weights(params)
-  parts = {i for g in groups.values() for i in g["leaves"]}
+  parts = {i for g in groups.values() for i in g["parts"].values()}
   for path, g in groups.items():  # a quantized weight is selected by its own path
     paths.append(path)
     for j, r in enumerate(rules):
@@ -580,21 +735,30 @@ def select_weights(params: Any, rules: Sequence[Rule | tuple]) -> dict[str, tupl
 def quantized_weights(params: Any) -> dict[str, dict]:
   """Quantized frozen weights in a parameter tree, by the path of the weight itself.
 
-  A quantized weight is a node with a ``qvalue`` leaf (qwix's ``QArray``, also
-  wrapped as ``WithAux(array=QArray(...))``): its path is the node's, without the
-  trailing ``array``; its logical shape is ``qvalue``'s. Returns ``{path:
-  {"qvalue": flat index, "leaves": flat indices of its parts, "qtype": name}}``.
+  A quantized weight is a node with ``qvalue`` and ``scale`` fields (qwix's
+  ``QArray``, also wrapped as ``WithAux(array=QArray(...))``): its path is the
+  node's, without a trailing ``array``; its logical shape is ``qvalue``'s.
+  Returns ``{path: {"qvalue": flat index, "parts": {part: flat index}, "keys":
+  path keys, "qtype": type name}}``.
   """
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  paths = [path_keys(kp) for kp, _ in flat]
+  is_q = lambda z: hasattr(z, "qvalue") and hasattr(z, "scale")
+  nodes = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_q)[0]
+  flat = [path_keys(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   out: dict[str, dict] = {}
-  for i, keys in enumerate(paths):
-    if keys and keys[-1] == "qvalue":
-      node = keys[:-1]
-      group = node[:-1] if node and node[-1] == "array" else node
-      leaves = [j for j, k in enumerate(paths) if k[:len(node)] == node]
-      out[path_str(group)] = {"qvalue": i, "leaves": leaves, "keys": group,
-                              "qtype": str(getattr(flat[i][1], "dtype", "?"))}
+  for kp, node in nodes:
+    if not is_q(node):
+      continue
+    keys = path_keys(kp)
+    group = keys[:-1] if keys and keys[-1] == "array" else keys
+    parts = {k[len(keys)]: j for j, k in enumerate(flat)
+             if k[:len(keys)] == keys and len(k) == len(keys) + 1}
+    if "qvalue" not in parts:
+      continue
+    qtype = getattr(node, "qtype", None)
+    qtype = getattr(qtype, "name", None) or str(qtype if qtype is not None else
+                                                getattr(node.qvalue, "dtype", "?"))
+    out[path_str(group)] = {"qvalue": parts["qvalue"], "parts": parts, "keys": group,
+                            "qtype": qtype}
   return out
 
 
@@ -625,16 +789,18 @@ def _run(fn, params, args, kwargs, weights_by_index, record, adapters_by_w):
   closed, out_shape, p_leaves, dyn_vals = _trace(fn, params, args, kwargs)
   weights = [w for _, w in sorted(weights_by_index.items())]
   index_of = {i: n for n, i in enumerate(sorted(weights_by_index))}
-  views = [None if i not in index_of else
-           _Dequant(index_of[i]) if weights[index_of[i]].quantized else
-           _View(index_of[i], tuple((a,) for a in range(np.ndim(x))))
-           for i, x in enumerate(p_leaves)]
-  views += [None] * len(dyn_vals)
+  views: list[Any] = [None] * (len(p_leaves) + len(dyn_vals))
+  for i, n in index_of.items():
+    if weights[n].quantized:
+      for part, j in weights[n].parts.items():
+        views[j] = _Dequant(n, part=part)
+    else:
+      views[i] = _View(n, tuple((a,) for a in range(np.ndim(p_leaves[i]))))
   tracer = _Tracer(weights, record)
   outs, outviews = tracer.eval(closed.jaxpr, closed.consts, list(p_leaves) + list(dyn_vals),
                                views, adapters_by_w)
   for vw in outviews:
-    if vw is not None:
+    if vw is not None and weights[vw.w].adapted:
       tracer._fail(vw, "return", "the function returns the weight (or a view of it)",
                    "return only what is computed from it, or leave it out of the rules")
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs), weights
@@ -663,7 +829,8 @@ def _layouts(fn, params, chosen, args, kwargs) -> dict[str, OpLayout]:
       full[i] = v
     a, kw = jax.tree_util.tree_unflatten(treedef, full)
     ws = {i: _Weight(path, tuple(np.shape(p_leaves[i])),
-                     quantized=groups[path]["qtype"] if path in groups else None)
+                     quantized=_readable_qtype(groups[path], path) if path in groups else None,
+                     parts=groups[path]["parts"] if path in groups else None)
           for path, (i, _) in chosen.items()}
     _, box["weights"] = _run(fn, params, a, kw, ws, True, {})
     return 0
@@ -717,6 +884,15 @@ def init_adapters(key: jax.Array, fn: Callable, params: Any, rules: Sequence[Rul
   return adapters_from_targets(key, targets, sds_on=sds_on)
 
 
+def _readable_qtype(group: dict, path: str) -> str:
+  if not quantized.readable(group["qtype"]):
+    raise OpLevelError(
+        f"weight {path!r} is quantized as {group['qtype']!r}, which the op-level path cannot "
+        "dequantize (it reads qwix QArrays of integer, float8 and nf4 types); leave it out "
+        "of the rules or quantize it to one of those types")
+  return group["qtype"]
+
+
 def _check_rank(r: Rule, path: str, lay: OpLayout) -> Rule:
   kl = lay.kernel_layout()
   if r.rank > min(kl.d_in, kl.d_out):
@@ -768,10 +944,16 @@ def apply(fn: Callable, params: Any, adapters: Any, *args, **kwargs) -> Any:
     if shape != ad.target_shape:
       raise ValueError(f"adapter at {path_str(keys)!r} is for a weight of shape "
                        f"{ad.target_shape}, but the parameter there has shape {shape}")
+    g = groups.get(keys)
     ws[i] = _Weight(path_str(keys), shape, OpLayout(
         path_str(keys), shape, ad.input_axes, ad.stacked_axes, ad.kind or "dense", "init"),
-        quantized=groups[keys]["qtype"] if keys in groups else None)
+        quantized=_readable_qtype(g, path_str(keys)) if g else None,
+        parts=g["parts"] if g else None)
     ads[i] = ad
+  for keys, g in groups.items():  # frozen quantized weights: dequantized block by block too
+    if g["qvalue"] not in ws and quantized.readable(g["qtype"]):
+      ws[g["qvalue"]] = _Weight(path_str(keys), tuple(np.shape(flat[g["qvalue"]][1])),
+                                quantized=g["qtype"], parts=g["parts"], adapted=False)
   order = {i: n for n, i in enumerate(sorted(ws))}
   out, weights = _run(fn, params, args, kwargs, ws, False, {order[i]: ad for i, ad in ads.items()})
   return out

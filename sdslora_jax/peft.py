@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdslora_jax import quantized
 from sdslora_jax.adapter import Adapter, take_layer
 from sdslora_jax.targets import (
     KernelLayout,
@@ -421,7 +422,8 @@ def import_peft(
   Args:
     directory: the adapter directory.
     params: the base parameter tree the adapter is for (arrays or
-      ``jax.ShapeDtypeStruct``); gives paths, kernel shapes and layouts.
+      ``jax.ShapeDtypeStruct``; quantized kernels count at their own path and
+      logical shape); gives paths, kernel shapes and layouts.
     module_names: as for ``export_peft`` (a dict is inverted; a callable is
       applied to every kernel's module path).
     layouts: kernel layouts by path for kernels the shape heuristic cannot
@@ -446,7 +448,7 @@ def import_peft(
   directory = os.fspath(directory)
   config, tensors = _read(directory)
   layouts = dict(layouts or {})
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  flat, _ = jax.tree_util.tree_flatten_with_path(quantized.logical(params))
   kernels = {path_str(kp): (kp, leaf) for kp, leaf in flat if is_kernel(path_str(kp), leaf)}
   # Stacked kernels: a given layout whose shape is a trailing part of the kernel's.
   for kpath, (_, leaf) in kernels.items():

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sdslora_jax import quantized
 from sdslora_jax.adapter import (
     Adapter,
     adapter_matmul,
@@ -132,14 +133,17 @@ def merge(params: Any, adapters: Any) -> Any:
   """Base parameters with every adapter's update folded into its kernel.
 
   Same tree, shapes and dtypes as ``params`` (the sum is formed in float32 and
-  cast back). Differentiable: gradients w.r.t. the adapters follow the SDS-LoRA
+  cast back). A quantized kernel (qwix's ``QArray`` or ``WithAux``) becomes its
+  dequantized float value, in its scale's dtype, with the update added; to
+  quantize the result again, pass it to your quantizer (``qwix.quantize_params``). Differentiable: gradients w.r.t. the adapters follow the SDS-LoRA
   rule (LoRA during the warm-up), which makes this the dense reference.
 
   Raises:
     ValueError: an adapter has no kernel at its path, or the shapes differ.
   """
   items = {k: ad for k, ad in adapter_items(adapters)}
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda z: quantized.stored(z) is not None)
   found = set()
   leaves = []
   for kp, leaf in flat:
@@ -149,6 +153,8 @@ def merge(params: Any, adapters: Any) -> Any:
       leaves.append(leaf)
       continue
     found.add(keys)
+    if quantized.stored(leaf) is not None:  # a quantized frozen kernel: merged dequantized
+      leaf = quantized.value(leaf)
     if tuple(leaf.shape) != ad.target_shape:
       raise ValueError(
           f"adapter at {path_str(keys)!r} is for a kernel of shape {ad.target_shape}, but the "
