@@ -139,10 +139,10 @@ class _Lazy:
   when the consuming matmul dequantizes block by block, the full float kernel is
   never formed (not even as dead code in the jaxpr)."""
 
-  __slots__ = ("eqn", "invals", "aval", "value")
+  __slots__ = ("eqn", "invals", "aval")
 
   def __init__(self, eqn, invals):
-    self.eqn, self.invals, self.aval, self.value = eqn, invals, eqn.outvars[0].aval, None
+    self.eqn, self.invals, self.aval = eqn, invals, eqn.outvars[0].aval
 
   shape = property(lambda self: tuple(self.aval.shape))
   dtype = property(lambda self: self.aval.dtype)
@@ -150,11 +150,9 @@ class _Lazy:
 
 
 def _force(x):
-  if isinstance(x, _Lazy):
-    if x.value is None:
-      x.value = _bind(x.eqn, x.invals)
-    return x.value
-  return x
+  # Not memoized: a value bound inside a nested trace must not leak out of it (XLA
+  # merges the repeated ops).
+  return _bind(x.eqn, x.invals) if isinstance(x, _Lazy) else x
 
 
 @dataclasses.dataclass
@@ -191,8 +189,10 @@ class _Tracer:
 
   # --- evaluation ---------------------------------------------------------
 
-  def eval(self, jaxpr, consts, args, views, adapters):
-    """Evaluates ``jaxpr``; ``views`` / ``adapters`` parallel its invars. Returns outs, views."""
+  def eval(self, jaxpr, consts, args, views, adapters, inherit=None):
+    """Evaluates ``jaxpr``; ``views`` / ``adapters`` parallel its invars. Returns outs, views.
+
+    ``inherit``: stored parts of quantized weights from the enclosing scope."""
     env: dict[Any, Any] = {}
     vmap_: dict[Any, _View] = {}
 
@@ -201,7 +201,7 @@ class _Tracer:
 
     for v, x in zip(jaxpr.constvars, consts):
       env[v] = x
-    scope: dict[int, dict[str, Any]] = {}
+    scope: dict[int, dict[str, Any]] = {w: dict(p) for w, p in (inherit or {}).items()}
     for v, x, vw in zip(jaxpr.invars, args, views):
       env[v] = x
       if vw is not None:
@@ -239,8 +239,11 @@ class _Tracer:
     name = eqn.primitive.name
     (view, pos), = [(vw, i) for i, vw in enumerate(inviews) if vw is not None][:1]
     nviews = sum(vw is not None for vw in inviews)
-    if isinstance(view, _Dequant):
-      return self._dequant_eqn(eqn, invals, inviews, adapters)
+    if any(isinstance(vw, _Dequant) for vw in inviews):
+      if name in _CALLS or name in _REMATS or name == "scan":
+        return self._sub(eqn, invals, inviews, adapters)
+      if isinstance(view, _Dequant):
+        return self._dequant_eqn(eqn, invals, inviews, adapters)
     if name in _CASTS:
       return _bind(eqn, invals), [view]
     if name == "transpose":
@@ -292,8 +295,6 @@ class _Tracer:
       out = self._dequant_step(eqn, invals, inviews)
       if out is not None:
         return _Lazy(eqn, invals), [out]
-      if name in _CALLS or name in _REMATS or name == "scan":
-        return self._sub(eqn, invals, inviews, adapters)
     if len(views) == 1:
       view, pos = next((vw, i) for i, vw in enumerate(inviews) if vw is not None)
       local = tuple(w.shape[a] for a in _local_axes(w, view.sliced))
@@ -371,18 +372,20 @@ class _Tracer:
   def _sub(self, eqn, invals, inviews, adapters):
     """A nested computation receiving quantized parts: stored parts keep their state;
     a partly dequantized value enters as a plain value (dequantized in full)."""
-    w = self.weights[next(vw for vw in inviews if vw is not None).w]
-    if w.adapted and any(isinstance(vw, _Dequant) and vw.part is None for vw in inviews):
-      raise OpLevelError(f"weight {w.path!r} (quantized, {w.quantized}) enters "
-                         f"`{eqn.primitive.name}` part-way through its dequantization; the "
-                         "op-level path needs the dequantization and its matmul in one scope")
-    inviews = [None if isinstance(vw, _Dequant) and vw.part is None else vw for vw in inviews]
     name = eqn.primitive.name
+    if name == "scan":
+      for vw in inviews:
+        w = self.weights[vw.w] if isinstance(vw, _Dequant) and vw.part is None else None
+        if w is not None and w.adapted:
+          raise OpLevelError(
+              f"weight {w.path!r} (quantized, {w.quantized}) enters a `scan` part-way through "
+              "its dequantization; the op-level path needs the stored parts sliced by the scan "
+              "(dequantize inside the scanned body)")
+      inviews = [None if isinstance(vw, _Dequant) and vw.part is None else vw for vw in inviews]
+      return self._scan(eqn, invals, inviews, adapters)
     if name in _CALLS:
       return self._call(eqn, invals, inviews, adapters)
-    if name in _REMATS:
-      return self._remat(eqn, invals, inviews, adapters)
-    return self._scan(eqn, invals, inviews, adapters)
+    return self._remat(eqn, invals, inviews, adapters)
 
   def _reshape(self, view, old_shape, new_shape):
     """Reshapes that only merge consecutive axes or add/drop size-1 axes."""
@@ -409,31 +412,42 @@ class _Tracer:
     """A nested ``jit`` stays a ``jit`` (same program boundaries, so XLA compiles the
     base computation as it would without adapters)."""
     closed = eqn.params["jaxpr"]
-    invals = [_force(x) for x in invals]
+    passed, lazy, inherit = self._enter(invals, inviews)
     box = {}
 
     def inner(args, ads):
-      outs, box["views"] = self.eval(closed.jaxpr, closed.consts, args, inviews, ads)
+      args = [lazy.get(i, x) for i, x in enumerate(args)]
+      outs, box["views"] = self.eval(closed.jaxpr, closed.consts, args, inviews, ads, inherit)
       return outs
 
     inner.__name__ = str(eqn.params.get("name", "call"))
-    outs = jax.jit(inner)(list(invals), adapters) if _is_jit(eqn) else inner(
-        list(invals), adapters)
+    outs = jax.jit(inner)(passed, adapters) if _is_jit(eqn) else inner(passed, adapters)
     return outs if eqn.primitive.multiple_results else outs[0], box["views"]
+
+  def _enter(self, invals, inviews):
+    """Arguments of a nested call: a partly dequantized kernel (lazy) is not passed but
+    closed over, with its stored parts, so its matmul inside can still go by blocks."""
+    lazy = {i: x for i, x in enumerate(invals) if isinstance(x, _Lazy)}
+    passed = [None if i in lazy else x for i, x in enumerate(invals)]
+    scope = self.scopes[-1] if self.scopes else {}
+    inherit = {vw.w: scope[vw.w] for vw in inviews
+               if isinstance(vw, _Dequant) and vw.part is None and vw.w in scope}
+    return passed, lazy, inherit
 
   def _remat(self, eqn, invals, inviews, adapters):
     params = eqn.params
-    invals = [_force(x) for x in invals]
+    passed, lazy, inherit = self._enter(invals, inviews)
     box = {}
 
     def body(args, ads):
-      outs, outviews = self.eval(params["jaxpr"], (), args, inviews, ads)
+      args = [lazy.get(i, x) for i, x in enumerate(args)]
+      outs, outviews = self.eval(params["jaxpr"], (), args, inviews, ads, inherit)
       box["views"] = outviews
       return outs
 
     fn = jax.checkpoint(body, prevent_cse=params.get("prevent_cse", True),
                         policy=params.get("policy"))
-    outs = fn(list(invals), adapters)
+    outs = fn(passed, adapters)
     return outs, box["views"]
 
   def _scan(self, eqn, invals, inviews, adapters):

@@ -180,10 +180,14 @@ def blocked_dot_general(x: jax.Array, parts: dict[str, jax.Array], *, w_side: in
       p[name] = lax.dynamic_slice_in_dim(a, k * step, step, axis) if step else a
     return dot(dequantize(p["qvalue"], p["scale"], p.get("zero_point"), table, dtype))
 
-  ys = lax.map(block, jnp.arange(n))  # (n, *out) with the block axis shortened n-fold
   nb = len(wb)
   lhs_free = [d for d in range(x.ndim if w_side == 1 else q.ndim) if d not in lc and d not in lb]
   pos = nb + (len(lhs_free) + free.index(axis) if w_side == 1 else free.index(axis))
-  ys = jnp.moveaxis(ys, 0, pos)
-  return ys.reshape(ys.shape[:pos] + (ys.shape[pos] * ys.shape[pos + 1],) + ys.shape[pos + 2:])
+  shape = jax.eval_shape(block, 0)
+  out_shape = shape.shape[:pos] + (shape.shape[pos] * n,) + shape.shape[pos + 1:]
+
+  def write(k, y):  # each block's columns written in place: no stacked copy to transpose
+    return lax.dynamic_update_slice_in_dim(y, block(k), k * shape.shape[pos], pos)
+
+  return lax.fori_loop(0, n, write, jnp.zeros(out_shape, shape.dtype))
 

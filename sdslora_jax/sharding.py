@@ -68,7 +68,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from sdslora_jax import _trees
+from sdslora_jax import _trees, quantized
 from sdslora_jax.adapter import Adapter, is_adapter
 from sdslora_jax.targets import path_keys, path_str
 
@@ -269,10 +269,11 @@ def _base_entries(base: Any) -> dict[tuple[Any, ...], Any]:
   if nnx is not None and isinstance(base, nnx.Module):
     base = nnx.state(base)
   flat, _ = jax.tree_util.tree_flatten_with_path(
-      base, is_leaf=lambda x: is_adapter(x) or _is_spec_leaf(x)
+      base, is_leaf=lambda x: is_adapter(x) or _is_spec_leaf(x) or quantized.stored(x) is not None
   )
   return {  # adapters in the base tree (an adapted NNX model's state) are not kernels
-      path_keys(kp): leaf for kp, leaf in flat
+      path_keys(kp): quantized.stored(leaf).qvalue if quantized.stored(leaf) is not None else leaf
+      for kp, leaf in flat  # a quantized kernel is laid out as its codes
       if not (is_adapter(leaf) or (_trees.is_nnx_variable(leaf) and is_adapter(leaf.get_value())))
   }
 

@@ -135,7 +135,8 @@ def merge(params: Any, adapters: Any) -> Any:
   Same tree, shapes and dtypes as ``params`` (the sum is formed in float32 and
   cast back). A quantized kernel (qwix's ``QArray`` or ``WithAux``) becomes its
   dequantized float value, in its scale's dtype, with the update added; to
-  quantize the result again, pass it to your quantizer (``qwix.quantize_params``). Differentiable: gradients w.r.t. the adapters follow the SDS-LoRA
+  quantize the result again, pass it to your quantizer (``qwix.quantize_params``).
+  Differentiable: gradients w.r.t. the adapters follow the SDS-LoRA
   rule (LoRA during the warm-up), which makes this the dense reference.
 
   Raises:

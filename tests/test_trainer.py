@@ -202,6 +202,26 @@ def test_bfloat16_compute_trains(tmp_path):
   np.testing.assert_allclose(losses, ref, rtol=0.05)  # bf16 rounding, same trajectory
 
 
+def test_quantized_base_trains_near_the_float_run_and_predicts(tmp_path, sds_run):
+  """QLoRA: the frozen kernels stored as nf4 (8 devices): one compilation, a trajectory
+  near the float base's (quantization error only), and prediction from the workdir uses
+  the same quantized base as evaluation did."""
+  from experiments.finetune import predict
+  summary = T.train_and_evaluate(smoke(method="sds", model__quantization="nf4"), tmp_path)
+  assert summary["step_compilations"] == 1
+  losses = [r["loss"] for r in records(tmp_path)]
+  ref = [r["loss"] for r in records(sds_run[0])]
+  np.testing.assert_allclose(losses, ref, rtol=0.05)
+  assert losses != ref  # the base really is quantized
+  task, trainable, _ = predict.load(tmp_path)
+  assert "QArray" in str(jax.tree_util.tree_structure(task.params))
+  source = ip.load_tfds("rotten_tomatoes_sentences", DATA_DIR, "validation[:32]")
+  texts = [source[i]["text"].decode() for i in range(len(source))]
+  labels = np.array([int(source[i]["label"]) for i in range(len(source))])
+  probs = predict.predict(task, trainable, texts, batch_size=16)
+  assert float(np.mean(probs.argmax(-1) == labels)) == records(tmp_path, "eval")[-1]["accuracy"]
+
+
 # ----------------------------------------------------------------------------------------
 # Checkpoints: resume, damage, kill.
 
@@ -350,6 +370,8 @@ def test_sigkill_mid_training_then_resume_ends_with_the_same_adapters(tmp_path):
   ({"method": "lora", "adapter__sds_init": "zero"}, "config.adapter.sds_init"),
   ({"optim__sds_switch_state": "rescale"}, "config.optim.sds_switch_state"),
   ({"optim__sds_rewarmup_steps": -2}, "config.optim.sds_rewarmup_steps"),
+  ({"model__quantization": "fp4"}, "config.model.quantization"),
+  ({"method": "full", "model__quantization": "int8"}, "config.model.quantization"),
 ])
 def test_bad_config_names_the_field(tmp_path, overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):

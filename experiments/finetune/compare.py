@@ -1,12 +1,14 @@
 """The main job: LoRA vs SDS-LoRA fine-tuning all-MiniLM-L6-v2 on movie-review sentiment.
 
-``python -m experiments.finetune.compare [--steps N] [--workdir runs/compare]``
+``python -m experiments.finetune.compare [--steps N] [--workdir runs/compare]
+[--quantization int8|int4|nf4]``
 
 Trains each method with the same rank, data order and schedule (each at its learning
 rate), then prints a side-by-side table (validation and test accuracy, final loss, step
 time, trainable parameters) and writes it, the runs' summaries and the curves to
-``experiments/results/minilm_sentiment.{md,json,png}``. A run interrupted (or killed)
-part-way resumes from its checkpoint when the command is run again.
+``experiments/results/minilm_sentiment.{md,json,png}`` (``minilm_sentiment_<type>.*``
+with a quantized frozen base: QLoRA). A run interrupted (or killed) part-way resumes
+from its checkpoint when the command is run again.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def main(argv=None) -> int:
   parser.add_argument("--results", default=str(RESULTS))
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--no_progress", action="store_true")
+  parser.add_argument("--quantization", default="none",
+                      help="the frozen base's storage: none, int8, int4 or nf4")
   args = parser.parse_args(argv)
 
   from experiments.finetune.train import train_and_evaluate
@@ -45,6 +49,7 @@ def main(argv=None) -> int:
   for method in args.methods.split(","):
     config = minilm_sentiment.get_config()
     config.method = method
+    config.model.quantization = args.quantization
     config.optim.learning_rate = METHODS.get(method, config.optim.learning_rate)
     if args.steps:
       config.num_steps = args.steps
@@ -71,15 +76,17 @@ def main(argv=None) -> int:
   table = reporting.summary_table(summaries)
   results = pathlib.Path(args.results)
   results.mkdir(parents=True, exist_ok=True)
-  reporting.plot_runs(curves, results / "minilm_sentiment.png",
-                      title="all-MiniLM-L6-v2, movie-review sentiment, rank 8")
-  (results / "minilm_sentiment.md").write_text(table + "\n")
+  stem = "minilm_sentiment" + ("" if args.quantization == "none" else f"_{args.quantization}")
+  base = "" if args.quantization == "none" else f", {args.quantization} base"
+  reporting.plot_runs(curves, results / f"{stem}.png",
+                      title=f"all-MiniLM-L6-v2, movie-review sentiment, rank 8{base}")
+  (results / f"{stem}.md").write_text(table + "\n")
   keep = ("method", "learning_rate", "rank", "steps", "validation_accuracy", "test_accuracy",
           "final_train_loss", "step_time_median_s", "trainable_parameters")
-  (results / "minilm_sentiment.json").write_text(json.dumps(
+  (results / f"{stem}.json").write_text(json.dumps(
     [{k: s.get(k) for k in keep} for s in summaries], indent=2) + "\n")
   print(table)
-  print(f"\nwall time {wall:.0f} s; plot: {os.path.relpath(results / 'minilm_sentiment.png')}")
+  print(f"\nwall time {wall:.0f} s; plot: {os.path.relpath(results / f'{stem}.png')}")
   return 0
 
 

@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import sdslora_jax.linen as sl_linen
+from experiments import quantize
 from experiments.finetune import input_pipeline as ip
+from sdslora_jax import intercept
 
 __all__ = ["Task", "build_task", "DATA_SOURCES", "MODELS", "default_data_dir"]
 
@@ -87,7 +89,8 @@ class Task:
     """
     example = self.example_inputs()
     return self.model.init_adapters(key, self.params, rules,
-                                    *(example[k] for k in self.input_keys), sds_on=sds_on)
+                                    *(example[k] for k in self.input_keys), sds_on=sds_on,
+                                    **self.apply_kwargs(False))
 
   def units(self, inputs: Mapping[str, np.ndarray]) -> int:
     """Tokens (non-padding) or images in a batch, for throughput."""
@@ -300,10 +303,10 @@ class _RenamedHead:
   def adapted_apply(self, variables, adapters, *args, **kwargs):
     return sl_linen.apply(self.model, self._rename(variables), adapters, *args, **kwargs)
 
-  def init_adapters(self, key, params, rules, *example_args, sds_on=False):
+  def init_adapters(self, key, params, rules, *example_args, sds_on=False, **kwargs):
     renamed = self._rename({"params": params})["params"]
     adapters = sl_linen.init_adapters(key, self.model, renamed, rules, *example_args,
-                                      sds_on=sds_on)
+                                      sds_on=sds_on, **kwargs)
     if self.name in adapters:
       adapters["head"] = adapters.pop(self.name)
     return adapters
@@ -329,8 +332,40 @@ class _Resized:
   def adapted_apply(self, variables, adapters, images, **kwargs):
     return self.model.adapted_apply(variables, adapters, self._prepare(images), **kwargs)
 
-  def init_adapters(self, key, params, rules, images, sds_on=False):
-    return self.model.init_adapters(key, params, rules, self._prepare(images), sds_on=sds_on)
+  def init_adapters(self, key, params, rules, images, sds_on=False, **kwargs):
+    return self.model.init_adapters(key, params, rules, self._prepare(images), sds_on=sds_on,
+                                    **kwargs)
+
+
+class _QuantizedBase:
+  """A model whose frozen kernels are stored quantized (qwix ``QArray``; QLoRA).
+
+  The model is not edited: its function dequantizes each stored kernel where the
+  model reads it (``qwix.dequantize``), and the adapters are applied at the op level
+  (``sdslora_jax.intercept``), which multiplies each quantized kernel block by block
+  without forming it in floating point.
+  """
+
+  def __init__(self, model):
+    self.model = model
+
+  def _fn(self, variables):
+    rest = {k: v for k, v in variables.items() if k != "params"}
+
+    def fn(params, *args, **kwargs):
+      return self.model.apply({**rest, "params": quantize.dequantized(params)}, *args,
+                              **kwargs)
+    return fn
+
+  def apply(self, variables, *args, **kwargs):
+    return self._fn(variables)(variables["params"], *args, **kwargs)
+
+  def adapted_apply(self, variables, adapters, *args, **kwargs):
+    return intercept.apply(self._fn(variables), variables["params"], adapters, *args, **kwargs)
+
+  def init_adapters(self, key, params, rules, *example_args, sds_on=False, **kwargs):
+    return intercept.init_adapters(key, self._fn({}), params, rules, *example_args,
+                                   sds_on=sds_on, **kwargs)
 
 
 _NO_DATA = {"train": None, "validation": None, "test": None}
@@ -348,6 +383,14 @@ def build_task(config, rng: jax.Array, classes: tuple[str, ...] | None = None) -
     raise ValueError(f"config.data.source {config.data.source!r} is not one of {DATA_SOURCES}")
   build = _minilm_task if name == "minilm" else _efficientnet_task
   task = build(config, rng, classes)
+  qtype = config.model.quantization
+  if qtype not in quantize.QUANTIZATIONS:
+    raise ValueError(f"config.model.quantization {qtype!r} is not one of "
+                     f"{quantize.QUANTIZATIONS}")
+  if qtype != "none":
+    task = dataclasses.replace(
+        task, model=_QuantizedBase(task.model),
+        params=quantize.quantize_base(task.params, qtype, config.model.quantization_tile))
   if classes is not None:
     return task
   if task.train is None or not len(task.train):

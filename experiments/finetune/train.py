@@ -83,6 +83,14 @@ def check_config(config) -> None:
     need(isinstance(config.adapter.rank, int) and config.adapter.rank >= 1, "adapter.rank",
          f"must be a positive int, got {config.adapter.rank!r}")
     need(len(config.adapter.targets) > 0, "adapter.targets", "no target patterns")
+  qtype = config.model.quantization
+  need(qtype in ("none", "int8", "int4", "nf4"), "model.quantization",
+       f"{qtype!r} is not one of 'none', 'int8', 'int4', 'nf4'")
+  need(qtype == "none" or config.method != "full", "model.quantization",
+       "a quantized base is frozen: use an adapter method, not 'full'")
+  tile = config.model.quantization_tile
+  need(isinstance(tile, int) and tile >= 1, "model.quantization_tile",
+       f"must be a positive int, got {tile!r}")
   need(config.adapter.sds_init in ("lora", "zero"), "adapter.sds_init",
        f"must be 'lora' or 'zero', got {config.adapter.sds_init!r}")
   need(config.adapter.sds_init == "lora" or config.method == "sds", "adapter.sds_init",

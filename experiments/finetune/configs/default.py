@@ -17,6 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.name = "minilm"
   c.model.num_layers = 0  # 0: all pretrained layers; n: the first n (smaller, for tests)
   c.model.dropout_rate = 0.1
+  # The frozen base's storage: "none" (float), "int8", "int4" or "nf4" (QLoRA: kernels
+  # quantized with qwix, dequantized block by block inside their matmuls; adapter methods).
+  c.model.quantization = "none"
+  c.model.quantization_tile = 64  # 4-bit types: one scale per this many input rows
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "rotten_tomatoes"  # rotten_tomatoes | fashion_mnist | csv | tfds

@@ -1,0 +1,182 @@
+"""QLoRA: adapted train steps on a quantized frozen base against the same step on a float base.
+
+``python -m experiments.qlora_bench [--quick] [--json] [--steps 50]``
+
+Two models, each with LoRA and SDS-LoRA adapters on the op-level path
+(``sdslora_jax.intercept``), the frozen base stored as float32, int8 (per output
+channel) and nf4 / int4 (per output channel and per 64 input rows):
+
+* a stack of four ``d x d`` dense layers (d = 1024), regression on a teacher that is
+  the float stack plus a rank-8 update;
+* a small Gemma 4 decoder from the installed ``gemma`` package (unedited), next-token
+  prediction of a perturbed float teacher.
+
+Printed per model and variant: the quantized kernels' device bytes against bfloat16 and
+float32 (scales included, 4-bit codes packed two per byte), the step time and XLA's
+temporary memory against the float-base step with the same adapters (same process,
+interleaved repeats), and the loss after ``--steps`` updates against the float run
+with the same seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import quantize
+from experiments.step_overhead import Variant, measure, train_step
+from sdslora_jax import intercept, tree
+from sdslora_jax.adapter import is_adapter
+from sdslora_jax.optim import sds_lora
+from sdslora_jax.targets import path_str, rule
+
+LR = 1e-3
+TYPES = ("none", "int8", "nf4", "int4")
+
+
+def _dense_model(d: int, layers: int, tokens: int):
+  keys = jax.random.split(jax.random.key(0), layers)
+  params = {f"layer_{i}": {"kernel": jax.random.normal(k, (d, d)) / np.sqrt(d),
+                           "bias": jnp.zeros((d,))} for i, k in enumerate(keys)}
+
+  def fn(p, x):
+    p = quantize.dequantized(p)
+    for i in range(layers):
+      x = jax.nn.gelu(x @ p[f"layer_{i}"]["kernel"] + p[f"layer_{i}"]["bias"])
+    return x
+
+  x = jax.random.normal(jax.random.key(1), (tokens // 128, 128, d))
+  rules = lambda method: [rule(r"layer_\d+/kernel", method=method, rank=8, alpha=16.0)]
+  select = lambda path, v: path.endswith("kernel")
+  teacher = tree.merge(params, _random_update(fn, params, rules("lora"), x))
+  y = fn(teacher, x)
+  loss = lambda out, y: jnp.mean((out - y) ** 2)
+  return fn, params, rules, select, x, y, loss
+
+
+def _gemma_model(tokens: int):
+  from gemma import gm
+  cfg = gm.nn.config.TransformerConfig(
+      num_embed=512, embed_dim=256, hidden_dim=1024, num_heads=4, head_dim=64,
+      num_kv_heads=2, final_logit_softcap=None, use_post_attn_norm=False,
+      use_post_ffw_norm=False, attention_types=(gm.nn.AttentionType.GLOBAL,) * 2)
+  model = gm.nn.Transformer(config=cfg, dtype=jnp.float32)
+  t = jax.random.randint(jax.random.key(1), (tokens // 128, 128), 1, 512, dtype=jnp.int32)
+  params = model.init(jax.random.key(0), t)["params"]
+
+  def fn(p, t):
+    return model.apply({"params": quantize.dequantized(p)}, t).logits
+
+  pattern = r"layer_\d+/(attn/(q_einsum|kv_einsum|attn_vec_einsum)/w|mlp/(gating_einsum|linear))"
+  rules = lambda method: [rule(pattern, method=method, rank=8, alpha=16.0)]
+  select = lambda path, v: re.fullmatch(pattern, path) is not None
+  teacher = tree.merge(params, _random_update(fn, params, rules("lora"), t))
+  y = jnp.argmax(fn(teacher, t), -1)
+  loss = lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return fn, params, rules, select, t, y, loss
+
+
+def _random_update(fn, params, rules, x):
+  """LoRA adapters with random up factors: a rank-8 change of the model to learn."""
+  ads = intercept.init_adapters(jax.random.key(9), fn, params, rules, x)
+  leaves, treedef = jax.tree.flatten(ads, is_leaf=is_adapter)
+  leaves = [dataclasses.replace(ad, b=0.5 * jax.random.normal(jax.random.key(i), ad.b.shape))
+            for i, ad in enumerate(leaves)]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def variants(model: str, quick: bool) -> tuple[list[Variant], dict]:
+  if model == "dense":
+    fn, params, rules, select, x, y, loss = _dense_model(512 if quick else 1024, 4,
+                                                          512 if quick else 2048)
+  else:
+    fn, params, rules, select, x, y, loss = _gemma_model(256 if quick else 1024)
+  lays = intercept.layouts(fn, params, rules("lora"), x)
+  in_axes = {p: lay.in_axes for p, lay in lays.items()}
+  out, info = [], {}
+  for qtype in TYPES:
+    base = params if qtype == "none" else quantize.quantize_base(
+        params, qtype, 64, select=select, in_axes=in_axes)
+    kernels = [v for kp, v in jax.tree_util.tree_flatten_with_path(
+        base, is_leaf=lambda z: hasattr(z, "qvalue"))[0]
+        if select(path_str(kp), v) or hasattr(v, "qvalue")]
+    n = sum(int(np.prod(np.shape(getattr(v, "qvalue", v)))) for v in kernels)
+    info[qtype] = {"kernel_bytes": quantize.device_bytes(kernels), "kernel_params": n,
+                   "base_bytes": quantize.device_bytes(base)}
+    for method in ("lora", "sds"):
+      ads = intercept.init_adapters(jax.random.key(1), fn, base, rules(method), x)
+      tx = sds_lora(optax.adamw(LR), warmup_steps=10) if method == "sds" else optax.adamw(LR)
+      step_loss = lambda a, b, batch: loss(intercept.apply(fn, b, a, batch["x"]), batch["y"])
+      name = method if qtype == "none" else f"{method}_{qtype}"
+      out.append(Variant(name, train_step(step_loss, tx), ads, tx.init(ads), base,
+                         {"x": x, "y": y}))
+  return out, info
+
+
+def run(model: str, quick: bool, steps: int, log) -> list[dict]:
+  vs, info = variants(model, quick)
+  rows = measure(vs, steps - 2, log)  # two warm-up steps: ``steps`` updates in all
+  by = {r["method"]: r for r in rows}
+  for r in rows:
+    method, _, qtype = r["method"].partition("_")
+    qtype = qtype or "none"
+    ref = by[method]
+    bf16 = info["none"]["kernel_params"] * 2
+    r.update(model=model, base=qtype, adapter=method,
+             kernel_bytes=info[qtype]["kernel_bytes"], base_bytes=info[qtype]["base_bytes"],
+             kernel_bytes_vs_bf16=info[qtype]["kernel_bytes"] / bf16,
+             kernel_bytes_vs_f32=info[qtype]["kernel_bytes"] / (2 * bf16),
+             step_vs_float_base=r["step_time_median_s"] / ref["step_time_median_s"],
+             temp_vs_float_base=(r["temp_bytes"] / ref["temp_bytes"]
+                                 if r["temp_bytes"] and ref["temp_bytes"] else None),
+             loss_vs_float_base=r["last_loss"] / ref["last_loss"], steps=steps)
+  return rows
+
+
+def table(rows: Sequence[dict]) -> str:
+  head = ("| model | base | adapter | kernels MiB | x bf16 | x f32 | step ms | x float base "
+          "| temp MiB | x float base | loss first -> last | x float base |")
+  lines = [head, "|" + "---|" * 12]
+  for r in rows:
+    temp = r["temp_bytes"] / 2**20 if r["temp_bytes"] is not None else float("nan")
+    lines.append(
+        f"| {r['model']} | {r['base']} | {r['adapter']} | {r['kernel_bytes'] / 2**20:.2f} | "
+        f"{r['kernel_bytes_vs_bf16']:.3f} | {r['kernel_bytes_vs_f32']:.3f} | "
+        f"{1e3 * r['step_time_median_s']:.1f} | {r['step_vs_float_base']:.2f} | {temp:.1f} | "
+        f"{r['temp_vs_float_base'] or float('nan'):.2f} | {r['first_loss']:.4f} -> "
+        f"{r['last_loss']:.4f} | {r['loss_vs_float_base']:.3f} |")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="smaller models (d = 512)")
+  parser.add_argument("--json", action="store_true", help="print the records as JSON lines")
+  parser.add_argument("--steps", type=int, default=50)
+  parser.add_argument("--models", default="dense,gemma")
+  args = parser.parse_args(argv)
+  if args.steps < 3:
+    parser.error("--steps must be at least 3")
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  rows = []
+  for model in args.models.split(","):
+    log(f"{model}: building and compiling {2 * len(TYPES)} steps")
+    rows += run(model, args.quick, args.steps, log)
+  if args.json:
+    for r in rows:
+      print(json.dumps(r))
+  else:
+    print(table(rows))
+
+
+if __name__ == "__main__":
+  main()
