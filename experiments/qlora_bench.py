@@ -12,10 +12,10 @@ channel) and nf4 / int4 (per output channel and per 64 input rows):
   prediction of a perturbed float teacher.
 
 Printed per model and variant: the quantized kernels' device bytes against bfloat16 and
-float32 (scales included, 4-bit codes packed two per byte), the step time and XLA's
-temporary memory against the float-base step with the same adapters (same process,
-interleaved repeats), and the loss after ``--steps`` updates against the float run
-with the same seed.
+float32 (scales included, 4-bit codes packed two per byte), the step time, XLA's
+temporary memory and the step's peak (arguments, outputs and temporaries) against the
+float-base step with the same adapters (same process, interleaved repeats), and the
+loss after ``--steps`` updates against the float run with the same seed.
 """
 
 from __future__ import annotations
@@ -138,21 +138,26 @@ def run(model: str, quick: bool, steps: int, log) -> list[dict]:
              step_vs_float_base=r["step_time_median_s"] / ref["step_time_median_s"],
              temp_vs_float_base=(r["temp_bytes"] / ref["temp_bytes"]
                                  if r["temp_bytes"] and ref["temp_bytes"] else None),
+             peak_vs_float_base=(r["peak_bytes"] / ref["peak_bytes"]
+                                 if r["peak_bytes"] and ref["peak_bytes"] else None),
              loss_vs_float_base=r["last_loss"] / ref["last_loss"], steps=steps)
   return rows
 
 
 def table(rows: Sequence[dict]) -> str:
   head = ("| model | base | adapter | kernels MiB | x bf16 | x f32 | step ms | x float base "
-          "| temp MiB | x float base | loss first -> last | x float base |")
-  lines = [head, "|" + "---|" * 12]
+          "| temp MiB | x float base | peak MiB | x float base | loss first -> last "
+          "| x float base |")
+  lines = [head, "|" + "---|" * 14]
   for r in rows:
     temp = r["temp_bytes"] / 2**20 if r["temp_bytes"] is not None else float("nan")
+    peak = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None else float("nan")
     lines.append(
         f"| {r['model']} | {r['base']} | {r['adapter']} | {r['kernel_bytes'] / 2**20:.2f} | "
         f"{r['kernel_bytes_vs_bf16']:.3f} | {r['kernel_bytes_vs_f32']:.3f} | "
         f"{1e3 * r['step_time_median_s']:.1f} | {r['step_vs_float_base']:.2f} | {temp:.1f} | "
-        f"{r['temp_vs_float_base'] or float('nan'):.2f} | {r['first_loss']:.4f} -> "
+        f"{r['temp_vs_float_base'] or float('nan'):.2f} | {peak:.1f} | "
+        f"{r['peak_vs_float_base'] or float('nan'):.2f} | {r['first_loss']:.4f} -> "
         f"{r['last_loss']:.4f} | {r['loss_vs_float_base']:.3f} |")
   return "\n".join(lines)
 

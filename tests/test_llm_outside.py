@@ -16,6 +16,7 @@ import logging
 import os
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -108,6 +109,49 @@ def test_gemma_tied_embedding_is_adapted_consistently(gemma):
   ads = randomize(ads, jax.random.key(3))
   got = intercept.apply(fn, params, ads, tokens)
   assert _rel(got, fn(tree.merge(params, ads), tokens)) < 1e-5
+
+
+def test_gemma_on_an_nf4_base_dequantized_before_the_call(gemma):
+  """QLoRA on Gemma as a user writes it: the kernels stored nf4 (qwix), the whole tree
+  dequantized before Gemma's own (jitted) call. The adapted step matches the float
+  model on the dequantized kernels, and no float kernel is formed in it."""
+  import qwix
+  fn, params, tokens = gemma
+  rules = GEMMA_RULES[:2]
+  lay = intercept.layouts(fn, params, rules, tokens)
+  def quantize(kp, w):
+    if (lw := lay.get(intercept.path_str(kp))) is None:
+      return w
+    inner = max(lw.in_axes, key=lambda a: w.shape[a])  # blocks of 8 along a contracted axis
+    return qwix.quantize(w, "nf4", channelwise_axes=[a for a in range(w.ndim) if a != inner],
+                         tiled_axes={inner: 8})
+  qparams = jax.tree_util.tree_map_with_path(quantize, params)
+  deq = lambda p: jax.tree.map(lambda z: qwix.dequantize(z) if hasattr(z, "qvalue") else z, p,
+                               is_leaf=lambda z: hasattr(z, "qvalue"))
+  qfn = lambda p, t: fn(deq(p), t)
+  ads = intercept.init_adapters(jax.random.key(2), qfn, qparams, rules, tokens)
+  from testing_utils import randomize
+  ads = randomize(ads, jax.random.key(3))
+  got = intercept.apply(qfn, qparams, ads, tokens)
+  assert _rel(got, fn(tree.merge(deq(qparams), ads), tokens)) < 1e-5
+  loss = lambda a: jnp.sum(jax.nn.log_softmax(intercept.apply(qfn, qparams, a, tokens)))
+  ref = lambda a: jnp.sum(jax.nn.log_softmax(fn(tree.merge(deq(qparams), a), tokens)))
+  for u, v in zip(jax.tree.leaves(jax.grad(loss)(ads)), jax.tree.leaves(jax.grad(ref)(ads))):
+    if float(jnp.linalg.norm(v)) > 0:
+      assert _rel(u, v) < 1e-4
+  shapes = {lay[p].shape for p in lay}
+  floats = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      floats.update(tuple(v.aval.shape) for v in eqn.outvars
+                    if jnp.issubdtype(v.aval.dtype, jnp.floating))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jax.make_jaxpr(jax.grad(loss))(ads).jaxpr)
+  assert not floats & shapes
+  walk(jax.make_jaxpr(lambda p: qfn(p, tokens))(qparams).jaxpr)
+  assert floats & shapes  # the check sees the float kernels of Gemma's own quantized call
 
 
 # --- MaxText -------------------------------------------------------------------------------
