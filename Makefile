@@ -42,7 +42,7 @@ conditioning: $(STAMP)
 	$(VENV)/bin/python -m experiments.conditioning --overwrite
 
 test: $(DATA)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR)

@@ -96,7 +96,7 @@ def test_independent_batched_decompositions_in_one_program_finish():
   # One CPU device, as in a user's process (the suite's 8 simulated devices change the
   # thread pools, and the hang did not show with them).
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
-      "--xla_force_host_platform_device_count=8", "")
+      "--xla_force_host_platform_device_count=8", "").strip()
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   try:
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=root,
