@@ -254,3 +254,50 @@ def test_iterator_rejects_bad_arguments():
     ip.BatchIterator(_source(), batch_size=5, process_count=2)
   with pytest.raises(ValueError, match="no batch"):
     ip.BatchIterator(_source(3), batch_size=5)
+
+
+# Files that trained on wrong data before: each is refused, naming where the problem starts.
+_BASE = "".join(f"t{i},{i % 2}\n" for i in range(30))  # 30 rows, labels 0 / 1 (line 2..31)
+_NAMES = "".join(f"t{i},{['neg', 'pos'][i % 2]}\n" for i in range(30))
+
+
+@pytest.mark.parametrize("name, content, line, message", [
+    ("dup.csv", "text,label,text\n" + "a,0,b\n" * 30, 1, "column 'text' appears 2 times"),
+    ("dup.csv", "text,label,label\n" + "a,0,1\n" * 30, 1, "column 'label' appears 2 times"),
+    ("comma.csv", "text,label\n" + _BASE + "bad, with a comma,1\n", 32,
+     "3 fields, the header has 2; a field containing the delimiter"),
+    ("word.csv", "text,label\n" + _BASE + "x,one\n", 32, "'one' is not an integer id"),
+    ("float.csv", "text,label\n" + _BASE + "x,1.0\n", 32, "'1.0' is not an integer id"),
+    ("space.csv", "text,label\n" + _NAMES + "x, pos\n", 32, "' pos' has spaces around it"),
+    ("typo.csv", "text,label\n" + _BASE + "x,100000\n", None, "ids 2..99999 never occur"),
+    ("single.csv", "text,label\n" + "t,1\n" * 30, None, "every record has the label '1'"),
+    ("once.csv", "text,label\n" + _BASE + "x,2\n", 32, "label '2' occurs only once"),
+    ("quote.csv", "text,label\n" + "t,0\n" * 5 + '"open quote,1\n' + _BASE, 7,
+     "the record starting on this line is not valid CSV"),
+    ("float.jsonl", '{"text": "a", "label": 0}\n{"text": "c", "label": 1.0}\n', 2,
+     "label 1.0 is a float"),
+])  # fmt: skip
+def test_suspicious_files_are_refused_where_the_problem_starts(tmp_path, name, content, line,
+                                                               message):
+  path = tmp_path / name
+  path.write_text(content)
+  where = f"{path}:{line}:" if line else f"{path}:"
+  with pytest.raises(ValueError) as e:
+    ip.load_text_classification(path)
+  assert str(e.value).startswith(where) and message in str(e.value), str(e.value)
+
+
+def test_odd_classes_are_accepted_on_request_and_odd_text_is_read(tmp_path):
+  path = tmp_path / "once.csv"
+  path.write_text("text,label\n" + _BASE + "x,2\n")
+  data = ip.load_text_classification(path, accept_odd_labels=True)
+  assert data.classes == ("0", "1", "2")
+  huge = tmp_path / "huge.csv"  # a 5 MB field is a field
+  huge.write_text('text,label\n"' + "x" * 5_000_000 + '",1\n' + _BASE)
+  data = ip.load_text_classification(huge, validation_fraction=0.5)
+  texts = set(data.train.columns["text"]) | set(data.validation.columns["text"])
+  assert "x" * 5_000_000 in texts and len(texts) == 31
+  sep = tmp_path / "sep.jsonl"  # U+2028 inside a JSON string is valid JSON, not a line break
+  sep.write_text('{"text": "a\u2028b", "label": 0}\n{"text": "c", "label": 1}\n')
+  data = ip.load_text_classification(sep, validation_fraction=0.5)
+  assert {"a\u2028b", "c"} == set(data.train.columns["text"]) | set(data.validation.columns["text"])

@@ -18,6 +18,7 @@ process reading its own slice of every global batch, with a position that can be
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import gzip
@@ -279,36 +280,21 @@ def _decode(path: str) -> str:
     raise ValueError(f"{path}:{line}: text is not valid UTF-8 ({e.reason})") from None
 
 
+# Inferred classes that look like a mistake are refused unless the config accepts them
+# (``data.accept_odd_labels``): a class seen once in a file of at least this many records,
+# integer ids that skip values, a single class, or more classes than this.
+SINGLETON_MIN_RECORDS = 20
+MAX_INFERRED_CLASSES = 1000
+
+
 def _read_records(path: str, text_key: str, label_key: str) -> list[tuple[int, str, Any]]:
-  """Reads ``(line, text, raw label)`` from a CSV (with a header row) or JSONL file."""
+  """Reads ``(line, text, raw label)`` from a CSV / TSV (with a header row) or JSONL file."""
   content = _decode(path)
-  records = []
   if path.endswith(".jsonl"):
-    for lineno, line in enumerate(content.splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-      if not isinstance(record, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object")
-      for key in (text_key, label_key):
-        if key not in record:
-          raise ValueError(f"{path}:{lineno}: missing field {key!r}")
-      records.append((lineno, record[text_key], record[label_key]))
+    records = _jsonl_records(path, content, text_key, label_key)
   elif path.endswith((".csv", ".tsv")):
-    reader = csv.DictReader(io.StringIO(content), delimiter="\t" if path.endswith(".tsv") else ",")
-    header = reader.fieldnames or []
-    for key in (text_key, label_key) if header else ():
-      if key not in header:
-        raise ValueError(f"{path}:1: missing column {key!r} (header: {header})")
-    for row in reader:
-      lineno = reader.line_num
-      for key in (text_key, label_key):
-        if row.get(key) is None:
-          raise ValueError(f"{path}:{lineno}: missing value for column {key!r}")
-      records.append((lineno, row[text_key], row[label_key]))
+    delimiter = "\t" if path.endswith(".tsv") else ","
+    records = _csv_records(path, content, text_key, label_key, delimiter)
   else:
     raise ValueError(f"{path}: expected a .csv, .tsv or .jsonl file")
   if not records:
@@ -319,34 +305,146 @@ def _read_records(path: str, text_key: str, label_key: str) -> list[tuple[int, s
   return records
 
 
-def _as_int(label: Any) -> int | None:
+def _jsonl_records(path, content, text_key, label_key):
+  records = []
+  # Records end at "\n" only: U+2028 and other Unicode separators are valid inside strings.
+  for lineno, line in enumerate(content.split("\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+      raise ValueError(f"{path}:{lineno}: expected a JSON object")
+    for key in (text_key, label_key):
+      if key not in record:
+        raise ValueError(f"{path}:{lineno}: missing field {key!r}")
+    records.append((lineno, record[text_key], record[label_key]))
+  return records
+
+
+def _csv_records(path, content, text_key, label_key, delimiter):
+  csv.field_size_limit(2**31 - 1)  # a long text is a valid field
+  reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter, strict=True)
+  name = "tab" if delimiter == "\t" else repr(delimiter)
+  records, header, start = [], None, 1
+  try:
+    for row in reader:
+      lineno, start = start, reader.line_num + 1  # this record's first line; the next one's
+      if not row:
+        continue
+      if header is None:
+        header = row
+        for key in (text_key, label_key):
+          if key not in header:
+            raise ValueError(f"{path}:{lineno}: missing column {key!r} (header: {header})")
+        for key in (text_key, label_key):
+          cols = [i + 1 for i, h in enumerate(header) if h == key]
+          if len(cols) > 1:
+            raise ValueError(f"{path}:{lineno}: column {key!r} appears {len(cols)} times in the "
+                             f"header (columns {cols}); rename the others")
+        ti, li = header.index(text_key), header.index(label_key)
+        continue
+      if len(row) != len(header):
+        missing = [header[i] for i in range(len(row), len(header))]
+        raise ValueError(
+            f"{path}:{lineno}: {len(row)} fields, the header has {len(header)}"
+            + (f" (missing value for column {', '.join(map(repr, missing))})" if missing else "")
+            + f"; a field containing the delimiter ({name}) or a line break must be quoted")
+      records.append((lineno, row[ti], row[li]))
+  except csv.Error as e:
+    raise ValueError(f"{path}:{start}: the record starting on this line is not valid CSV ({e}); "
+                     "an unterminated quote runs to the end of the file") from None
+  return records
+
+
+def _strict_int(label: Any) -> int | None:
+  """``label`` as an integer id: an int, or a string of ASCII digits (no sign, spaces, dot)."""
   if isinstance(label, bool):
     return None
   if isinstance(label, int):
     return label
-  if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+  if isinstance(label, str) and label.isascii() and label.isdigit():
     return int(label)
   return None
 
 
-def _infer_classes(records: list[tuple[int, str, Any]]) -> tuple[str, ...]:
-  """Sorted names of string labels, or ``"0".."max"`` when every label is an integer."""
-  ints = [_as_int(label) for _, _, label in records]
-  if all(i is not None and i >= 0 for i in ints):
-    return tuple(str(i) for i in range(max(ints) + 1))
-  return tuple(sorted({str(label) for _, _, label in records}))
+def _check_label_values(path: str, records) -> None:
+  """Labels of one kind: all integer ids, or all names without surrounding spaces."""
+  ints = [_strict_int(label) for _, _, label in records]
+  int_column = sum(i is not None for i in ints) * 2 >= len(records)
+  for (lineno, _, label), as_int in zip(records, ints):
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+      raise ValueError(f"{path}:{lineno}: label {label!r} is a {type(label).__name__}; a label "
+                       "is a class name (string) or an integer class id")
+    if int_column and as_int is None:
+      examples = sorted({i for i in ints if i is not None})[:3]
+      raise ValueError(f"{path}:{lineno}: label {label!r} is not an integer id like the other "
+                       f"labels ({', '.join(map(str, examples))}, ...); fix the row, or list "
+                       "the class names in data.classes")
+    if isinstance(label, str) and label != label.strip():
+      raise ValueError(f"{path}:{lineno}: label {label!r} has spaces around it (a different "
+                       f"class from {label.strip()!r}); remove them")
+
+
+def _infer_classes(path: str, records, accept_odd: bool = False) -> tuple[str, ...]:
+  """Sorted names of string labels, or ``"0".."max"`` when every label is an integer id.
+
+  Refuses what looks like a mistake unless ``accept_odd`` (see ``SINGLETON_MIN_RECORDS``).
+  """
+  _check_label_values(path, records)
+  ints = [_strict_int(label) for _, _, label in records]
+  counts = collections.Counter(str(label) for _, _, label in records)
+  fix = "; list the classes in data.classes, or set data.accept_odd_labels=True if intended"
+  if len(counts) == 1 and not accept_odd:
+    raise ValueError(f"{path}: every record has the label {next(iter(counts))!r}: one class "
+                     f"cannot be learned{fix}")
+  if all(i is not None for i in ints):
+    classes = tuple(str(i) for i in range(max(ints) + 1))
+    absent = [int(c) for c in classes if c not in counts]
+    if absent and not accept_odd:
+      raise ValueError(f"{path}: integer labels go up to {max(ints)} but "
+                       f"{'id' if len(absent) == 1 else 'ids'} {_ranges(absent)} never "
+                       f"occur{'s' if len(absent) == 1 else ''}{fix}")
+  else:
+    classes = tuple(sorted(counts))
+  if accept_odd:
+    return classes
+  if len(classes) > MAX_INFERRED_CLASSES:
+    raise ValueError(f"{path}: {len(classes)} classes inferred (more than "
+                     f"{MAX_INFERRED_CLASSES}){fix}")
+  if len(records) >= SINGLETON_MIN_RECORDS:
+    once = [c for c, n in counts.items() if n == 1]
+    if once:
+      line = next(ln for ln, _, label in records if str(label) == once[0])
+      raise ValueError(f"{path}:{line}: label {once[0]!r} occurs only once in "
+                       f"{len(records)} records (a typo?){fix}")
+  return classes
+
+
+def _ranges(ids: list[int]) -> str:
+  out, start = [], None
+  for k, i in enumerate(ids):
+    start = i if start is None else start
+    if k + 1 == len(ids) or ids[k + 1] != i + 1:
+      out.append(str(start) if start == i else f"{start}..{i}")
+      start = None
+  return ", ".join(out[:5]) + (", ..." if len(out) > 5 else "")
 
 
 def _label_ids(path: str, records, classes: tuple[str, ...]) -> np.ndarray:
+  _check_label_values(path, records)
   index = {name: i for i, name in enumerate(classes)}
   ids = []
   for lineno, _, label in records:
-    if isinstance(label, (str, int)) and not isinstance(label, bool) and str(label) in index:
+    if str(label) in index:
       ids.append(index[str(label)])
       continue
-    as_int = _as_int(label)
+    as_int = _strict_int(label)
     if as_int is None or not 0 <= as_int < len(classes):
-      raise ValueError(f"{path}:{lineno}: label {label!r} is not one of the classes {classes}")
+      raise ValueError(f"{path}:{lineno}: label {label!r} is not one of the classes {classes}"
+                       + ("" if as_int is None else f" nor a class id in 0..{len(classes) - 1}"))
     ids.append(as_int)
   return np.asarray(ids, np.int64)
 
@@ -360,6 +458,7 @@ def load_text_classification(
   classes: Sequence[str] | None = None,
   validation_fraction: float = 0.1,
   seed: int = 0,
+  accept_odd_labels: bool = False,
 ) -> TextClassificationData:
   """Loads a text-classification dataset from a local CSV (with header) or JSONL file.
 
@@ -373,17 +472,24 @@ def load_text_classification(
       of ``train_file``, or ``"0"``.. ``"max"`` when all its labels are integers.
     validation_fraction: The share held out when there is no ``validation_file``.
     seed: Seeds that split.
+    accept_odd_labels: Accept inferred classes that look like a mistake (a class seen
+      once in 20 or more records, integer ids that skip values, a single class, more than
+      1,000 classes), which are refused by default.
 
   Returns:
     Train and validation sources and the class names.
 
   Raises:
-    ValueError: Naming the file and line, for an empty file, a missing column or field, a
-      label outside ``classes``, text that is not a string or not valid UTF-8.
+    ValueError: Naming the file and line (and column), for an empty file, a missing or
+      duplicated column or field, a row with too many or too few fields, a quote left open
+      (at the line where its record starts), a label of the wrong kind (a name among
+      integer ids, spaces around a name, a float or a boolean), a label outside
+      ``classes``, suspicious inferred classes, text that is not a string or not UTF-8.
   """
   train_file = os.fspath(train_file)
   records = _read_records(train_file, text_key, label_key)
-  classes = tuple(classes) if classes is not None else _infer_classes(records)
+  classes = (tuple(classes) if classes is not None
+             else _infer_classes(train_file, records, accept_odd_labels))
   train = ArraySource({
     "text": np.asarray([text for _, text, _ in records], dtype=object),
     "label": _label_ids(train_file, records, classes),

@@ -140,6 +140,7 @@ def _text_data(config) -> tuple[dict, tuple[str, ...], str, str]:
       classes=tuple(data.classes) if data.classes else None,
       validation_fraction=data.validation_fraction,
       seed=data.split_seed,
+      accept_odd_labels=data.accept_odd_labels,
     )
     test = None
     if data.test_file:

@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.label_key = "label"
   c.data.image_key = "image"
   c.data.classes = ()  # class names in id order; () = inferred
+  # Accept inferred classes that look like a mistake (a class seen once in 20+ records,
+  # integer ids that skip values, one class, more than 1,000 classes): refused by default.
+  c.data.accept_odd_labels = False
   c.data.max_len = 64  # tokens, [CLS] and [SEP] included
   c.data.image_size = 64
 
