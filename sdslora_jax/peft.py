@@ -378,11 +378,45 @@ def _read(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
         re.compile(key)
       except re.error as e:
         raise ValueError(f"{cfg_path}: {field} key {key!r} is not a valid regex: {e}") from e
+      if _nested_repeat(key):
+        raise ValueError(
+            f"{cfg_path}: {field} key {key!r} repeats a group that itself repeats or "
+            "alternates, which can take exponential time to match; PEFT matches a key as "
+            "re.match(rf'(.*\\.)?({key})$', module_name): use a module name or its suffix "
+            "(e.g. 'q_proj', 'layers.0.self_attn.q_proj')")
   try:
     tensors = load_file(w_path)
   except Exception as e:  # safetensors raises its own error types for corrupt headers
     raise ValueError(f"{w_path} is not a readable safetensors file: {e}") from e
   return config, tensors
+
+
+def _nested_repeat(key: str) -> bool:
+  """Whether a regex repeats a group containing a repeat or an alternation (the shapes
+  that backtrack exponentially, e.g. ``(\\w|.)*Q``, ``(a+)+``). Reads the pattern's parse
+  tree (``re._parser``: stdlib, but private; tested in tests/test_peft.py)."""
+  from re import _parser  # noqa: PLC0415
+
+  repeats = (_parser.MAX_REPEAT, _parser.MIN_REPEAT, getattr(_parser, "POSSESSIVE_REPEAT", None))
+
+  def walk(items, inside: bool) -> bool:
+    for op, arg in items:
+      if op in repeats:
+        _, hi, sub = arg
+        if inside or (hi > 1 and walk(sub, True)):
+          return True
+      elif op == _parser.BRANCH:
+        if inside or any(walk(b, inside) for b in arg[1]):
+          return True
+      elif op == _parser.SUBPATTERN:
+        if walk(arg[-1], inside):
+          return True
+      elif op in (_parser.ASSERT, _parser.ASSERT_NOT):
+        if walk(arg[1], inside):
+          return True
+    return False
+
+  return walk(_parser.parse(key), False)
 
 
 def _pattern(patterns: Mapping[str, Any] | None, name: str, default):

@@ -270,6 +270,9 @@ def test_pattern_matches_peft(patterns, name, want):
     ({**CFG, "rank_pattern": {"lin": 0}}, r"rank_pattern\['lin'\] must be a finite positive"),
     ({**CFG, "alpha_pattern": [2]}, r"'alpha_pattern' must be a JSON object, got list"),
     ({**CFG, "alpha_pattern": {"(lin": 2}}, r"alpha_pattern key '\(lin' is not a valid regex"),
+    # Would backtrack for hours against a long module name: refused before any matching.
+    ({**CFG, "rank_pattern": {r"(\w|.)*Q": 8}}, r"rank_pattern key .* exponential time"),
+    ({**CFG, "alpha_pattern": {r"(l+)+x": 8}}, r"alpha_pattern key .* exponential time"),
 ])
 def test_import_rejects_bad_config_numbers(tmp_path, config, field):
   _write(tmp_path, GOOD, config)  # json writes nan / inf as NaN / Infinity, and reads them back

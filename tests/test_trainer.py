@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -249,6 +250,33 @@ def test_resume_from_damaged_latest_checkpoint_uses_the_previous(tmp_path, capsy
     assert r["loss"] == want[r["step"]], r
 
 
+@pytest.mark.parametrize("overrides,field", [
+    ({"adapter__sqrt_rank_scaling": True}, "adapter.sqrt_rank_scaling was False, is True"),
+    ({"optim__grad_clip": 0.0}, "optim.grad_clip was 1.0, is 0.0"),  # another state structure
+    ({"model__num_layers": 1}, "model.num_layers was"),
+])
+def test_resume_with_a_changed_config_is_refused_and_moves_nothing(tmp_path, sds_run, overrides,
+                                                                  field):
+  import shutil
+  shutil.copytree(sds_run[0], tmp_path / "run")
+  before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+  with pytest.raises(ValueError, match=re.escape(field)):
+    T.train_and_evaluate(smoke(method="sds", **overrides), tmp_path / "run", resume=True)
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+  assert not (tmp_path / "run" / "damaged_checkpoints").exists()
+
+
+def test_resume_when_no_checkpoint_reads_stops_instead_of_restarting(tmp_path, sds_run):
+  import shutil
+  shutil.copytree(sds_run[0], tmp_path / "run")
+  for step_dir in (tmp_path / "run" / "checkpoints").iterdir():
+    for sub in step_dir.iterdir():
+      if sub.is_dir():
+        shutil.rmtree(sub)  # every checkpoint loses its arrays
+  with pytest.raises(FileNotFoundError, match="none of the .* checkpoint"):
+    T.train_and_evaluate(smoke(method="sds"), tmp_path / "run", resume=True)
+
+
 def test_workdir_with_checkpoints_needs_resume(sds_run):
   workdir, _ = sds_run
   with pytest.raises(FileExistsError, match="resume"):
@@ -262,7 +290,8 @@ def test_resume_with_another_method_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_leaves_a_checkpoint_and_resume_continues(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_leaves_a_checkpoint_and_resume_continues(tmp_path, sig):
   workdir = tmp_path / "run"
   proc = run_main(workdir, MINILM_SMOKE, "--config.method=lora", "--config.num_steps=100000",
                   "--config.checkpoint_every=100000", wait=False)
@@ -271,12 +300,12 @@ def test_sigterm_leaves_a_checkpoint_and_resume_continues(tmp_path):
       (workdir / "metrics.jsonl").exists() and len(records(workdir)) >= 3):
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["interrupted"] and summary["steps"] >= 3
-  assert "stopped by SIGTERM" in out
+  assert f"stopped by {sig.name}" in out
   assert (workdir / "checkpoints" / str(summary["steps"]) / "commit_success.txt").exists()
 
 
@@ -371,11 +400,88 @@ def test_sigkill_mid_training_then_resume_ends_with_the_same_adapters(tmp_path):
   ({"optim__sds_switch_state": "rescale"}, "config.optim.sds_switch_state"),
   ({"optim__sds_rewarmup_steps": -2}, "config.optim.sds_rewarmup_steps"),
   ({"model__quantization": "fp4"}, "config.model.quantization"),
+  ({"optim__grad_clip": -1.0}, "config.optim.grad_clip"),  # was gradient ascent
+  ({"optim__b1": 1.5}, "config.optim.b1"),
+  ({"optim__b2": 1.0}, "config.optim.b2"),
+  ({"optim__weight_decay": float("nan")}, "config.optim.weight_decay"),
+  ({"seed": -1}, "config.seed"),
+  ({"optim__sds_warmup_steps": 10_000}, "config.optim.sds_warmup_steps"),  # never switched
+  ({"batch_size": 4096}, "config.batch_size"),  # more than the smoke training split
   ({"method": "full", "model__quantization": "int8"}, "config.model.quantization"),
 ])
 def test_bad_config_names_the_field(tmp_path, overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     T.train_and_evaluate(smoke(**overrides), tmp_path)
+
+
+def test_torn_metrics_line_is_dropped_and_links_are_not_followed(tmp_path):
+  from experiments.finetune import reporting
+  w = reporting.MetricWriter(tmp_path)
+  w.write("train", 1, {"loss": 1.0})
+  w.write("train", 2, {"loss": 0.5})
+  w.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"split": "train", "st')  # a writer killed mid-record
+  assert [r["step"] for r in reporting.MetricWriter(tmp_path, enabled=False).read()] == [1, 2]
+  w = reporting.MetricWriter(tmp_path)  # a resumed run: the torn record is dropped
+  w.write("train", 3, {"loss": 0.25})
+  w.close()
+  assert [r["step"] for r in w.read()] == [1, 2, 3]
+  target = tmp_path / "elsewhere.txt"
+  target.write_text("precious\n")
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "metrics.jsonl").symlink_to(target)
+  with pytest.raises(ValueError, match="symbolic link"):
+    reporting.MetricWriter(other)
+  assert target.read_text() == "precious\n"
+
+
+def test_export_replaces_a_half_written_or_previous_export(tmp_path, sds_run):
+  from experiments.finetune import predict
+  task, trainable, meta = predict.load(sds_run[0])
+  directory = tmp_path / "export"
+  (tmp_path / "export.partial" / "peft").mkdir(parents=True)  # a run killed mid-export
+  (tmp_path / "export.partial" / "peft" / "adapter_model.safetensors").write_bytes(b"torn")
+  (directory / "adapters").mkdir(parents=True)  # an earlier export of this workdir
+  T.export(directory, trainable, task, meta)
+  assert not (tmp_path / "export.partial").exists() and not (tmp_path / "export.previous").exists()
+  assert_trees_equal(exported(tmp_path), exported(sds_run[0]))
+  assert (directory / "peft" / "adapter_config.json").exists()
+
+
+def test_one_trainer_per_workdir(tmp_path):
+  """A second trainer on a workdir in use is refused before it touches anything; the
+  lock dies with its process (a killed trainer leaves no stale lock)."""
+  with T._workdir_lock(tmp_path):
+    with pytest.raises(RuntimeError, match="in use by another trainer"):
+      T.train_and_evaluate(smoke(), tmp_path, resume=True)
+  assert not (tmp_path / "checkpoints").exists()
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+       "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+       "time.sleep(600)", str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  with pytest.raises(RuntimeError, match="in use"):
+    with T._workdir_lock(tmp_path):
+      pass
+  holder.kill()
+  holder.wait()
+  with T._workdir_lock(tmp_path):  # free again once the holder is gone
+    assert "pid" in (tmp_path / ".lock").read_text()
+
+
+def test_divergence_stops_the_run_and_never_saves_nan(tmp_path):
+  config = smoke(method="lora", optim__learning_rate=1e12, optim__grad_clip=0.0, log_every=1,
+                 checkpoint_every=1, export=False)
+  with pytest.raises(FloatingPointError, match=r"step \d+: .*training stopped"):
+    T.train_and_evaluate(config, tmp_path)
+  ckpt = tmp_path / "checkpoints"
+  for step in sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()):
+    restored = sl_ckpt.restore_from_manager(T._manager(ckpt, 2), step=step)
+    for leaf in jax.tree.leaves(restored):
+      if np.issubdtype(np.asarray(leaf).dtype, np.floating):
+        assert np.all(np.isfinite(leaf))
 
 
 def test_target_that_matches_nothing_is_an_error(tmp_path):

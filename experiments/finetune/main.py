@@ -38,10 +38,11 @@ def main(argv):
     if d.local_device_ids:
       kwargs["local_device_ids"] = list(d.local_device_ids)
     jax.distributed.initialize(**kwargs)
-  from experiments.finetune.train import train_and_evaluate
+  from experiments.finetune.train import WorkdirInUseError, train_and_evaluate
   try:
     train_and_evaluate(config, FLAGS.workdir, resume=FLAGS.resume)
-  except (ValueError, FileExistsError, FileNotFoundError, KeyError) as e:
+  except (ValueError, FileExistsError, FileNotFoundError, KeyError, FloatingPointError,
+          WorkdirInUseError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

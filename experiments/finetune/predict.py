@@ -28,7 +28,7 @@ def load(model_dir: str | pathlib.Path):
   from experiments.finetune import train as T
   from experiments.finetune.tasks import build_task
 
-  path = pathlib.Path(model_dir)
+  path = pathlib.Path(model_dir).absolute()  # orbax needs absolute paths
   if (path / "config.json").exists():  # a workdir
     meta = json.loads((path / "config.json").read_text())
     manager = T._manager(path / "checkpoints", meta["config"]["keep_checkpoints"])

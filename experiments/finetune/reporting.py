@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,14 +23,29 @@ class MetricWriter:
     self.enabled = enabled
     self._tb = None
     if enabled:
+      self._repair()
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+  def _repair(self) -> None:
+    """Drops a torn last record (a writer killed mid-line); its step is logged again after
+    the resume, which restarts from a checkpoint before it."""
+    if self.path.is_symlink():
+      raise ValueError(f"{self.path} is a symbolic link; the trainer writes only files it "
+                       "created (remove the link)")
+    if not self.path.exists():
+      return
+    data = self.path.read_bytes()
+    if data and not data.endswith(b"\n"):
+      with open(self.path, "r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
 
   def write(self, split: str, step: int, values: Mapping[str, Any]) -> None:
     if not self.enabled or not values:
       return
     record = {"split": split, "step": int(step), **{k: _num(v) for k, v in values.items()}}
-    with open(self.path, "a") as f:
+    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "a") as f:
       f.write(json.dumps(record) + "\n")
     for k, v in values.items():
       if isinstance(v, (int, float)) and math.isfinite(float(v)):
@@ -44,9 +60,15 @@ class MetricWriter:
     if not self.path.exists():
       return []
     latest = {}
-    for line in self.path.read_text().splitlines():
+    lines = self.path.read_text().split("\n")
+    for i, line in enumerate(lines):
       if line.strip():
-        r = json.loads(line)
+        try:
+          r = json.loads(line)
+        except json.JSONDecodeError:
+          if i == len(lines) - 1:  # a torn last record: the run was killed while writing it
+            break
+          raise ValueError(f"{self.path}:{i + 1}: not a JSON record") from None
         latest[(r["split"], r["step"])] = r
     return sorted(latest.values(), key=lambda r: (r["step"], r["split"]))
 

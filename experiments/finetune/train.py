@@ -23,14 +23,18 @@ PEFT's ``modules_to_save``), or ``{"params": ...}`` for full fine-tuning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import logging
 import math
 import os
 import pathlib
+import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -110,6 +114,22 @@ def check_config(config) -> None:
        f"must be finite and positive, got {lr!r}")
   need(0 <= config.optim.warmup_steps <= config.num_steps, "optim.warmup_steps",
        f"{config.optim.warmup_steps} is not in [0, num_steps={config.num_steps}]")
+  seed = config.seed
+  need(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**31, "seed",
+       f"must be an int in [0, 2**31), got {seed!r}")
+  o = config.optim
+  real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  need(real(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip",
+       f"must be finite and >= 0 (0: no clipping), got {o.grad_clip!r}")
+  for field in ("b1", "b2"):
+    v = getattr(o, field)
+    need(real(v) and 0 <= v < 1, f"optim.{field}", f"must be in [0, 1), got {v!r}")
+  need(real(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay",
+       f"must be finite and >= 0, got {o.weight_decay!r}")
+  if config.method == "sds" and config.adapter.sds_init == "lora":
+    sw = o.sds_warmup_steps
+    need(isinstance(sw, int) and 0 <= sw < config.num_steps, "optim.sds_warmup_steps",
+         f"{sw!r} is not in [0, num_steps={config.num_steps}): SDS-LoRA would never switch on")
   for axis in MESH_AXES:
     size = getattr(config.mesh, axis)
     need(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}",
@@ -349,25 +369,30 @@ def run_metadata(config, task: Task) -> dict:
 
 
 class _Terminate:
-  """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks after each step: the
+  run saves a checkpoint and stops (main thread only). A second SIGINT interrupts at once."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested = None  # the signal's name once one arrived
+    self._previous = {}
 
   def __enter__(self):
     import threading
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if self.requested == "SIGINT" and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+    self.requested = signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
 
 def _global_batch(local: Mapping[str, np.ndarray], mesh, spec: P) -> dict:
@@ -436,7 +461,8 @@ def _restore_latest(manager, target, meta: dict, damaged_dir: pathlib.Path):
   inspection, never deleted), and the one before it is tried. A checkpoint of another
   run (method, model, rank, alpha, rules or classes differ) is an error.
   """
-  for step in sorted(manager.all_steps(), reverse=True):
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
     step_dir = pathlib.Path(manager.directory) / str(step)
     try:
       extra = sl_ckpt.read_extra(step_dir) or {}
@@ -445,10 +471,17 @@ def _restore_latest(manager, target, meta: dict, damaged_dir: pathlib.Path):
         if field in saved and saved[field] != meta[field]:
           raise _OtherRun(f"resume: the checkpoint at {step_dir} was written with "
                           f"{field}={saved[field]!r}, the config has {meta[field]!r}")
+      changed = config_changes(saved.get("config"), meta["config"])
+      if changed:
+        raise _OtherRun(f"resume: the checkpoint at {step_dir} was written with another "
+                        "config: " + "; ".join(f"{k} was {a!r}, is {b!r}" for k, a, b in changed)
+                        + ". Resume with the checkpoint's values, or start a new workdir")
       tree = sl_ckpt.restore_from_manager(manager, target, step=step)
       return step, tree, extra
     except _OtherRun as e:
       raise ValueError(str(e)) from None
+    except PermissionError:
+      raise  # the files are there; the user must fix access, nothing is damaged
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
       damaged_dir.mkdir(parents=True, exist_ok=True)
       moved = damaged_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -459,6 +492,11 @@ def _restore_latest(manager, target, meta: dict, damaged_dir: pathlib.Path):
             f"incomplete ({type(e).__name__}: {str(e)[:300]}); moved to {moved}, using the "
             "previous one", file=sys.stderr)
       manager.reload()
+  if steps:
+    raise FileNotFoundError(
+        f"resume: none of the {len(steps)} checkpoint(s) in {manager.directory} could be "
+        "read (each was moved to damaged_checkpoints/); to start over deliberately, use a new "
+        "workdir or remove the checkpoints directory")
   return None
 
 
@@ -466,12 +504,38 @@ class _OtherRun(Exception):
   pass
 
 
+# Config fields a resumed run may change: how long it runs, how often it logs, evaluates
+# and saves, where it finds its data, how it is laid out on devices. Any other change
+# (shapes, the optimizer state's structure, the data order, the model) is refused.
+RESUMABLE = ("num_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
+             "progress", "export", "eval_batch_size", "diagnostics.", "distributed.", "mesh.",
+             "data.data_dir")
+
+
+def config_changes(saved: Mapping | None, now: Mapping) -> list[tuple[str, Any, Any]]:
+  """``(field, saved value, current value)`` for every field that differs and may not."""
+  if not saved:
+    return []
+  flat = lambda d, pre="": {k2: v2 for k, v in d.items() for k2, v2 in (
+      flat(v, f"{pre}{k}.").items() if isinstance(v, Mapping) else [(f"{pre}{k}", v)])}
+  a, b = flat(saved), flat(now)
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE):
+      continue
+    if a.get(key) != b.get(key):
+      out.append((key, a.get(key), b.get(key)))
+  return out
+
+
 def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = False) -> dict:
   """Fine-tunes ``config.model`` on ``config.data`` with ``config.method``; see the module.
 
   Args:
     config: an ``ml_collections.ConfigDict`` like ``configs/default.py``.
-    workdir: where checkpoints, metrics, plots and exports go.
+    workdir: where checkpoints, metrics, plots and exports go. One trainer at a time:
+      a second one on the same workdir (fresh or resuming) is refused while the first
+      runs (``workdir/.lock``, released when its process ends, however it ends).
     resume: continue from the newest intact checkpoint in ``workdir`` (a fresh start
       if there is none). Without it, a ``workdir`` holding checkpoints is refused.
 
@@ -480,6 +544,39 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
   """
   check_config(config)
   workdir = pathlib.Path(workdir).absolute()
+  with _workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir, resume)
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another trainer holds the workdir."""
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: pathlib.Path):
+  """An exclusive ``flock`` on ``workdir/.lock`` by process 0 of the run (the kernel drops
+  it when the process dies, so it is never stale)."""
+  if jax.process_index() != 0:
+    yield
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / ".lock"
+  fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+      raise WorkdirInUseError(f"{workdir} is in use by another trainer ({holder}); wait for "
+                              "it to end or choose another workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path, resume: bool) -> dict:
   ckpt_dir = workdir / "checkpoints"
   if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
     raise FileExistsError(f"{ckpt_dir} holds checkpoints: pass resume=True (--resume) to "
@@ -491,6 +588,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
   _check_batch(config, mesh)
   key = jax.random.key(config.seed)
   task = build_task(config, jax.random.fold_in(key, 1))
+  if len(task.train) < config.batch_size:
+    raise ValueError(f"config.batch_size: {config.batch_size} is larger than the training "
+                     f"split ({len(task.train)} examples)")
   full = config.method == "full"
   tx, schedule = make_optimizer(config)
   compute_dtype = jnp.dtype(config.compute_dtype)
@@ -566,7 +666,20 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
   if lead:
     (workdir / "config.json").write_text(json.dumps(meta, indent=2))
 
+  all_finite = jax.jit(lambda t: jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)
+       if jnp.issubdtype(x.dtype, jnp.floating)] or [True])))
+
+  def diverged(step, what):
+    last = manager.latest_step()
+    return FloatingPointError(
+        f"step {step}: {what}; training stopped. The last good checkpoint is "
+        + (f"step {last} (resume with a lower optim.learning_rate, or keep optim.grad_clip "
+           "> 0)" if last is not None else "none (nothing was saved)"))
+
   def save(step):
+    if not bool(all_finite(state["trainable"])):  # never a checkpoint of NaN parameters
+      raise diverged(step, "the trainable parameters hold NaN or inf")
     extra = {"data": data.get_state(), "step": step, "run": meta}
     manager.save(step, args=sl_ckpt.save_args(state, extra=extra), force=True)
     manager.wait_until_finished()
@@ -596,6 +709,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
                   "step_time_s": elapsed / window_steps}
         step_times.append(record["step_time_s"])
         writer.write("train", step, record)
+        if not math.isfinite(record["loss"]):
+          raise diverged(step, f"the training loss is {record['loss']}")
         progress.update(step, record, task.unit)
         window_units, window_steps, window_start = 0, 0, time.perf_counter()
       if step % config.eval_every == 0 and step < config.num_steps:
@@ -618,7 +733,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
                _trainable_arrays(state["trainable"]))))}
   if interrupted:
     if lead:
-      print(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume",
+      print(f"stopped by {term.requested} at step {step}; checkpoint saved, continue with "
+            "--resume",
             file=sys.stderr)
   else:
     val = evaluate(run, eval_step, state, base, task.validation, config, mesh)
@@ -656,23 +772,39 @@ def _trainable_arrays(trainable):
 
 
 def export(directory: pathlib.Path, trainable, task: Task, meta: dict) -> dict:
-  """Adapters and head in the library's format and, for MiniLM, the adapters as PEFT."""
+  """Adapters and head in the library's format and, for MiniLM, the adapters as PEFT.
+
+  Written to ``<directory>.partial`` and renamed into place: ``directory`` holds a
+  complete export or none (a run killed while exporting leaves only the partial
+  directory, which the next export replaces), and a resumed run's export replaces the
+  previous one.
+  """
   out = {}
   tree = jax.device_get(trainable)
   if jax.process_index() != 0:
     return out
-  own = directory / "adapters"
-  if own.exists():
-    print(f"note: {own} exists and is kept; remove it to export again", file=sys.stderr)
-  else:
-    out["adapters"] = str(sl_ckpt.save_adapters(own, tree, extra=meta))
+  partial = directory.with_name(directory.name + ".partial")
+  previous = directory.with_name(directory.name + ".previous")
+  for stale in (partial, previous):
+    _remove(stale)
+  partial.mkdir(parents=True)
+  sl_ckpt.save_adapters(partial / "adapters", tree, extra=meta)
+  out["adapters"] = str(directory / "adapters")
   if task.peft_module_name is not None:
     from sdslora_jax.peft import export_peft
-    peft_dir = directory / "peft"
-    if (peft_dir / "adapter_config.json").exists():
-      print(f"note: {peft_dir} exists and is kept", file=sys.stderr)
-    else:
-      export_peft(peft_dir, tree["adapters"], module_names=task.peft_module_name,
-                  base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2")
-      out["peft"] = str(peft_dir)
+    export_peft(partial / "peft", tree["adapters"], module_names=task.peft_module_name,
+                base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2")
+    out["peft"] = str(directory / "peft")
+  if directory.exists() or directory.is_symlink():
+    directory.rename(previous)  # renames a link itself, never what it points to
+  partial.rename(directory)
+  _remove(previous)
   return out
+
+
+def _remove(path: pathlib.Path) -> None:
+  """Deletes a file, link or directory tree of the trainer's own (links are not followed)."""
+  if path.is_symlink() or path.is_file():
+    path.unlink()
+  elif path.exists():
+    shutil.rmtree(path)
