@@ -450,6 +450,15 @@ def test_export_replaces_a_half_written_or_previous_export(tmp_path, sds_run):
   assert (directory / "peft" / "adapter_config.json").exists()
 
 
+def test_predict_takes_a_relative_workdir(sds_run, monkeypatch):
+  from experiments.finetune import predict
+  workdir = sds_run[0]
+  monkeypatch.chdir(workdir.parent)
+  _, relative, _ = predict.load(workdir.name)  # orbax needs absolute paths: made so
+  _, absolute, _ = predict.load(workdir)
+  assert_trees_equal(relative, absolute)
+
+
 def test_one_trainer_per_workdir(tmp_path):
   """A second trainer on a workdir in use is refused before it touches anything; the
   lock dies with its process (a killed trainer leaves no stale lock)."""
