@@ -203,6 +203,15 @@ def test_bfloat16_compute_trains(tmp_path):
   np.testing.assert_allclose(losses, ref, rtol=0.05)  # bf16 rounding, same trajectory
 
 
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_dropout_model_trains(tmp_path, quantization):
+  """The main job's model keeps dropout (the smoke config turns it off)."""
+  summary = T.train_and_evaluate(smoke(method="sds", model__dropout_rate=0.1, num_steps=3,
+                                       model__quantization=quantization, export=False),
+                                 tmp_path)
+  assert summary["steps"] == 3 and np.isfinite(summary["final_train_loss"])
+
+
 def test_quantized_base_trains_near_the_float_run_and_predicts(tmp_path, sds_run):
   """QLoRA: the frozen kernels stored as nf4 (8 devices): one compilation, a trajectory
   near the float base's (quantization error only), and prediction from the workdir uses

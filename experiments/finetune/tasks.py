@@ -304,10 +304,11 @@ class _RenamedHead:
   def adapted_apply(self, variables, adapters, *args, **kwargs):
     return sl_linen.apply(self.model, self._rename(variables), adapters, *args, **kwargs)
 
-  def init_adapters(self, key, params, rules, *example_args, sds_on=False, **kwargs):
+  def init_adapters(self, key, params, rules, *example_args, sds_on=False, **apply_kwargs):
+    del apply_kwargs  # the layouts come from the module types, traced with the defaults
     renamed = self._rename({"params": params})["params"]
     adapters = sl_linen.init_adapters(key, self.model, renamed, rules, *example_args,
-                                      sds_on=sds_on, **kwargs)
+                                      sds_on=sds_on)
     if self.name in adapters:
       adapters["head"] = adapters.pop(self.name)
     return adapters
