@@ -275,6 +275,19 @@ def test_resume_with_a_changed_config_is_refused_and_moves_nothing(tmp_path, sds
   assert not (tmp_path / "run" / "damaged_checkpoints").exists()
 
 
+def test_checkpoint_without_its_extra_is_damaged_and_the_previous_one_is_used(tmp_path,
+                                                                              sds_run):
+  import shutil
+  shutil.copytree(sds_run[0], tmp_path / "run")
+  steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / str(steps[-1]) / sl_ckpt.EXTRA)
+  summary = T.train_and_evaluate(smoke(method="sds"), tmp_path / "run", resume=True)
+  assert summary["steps"] == steps[-1]  # resumed from the step before and trained again
+  assert (tmp_path / "run" / "damaged_checkpoints").exists()
+  assert_trees_equal(exported(tmp_path / "run"), exported(sds_run[0]))
+
+
 def test_resume_when_no_checkpoint_reads_stops_instead_of_restarting(tmp_path, sds_run):
   import shutil
   shutil.copytree(sds_run[0], tmp_path / "run")

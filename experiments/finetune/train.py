@@ -466,6 +466,9 @@ def _restore_latest(manager, target, meta: dict, damaged_dir: pathlib.Path):
     step_dir = pathlib.Path(manager.directory) / str(step)
     try:
       extra = sl_ckpt.read_extra(step_dir) or {}
+      if "data" not in extra or "step" not in extra:
+        raise FileNotFoundError(f"its {sl_ckpt.EXTRA}/ (the data position) is missing or "
+                                "incomplete")
       saved = extra.get("run", {})
       for field in ("method", "model", "rank", "alpha", "rules", "classes"):
         if field in saved and saved[field] != meta[field]:
