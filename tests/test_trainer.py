@@ -205,11 +205,20 @@ def test_bfloat16_compute_trains(tmp_path):
 
 @pytest.mark.parametrize("quantization", ["none", "int8"])
 def test_dropout_model_trains(tmp_path, quantization):
-  """The main job's model keeps dropout (the smoke config turns it off)."""
+  """The main job's model keeps dropout (the smoke config turns it off). Links planted in
+  the workdir are replaced, never written through."""
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  run = tmp_path / "run"
+  run.mkdir()
+  for name in ("summary.json", "config.json", "curves.png"):
+    (outside / name).write_text("precious")
+    (run / name).symlink_to(outside / name)
   summary = T.train_and_evaluate(smoke(method="sds", model__dropout_rate=0.1, num_steps=3,
-                                       model__quantization=quantization, export=False),
-                                 tmp_path)
+                                       model__quantization=quantization, export=False), run)
   assert summary["steps"] == 3 and np.isfinite(summary["final_train_loss"])
+  for name in ("summary.json", "config.json", "curves.png"):
+    assert (outside / name).read_text() == "precious" and not (run / name).is_symlink()
 
 
 def test_quantized_base_trains_near_the_float_run_and_predicts(tmp_path, sds_run):

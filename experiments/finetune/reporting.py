@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -77,6 +78,21 @@ class MetricWriter:
       self._tb.close()
 
 
+def write_atomic(path: pathlib.Path, data: bytes | str) -> None:
+  """Writes ``path`` whole or not at all: a new file beside it, then a rename over it (which
+  replaces a symbolic link at ``path`` instead of writing through it)."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
 def _num(v):
   try:
     return float(v) if not isinstance(v, (int, str)) else v
@@ -131,7 +147,9 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path, *, title: s
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=80)
+  write_atomic(path, buf.getvalue())
   plt.close(fig)
 
 

@@ -667,7 +667,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, resume: bool) -> dict:
   writer = reporting.MetricWriter(workdir, enabled=lead)
   writer.write_hparams(meta)
   if lead:
-    (workdir / "config.json").write_text(json.dumps(meta, indent=2))
+    reporting.write_atomic(workdir / "config.json", json.dumps(meta, indent=2))
 
   all_finite = jax.jit(lambda t: jnp.all(jnp.asarray(
       [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)
@@ -762,7 +762,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, resume: bool) -> dict:
   writer.close()
   manager.close()
   if lead:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    reporting.write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
     if not interrupted:
       print(reporting.summary_table([summary]), file=sys.stderr)
   return summary
