@@ -349,7 +349,6 @@ class _Tracer:
   def _blocked_base(self, eqn, invals, pos, view):
     """The base ``dot_general`` dequantizing the kernel block by block, or ``None`` when
     the chain is not the known formula or the stored parts are not in this scope."""
-    w = self.weights[view.w]
     steps = list(view.steps)
     if steps[:1] == [("table",)]:
       steps = steps[1:]

@@ -23,7 +23,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 __all__ = ["PARTS", "NF4", "blocked_dot_general", "dequantize", "logical", "readable", "stored",
