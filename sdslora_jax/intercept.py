@@ -754,7 +754,7 @@ def quantized_weights(params: Any) -> dict[str, dict]:
   Returns ``{path: {"qvalue": flat index, "parts": {part: flat index}, "keys":
   path keys, "qtype": type name}}``.
   """
-  is_q = lambda z: hasattr(z, "qvalue") and hasattr(z, "scale")
+  is_q = lambda z: quantized.stored(z) is z  # the QArray itself, not a wrapper around it
   nodes = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_q)[0]
   flat = [path_keys(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   out: dict[str, dict] = {}

@@ -136,9 +136,10 @@ def test_gemma_on_an_nf4_base_dequantized_before_the_call(gemma):
   assert _rel(got, fn(tree.merge(deq(qparams), ads), tokens)) < 1e-5
   loss = lambda a: jnp.sum(jax.nn.log_softmax(intercept.apply(qfn, qparams, a, tokens)))
   ref = lambda a: jnp.sum(jax.nn.log_softmax(fn(tree.merge(deq(qparams), a), tokens)))
-  for u, v in zip(jax.tree.leaves(jax.grad(loss)(ads)), jax.tree.leaves(jax.grad(ref)(ads))):
-    if float(jnp.linalg.norm(v)) > 0:
-      assert _rel(u, v) < 1e-4
+  g, g_ref = jax.grad(loss)(ads), jax.grad(ref)(ads)
+  scale = max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(g_ref))
+  for u, v in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):  # zero ones too
+    np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5 * scale)
   shapes = {lay[p].shape for p in lay}
   floats = set()
 

@@ -62,9 +62,9 @@ def test_quantized_base_matches_dequantized_reference(qtype, tile):
   g_ops = jax.grad(lambda a: jnp.sum(jnp.sin(intercept.apply(fn, qparams, a, x))))(ads)
   g_ref = jax.grad(lambda a: jnp.sum(jnp.sin(model.apply({"params": tree.merge(dequantized, a)},
                                                           x))))(ads)
-  for u, v in zip(jax.tree.leaves(g_ops), jax.tree.leaves(g_ref)):
-    if np.linalg.norm(np.asarray(v)) > 0:
-      assert float(jnp.linalg.norm(u - v) / jnp.linalg.norm(v)) < 1e-5
+  scale = max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(g_ref))
+  for u, v in zip(jax.tree.leaves(g_ops), jax.tree.leaves(g_ref)):  # zero ones too
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_quantized_base_trains_through_the_switch_in_one_trace():

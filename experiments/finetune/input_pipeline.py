@@ -288,7 +288,8 @@ MAX_INFERRED_CLASSES = 1000
 
 
 def _read_records(path: str, text_key: str, label_key: str) -> list[tuple[int, str, Any]]:
-  """Reads ``(line, text, raw label)`` from a CSV / TSV (with a header row) or JSONL file."""
+  """Reads ``(line, text, raw label)`` from a CSV / TSV (with a header row) or JSONL file,
+  labels checked to be of one kind (``_check_label_values``)."""
   content = _decode(path)
   if path.endswith(".jsonl"):
     records = _jsonl_records(path, content, text_key, label_key)
@@ -302,6 +303,7 @@ def _read_records(path: str, text_key: str, label_key: str) -> list[tuple[int, s
   for lineno, text, _ in records:
     if not isinstance(text, str):
       raise ValueError(f"{path}:{lineno}: text is {type(text).__name__}, not a string")
+  _check_label_values(path, records)
   return records
 
 
@@ -392,8 +394,8 @@ def _infer_classes(path: str, records, accept_odd: bool = False) -> tuple[str, .
   """Sorted names of string labels, or ``"0".."max"`` when every label is an integer id.
 
   Refuses what looks like a mistake unless ``accept_odd`` (see ``SINGLETON_MIN_RECORDS``).
+  The labels are already checked (``_check_label_values``).
   """
-  _check_label_values(path, records)
   ints = [_strict_int(label) for _, _, label in records]
   counts = collections.Counter(str(label) for _, _, label in records)
   fix = "; list the classes in data.classes, or set data.accept_odd_labels=True if intended"
@@ -434,7 +436,6 @@ def _ranges(ids: list[int]) -> str:
 
 
 def _label_ids(path: str, records, classes: tuple[str, ...]) -> np.ndarray:
-  _check_label_values(path, records)
   index = {name: i for i, name in enumerate(classes)}
   ids = []
   for lineno, _, label in records:
