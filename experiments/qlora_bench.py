@@ -34,7 +34,7 @@ import optax
 
 from experiments import quantize
 from experiments.step_overhead import Variant, measure, train_step
-from sdslora_jax import intercept, tree
+from sdslora_jax import intercept, quantized, tree
 from sdslora_jax.adapter import is_adapter
 from sdslora_jax.optim import sds_lora
 from sdslora_jax.targets import path_str, rule
@@ -106,10 +106,10 @@ def variants(model: str, quick: bool) -> tuple[list[Variant], dict]:
   for qtype in TYPES:
     base = params if qtype == "none" else quantize.quantize_base(
         params, qtype, 64, select=select, in_axes=in_axes)
-    kernels = [v for kp, v in jax.tree_util.tree_flatten_with_path(
-        base, is_leaf=lambda z: hasattr(z, "qvalue"))[0]
-        if select(path_str(kp), v) or hasattr(v, "qvalue")]
-    n = sum(int(np.prod(np.shape(getattr(v, "qvalue", v)))) for v in kernels)
+    flat = jax.tree_util.tree_flatten_with_path(
+        base, is_leaf=lambda z: quantized.stored(z) is not None)[0]
+    kernels = [v for kp, v in flat if select(path_str(kp), v)]
+    n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(quantized.logical(kernels)))
     info[qtype] = {"kernel_bytes": quantize.device_bytes(kernels), "kernel_params": n,
                    "base_bytes": quantize.device_bytes(base)}
     for method in ("lora", "sds"):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdslora_jax import quantized
 from sdslora_jax.targets import path_str
 
 QUANTIZATIONS = ("none", "int8", "int4", "nf4")
@@ -59,8 +60,8 @@ def quantize_base(params: Any, qtype: str, tile: int = 64, *,
 def dequantized(params: Any) -> Any:
   """``params`` with every quantized leaf replaced by its float value (inside a model)."""
   import qwix
-  return jax.tree.map(lambda z: qwix.dequantize(z) if hasattr(z, "qvalue") else z, params,
-                      is_leaf=lambda z: hasattr(z, "qvalue"))
+  is_q = lambda z: quantized.stored(z) is z
+  return jax.tree.map(lambda z: qwix.dequantize(z) if is_q(z) else z, params, is_leaf=is_q)
 
 
 def device_bytes(tree: Any) -> int:
