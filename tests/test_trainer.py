@@ -245,7 +245,10 @@ def test_quantized_base_trains_near_the_float_run_and_predicts(tmp_path, sds_run
 # Checkpoints: resume, damage, kill.
 
 
-def test_resume_from_damaged_latest_checkpoint_uses_the_previous(tmp_path, capsys):
+def test_resume_from_damaged_latest_checkpoint_uses_the_previous(tmp_path, capsys,
+                                                                  monkeypatch):
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
   workdir = tmp_path / "run"
   T.train_and_evaluate(smoke(method="lora", export=False), workdir)
   want = {r["step"]: r["loss"] for r in records(workdir)}
@@ -257,6 +260,7 @@ def test_resume_from_damaged_latest_checkpoint_uses_the_previous(tmp_path, capsy
   summary = T.train_and_evaluate(smoke(method="lora", export=False), workdir, resume=True)
   err = capsys.readouterr().err
   assert "checkpoint step 6" in err and "damaged" in err and "resumed from step 3" in err
+  assert err.count("checkpoint step 6") == 1 and not unraisable  # one report, no traces
   assert summary["steps"] == 6
   # The damaged checkpoint is kept aside, not deleted.
   assert len(list((workdir / "damaged_checkpoints").iterdir())) == 1
@@ -479,6 +483,61 @@ def test_export_replaces_a_half_written_or_previous_export(tmp_path, sds_run):
   assert not (tmp_path / "export.partial").exists() and not (tmp_path / "export.previous").exists()
   assert_trees_equal(exported(tmp_path), exported(sds_run[0]))
   assert (directory / "peft" / "adapter_config.json").exists()
+
+
+def _copy_run(sds_run, tmp_path, drop_last_checkpoint=False):
+  """A copy of the finished smoke run, optionally without its last checkpoint."""
+  import shutil
+  workdir = tmp_path / "run"
+  shutil.copytree(sds_run[0], workdir)
+  if drop_last_checkpoint:
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    shutil.rmtree(workdir / "checkpoints" / str(steps[-1]))
+  return workdir
+
+
+def test_resume_after_a_torn_metrics_line_ends_with_the_uninterrupted_adapters(tmp_path,
+                                                                                sds_run):
+  workdir = _copy_run(sds_run, tmp_path, drop_last_checkpoint=True)
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write('{"split": "train", "step": 7, "lo')  # a run killed mid-record
+  summary = T.train_and_evaluate(smoke(method="sds"), workdir, resume=True)
+  assert summary["steps"] == sds_run[1]["steps"] and not summary["interrupted"]
+  assert_trees_equal(exported(workdir), exported(sds_run[0]))
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    json.loads(line)  # the torn record is gone, every line parses
+
+
+def test_resume_after_a_half_written_export_rewrites_it(tmp_path, sds_run):
+  workdir = _copy_run(sds_run, tmp_path)
+  (workdir / "export").rename(workdir / "export.partial")  # killed before the rename
+  torn = workdir / "export.partial" / "adapters" / sl_ckpt.METADATA / "metadata"
+  torn.write_text(torn.read_text()[:40])
+  summary = T.train_and_evaluate(smoke(method="sds"), workdir, resume=True)
+  assert summary["export"]["adapters"] == str(workdir / "export" / "adapters")
+  assert not (workdir / "export.partial").exists()
+  assert_trees_equal(exported(workdir), exported(sds_run[0]))
+
+
+def test_sigint_saves_and_resume_ends_with_the_uninterrupted_adapters(tmp_path, sds_run,
+                                                                      monkeypatch):
+  from experiments.finetune import reporting
+  write = reporting.MetricWriter.write
+
+  def interrupt_at_step_2(self, split, step, record):
+    write(self, split, step, record)
+    if split == "train" and step == 2:
+      os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C in the terminal
+
+  monkeypatch.setattr(reporting.MetricWriter, "write", interrupt_at_step_2)
+  workdir = tmp_path / "run"
+  summary = T.train_and_evaluate(smoke(method="sds"), workdir)
+  assert summary["interrupted"] and summary["steps"] == 2
+  assert not (workdir / "export").exists()
+  monkeypatch.undo()
+  summary = T.train_and_evaluate(smoke(method="sds"), workdir, resume=True)
+  assert summary["steps"] == sds_run[1]["steps"] and not summary["interrupted"]
+  assert_trees_equal(exported(workdir), exported(sds_run[0]))
 
 
 def test_predict_takes_a_relative_workdir(sds_run, monkeypatch):

@@ -39,7 +39,7 @@ def load(model_dir: str | pathlib.Path):
       try:
         trainable = sl_ckpt.restore_from_manager(manager, step=step)["trainable"]
         break
-      except (ValueError, FileNotFoundError) as e:
+      except (sl_ckpt.CheckpointDamagedError, FileNotFoundError) as e:
         print(f"warning: checkpoint step {step} unreadable ({e}); trying the previous one",
               file=sys.stderr)
     manager.close()

@@ -483,9 +483,9 @@ def _restore_latest(manager, target, meta: dict, damaged_dir: pathlib.Path):
       return step, tree, extra
     except _OtherRun as e:
       raise ValueError(str(e)) from None
-    except PermissionError:
-      raise  # the files are there; the user must fix access, nothing is damaged
-    except (ValueError, FileNotFoundError, OSError, KeyError) as e:
+    except (sl_ckpt.CheckpointDamagedError, FileNotFoundError) as e:  # unreadable, or files
+      # missing; a checkpoint that reads but differs (CheckpointMismatchError), a format
+      # version this code does not read, or no permission is an error: nothing is moved.
       damaged_dir.mkdir(parents=True, exist_ok=True)
       moved = damaged_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
       if jax.process_index() == 0:
@@ -547,8 +547,33 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
   """
   check_config(config)
   workdir = pathlib.Path(workdir).absolute()
-  with _workdir_lock(workdir):
+  with _workdir_lock(workdir), _quiet_closed_event_loops():
     return _train_and_evaluate(config, workdir, resume)
+
+
+@contextlib.contextmanager
+def _quiet_closed_event_loops():
+  """Drops the 'Event loop is closed' reports a damaged checkpoint leaves behind.
+
+  When one array of a checkpoint fails to read, Orbax closes its event loop while
+  TensorStore still completes the other reads; each completion then reports
+  ``RuntimeError: Event loop is closed`` as an unraisable exception, one traceback per
+  array on stderr. The damage itself is reported once, by ``_restore_latest``.
+  """
+  import gc
+  previous = sys.unraisablehook
+
+  def hook(report):
+    if not (isinstance(report.exc_value, RuntimeError)
+            and str(report.exc_value) == "Event loop is closed"):
+      previous(report)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous
 
 
 class WorkdirInUseError(RuntimeError):
