@@ -265,7 +265,12 @@ _NAMES = "".join(f"t{i},{['neg', 'pos'][i % 2]}\n" for i in range(30))
     ("dup.csv", "text,label,text\n" + "a,0,b\n" * 30, 1, "column 'text' appears 2 times"),
     ("dup.csv", "text,label,label\n" + "a,0,1\n" * 30, 1, "column 'label' appears 2 times"),
     ("comma.csv", "text,label\n" + _BASE + "bad, with a comma,1\n", 32,
-     "3 fields, the header has 2; a field containing the delimiter"),
+     "3 fields, the header has 2 (column 3 onward, '1', is extra); a field containing the "
+     "delimiter"),
+    ("spaces.csv", "text, label\n" + _BASE, 1, "column 2 of the header is ' label', with "
+     "spaces around 'label'"),
+    ("dupspace.csv", "text,label,label \n" + "a,0,1\n" * 30, 1, "column 'label' appears 2 "
+     "times in the header (columns [2, 3])"),
     ("word.csv", "text,label\n" + _BASE + "x,one\n", 32, "'one' is not an integer id"),
     ("float.csv", "text,label\n" + _BASE + "x,1.0\n", 32, "'1.0' is not an integer id"),
     ("space.csv", "text,label\n" + _NAMES + "x, pos\n", 32, "' pos' has spaces around it"),

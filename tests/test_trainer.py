@@ -540,6 +540,20 @@ def test_sigint_saves_and_resume_ends_with_the_uninterrupted_adapters(tmp_path, 
   assert_trees_equal(exported(workdir), exported(sds_run[0]))
 
 
+@pytest.mark.parametrize("where", ["tensorboard", "checkpoints/3/adapter_extra"])
+def test_links_planted_where_orbax_or_tensorboard_write_are_refused(tmp_path, sds_run, where):
+  workdir = _copy_run(sds_run, tmp_path)
+  target = tmp_path / "precious"
+  target.mkdir()
+  (target / "keep.txt").write_text("precious\n")
+  import shutil
+  shutil.rmtree(workdir / where)
+  (workdir / where).symlink_to(target, target_is_directory=True)
+  with pytest.raises(ValueError, match=f"{re.escape(str(workdir / where))} is a symbolic link"):
+    T.train_and_evaluate(smoke(method="sds", num_steps=8), workdir, resume=True)
+  assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+
+
 def test_predict_takes_a_relative_workdir(sds_run, monkeypatch):
   from experiments.finetune import predict
   workdir = sds_run[0]

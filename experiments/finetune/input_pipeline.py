@@ -339,10 +339,13 @@ def _csv_records(path, content, text_key, label_key, delimiter):
       if header is None:
         header = row
         for key in (text_key, label_key):
+          cols = [i + 1 for i, h in enumerate(header) if h.strip() == key]
+          if key not in header and cols:
+            raise ValueError(f"{path}:{lineno}: column {cols[0]} of the header is "
+                             f"{header[cols[0] - 1]!r}, with spaces around {key!r}; remove them "
+                             "(or set the key to the name as written)")
           if key not in header:
             raise ValueError(f"{path}:{lineno}: missing column {key!r} (header: {header})")
-        for key in (text_key, label_key):
-          cols = [i + 1 for i, h in enumerate(header) if h == key]
           if len(cols) > 1:
             raise ValueError(f"{path}:{lineno}: column {key!r} appears {len(cols)} times in the "
                              f"header (columns {cols}); rename the others")
@@ -352,7 +355,8 @@ def _csv_records(path, content, text_key, label_key, delimiter):
         missing = [header[i] for i in range(len(row), len(header))]
         raise ValueError(
             f"{path}:{lineno}: {len(row)} fields, the header has {len(header)}"
-            + (f" (missing value for column {', '.join(map(repr, missing))})" if missing else "")
+            + (f" (missing value for column {', '.join(map(repr, missing))})" if missing else
+               f" (column {len(header) + 1} onward, {row[len(header)][:40]!r}, is extra)")
             + f"; a field containing the delimiter ({name}) or a line break must be quoted")
       records.append((lineno, row[ti], row[li]))
   except csv.Error as e:

@@ -551,6 +551,25 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = Fal
     return _train_and_evaluate(config, workdir, resume)
 
 
+# What the trainer writes in a workdir, besides the files it opens without following links.
+WRITTEN = ("checkpoints", "damaged_checkpoints", "tensorboard", "export", "export.partial",
+           "export.previous")
+
+
+def _refuse_planted_links(workdir: pathlib.Path) -> None:
+  """Refuses a symbolic link where the trainer writes (Orbax and TensorBoard would follow
+  it): at the top of each of ``WRITTEN`` or anywhere below it."""
+  for name in WRITTEN:
+    top = workdir / name
+    found = [top] if top.is_symlink() else [
+        pathlib.Path(d) / f for d, dirs, files in os.walk(top) for f in dirs + files
+        if (pathlib.Path(d) / f).is_symlink()]
+    if found:
+      raise ValueError(f"{found[0]} is a symbolic link; the trainer writes only files it "
+                       "creates itself in its workdir. Remove the link (or use another "
+                       "workdir)")
+
+
 @contextlib.contextmanager
 def _quiet_closed_event_loops():
   """Drops the 'Event loop is closed' reports a damaged checkpoint leaves behind.
@@ -611,6 +630,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, resume: bool) -> dict:
                           "continue that run, or choose another workdir")
   lead = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
+  _refuse_planted_links(workdir)
 
   mesh = make_mesh(config.mesh)
   _check_batch(config, mesh)
