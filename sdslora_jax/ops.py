@@ -18,6 +18,15 @@ projections and never form a ``(d_in, d_out)`` array. ``sds_matmul`` has a
 ``jax.custom_vjp`` whose residuals are ``x``, the rank-r projection ``x @ qa``,
 the factors and the bases. ``warmup_sds_matmul`` switches between the two by a
 data flag, so one compiled step serves the warm-up and the SDS phase.
+
+Fresh bases. Right after the bases are computed from the factors (the default:
+``sds_lora`` refreshes them after every update), ``a = qa R`` with ``R = qa.T a``
+(``r x r``), so the update is ``s qa M`` with ``M = b + R qb.T``: rank r, one
+``r``-wide projection of ``x`` (as LoRA), and the SDS gradients ``s qa.T G`` and
+``s G qb`` come from the same residuals. The SDS ops check this as data, in
+every call (``a - qa R`` against ``FRESH_TOL``, ``O(d r^2)``), and take that path
+(``lax.cond``); with stale bases (between refreshes of a sparser schedule, or
+bases given by hand) they run the exact two-branch op.
 """
 
 from __future__ import annotations
@@ -31,6 +40,13 @@ from sdslora_jax import _checks
 from sdslora_jax.basis import factor_bases
 
 _F32 = jnp.float32
+
+# ``a`` counts as lying in the span of ``qa`` when ``|a - qa qa.T a| <= FRESH_TOL |a|``
+# (Frobenius norms, float32). Bases computed from the factors leave a float32 rounding
+# residual (about 1e-6); one optimizer step moves a factor by far more than 1e-4 of its
+# size. The fast path then differs from the two-branch op by at most this fraction of
+# the adapter's output.
+FRESH_TOL = 1e-4
 
 
 def lora_delta(a: jax.Array, b: jax.Array, *, scale: float) -> jax.Array:
@@ -172,7 +188,7 @@ def sds_matmul(
   _checks.check_float_arrays(x=x, a=a, b=b, qa=qa, qb=qb)
   scale = _checks.check_scale(scale)
   qa, qb = _bases_or_derive(a, b, qa, qb)
-  return _two_branch_matmul(x, a, b, qa, qb, jnp.ones((), _F32), scale)
+  return _sds_or_warmup(x, a, b, qa, qb, jnp.ones((), _F32), scale)
 
 
 def warmup_sds_matmul(
@@ -201,13 +217,38 @@ def warmup_sds_matmul(
     raise ValueError(f"sds_on must be a scalar, got shape {jnp.shape(sds_on)}")
   _checks.check_float_arrays(x=x, a=a, b=b, qa=qa, qb=qb)
   scale = _checks.check_scale(scale)
+  return _sds_or_warmup(x, a, b, qa, qb, sds_on, scale)
+
+
+def fresh_bases(a: jax.Array, b: jax.Array, qa: jax.Array, qb: jax.Array):
+  """``(fresh, m)``: whether ``a`` lies in the span of ``qa`` (up to ``FRESH_TOL``), and
+  ``m = b + (qa.T a) qb.T`` in float32, so that ``qa @ m == qa @ b + a @ qb.T`` when
+  fresh. Constants for differentiation."""
+  qa, qb, a, b = (jax.lax.stop_gradient(jnp.asarray(v, _F32)) for v in (qa, qb, a, b))
+  r_mat = qa.T @ a  # (r, r); a contraction over d_in: a sharded d_in gathers nothing
+  resid = a - qa @ r_mat
+  fresh = jnp.sum(resid * resid) <= FRESH_TOL**2 * jnp.sum(a * a)
+  return fresh, b + r_mat @ qb.T
+
+
+def _sds_or_warmup(x, a, b, qa, qb, sds_on, scale):
+  """The SDS-LoRA op for data ``sds_on``: rank r with fresh bases, else two branches."""
   on = jax.lax.stop_gradient(jnp.asarray(sds_on, _F32)) > 0.5
-  left = jnp.where(on, jnp.asarray(qa, _F32), a.astype(_F32))
-  right = jnp.where(on, jnp.asarray(qb, _F32), b.T.astype(_F32))
-  coef = jnp.where(on, 1.0, 0.5).astype(_F32)
-  return _two_branch_matmul(
-      x, a, b, jax.lax.stop_gradient(left), jax.lax.stop_gradient(right), coef, scale
-  )
+  qa, qb = (jax.lax.stop_gradient(jnp.asarray(v, _F32)) for v in (qa, qb))
+  fresh, m = fresh_bases(a, b, qa, qb)
+
+  def rank_r(x, a, b):
+    return _fresh_sds_matmul(x, a, b, qa, qb, m, scale)
+
+  def two_branch(x, a, b):
+    left = jnp.where(on, qa, a.astype(_F32))
+    right = jnp.where(on, qb, b.T.astype(_F32))
+    coef = jnp.where(on, 1.0, 0.5).astype(_F32)
+    return _two_branch_matmul(
+        x, a, b, jax.lax.stop_gradient(left), jax.lax.stop_gradient(right), coef, scale
+    )
+
+  return jax.lax.cond(on & fresh, rank_r, two_branch, x, a, b)
 
 
 def _mm(lhs, rhs, dtype):
@@ -268,3 +309,40 @@ def _two_branch_bwd(scale, residuals, g):
 
 
 _two_branch_matmul.defvjp(_two_branch_fwd, _two_branch_bwd)
+
+
+# SDS-LoRA with fresh bases (``a = qa R``): ``y = s (x @ qa) @ m``, ``m = b + R qb.T``.
+# Backward: ``dL/db = s (x qa).T g``, ``dL/da = s x.T (g qb)``, ``dL/dx = s (g m.T) qa.T``,
+# zero for the constants qa, qb and m. Residuals: x and the rank-r ``x @ qa``.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _fresh_sds_matmul(x, a, b, qa, qb, m, scale):
+  y, _ = _fresh_sds_fwd(x, a, b, qa, qb, m, scale)
+  return y
+
+
+def _fresh_sds_fwd(x, a, b, qa, qb, m, scale):
+  dt = x.dtype
+  x_qa = _mm(x, qa, dt).astype(dt)  # (..., r)
+  y = (scale * _mm(x_qa, m, dt)).astype(dt)
+  return y, (x, x_qa, a, b, qa, qb, m)
+
+
+def _fresh_sds_bwd(scale, residuals, g):
+  x, x_qa, a, b, qa, qb, m = residuals
+  dt = x.dtype
+  r = qa.shape[1]
+  g_proj = _mm(g, jnp.concatenate([m.T.astype(dt), qb.astype(dt)], axis=1), dt)  # (..., 2r)
+  d_b = scale * _contract_batch(x_qa, g, dt)  # (r, d_out) = s qa.T G
+  d_a = scale * _contract_batch(x, g_proj[..., r:], dt)  # (d_in, r) = s G qb
+  d_x = scale * _mm(g_proj[..., :r], qa.T, dt)
+  return (
+      d_x.astype(x.dtype),
+      d_a.astype(a.dtype),
+      d_b.astype(b.dtype),
+      jnp.zeros_like(qa),
+      jnp.zeros_like(qb),
+      jnp.zeros_like(m),
+  )
+
+
+_fresh_sds_matmul.defvjp(_fresh_sds_fwd, _fresh_sds_bwd)

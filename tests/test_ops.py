@@ -7,6 +7,8 @@ import pytest
 from jax.test_util import check_grads
 
 import sdslora_jax as sds
+from sdslora_jax import ops
+from sdslora_jax.basis import factor_bases
 from testing_utils import big_intermediates
 
 D_IN, D_OUT, R, S = 12, 10, 3, 1.7
@@ -268,3 +270,66 @@ def test_lora_matmul_gradients_over_several_batch_axes_match_the_dense_reference
   ref = jax.vjp(lambda x, a, b: x @ (S * a @ b), x, a, b)[1](g)
   for got, want in zip(ours, ref):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fresh bases: the rank-r SDS op.
+
+
+def _fresh_case(d_in=24, d_out=20, r=4, n=(3, 5)):
+  k = jax.random.split(jax.random.key(7), 3)
+  x = jax.random.normal(k[0], (*n, d_in))
+  a = jax.random.normal(k[1], (d_in, r))
+  b = jax.random.normal(k[2], (r, d_out))
+  qa, qb = factor_bases(a, b)
+  return x, a, b, qa, qb
+
+
+def _grads(f, x, a, b):
+  return jax.grad(lambda x, a, b: jnp.sum(jnp.sin(f(x, a, b))), argnums=(0, 1, 2))(x, a, b)
+
+
+def test_fresh_bases_take_the_rank_r_op_with_the_dense_references_values_and_gradients():
+  x, a, b, qa, qb = _fresh_case()
+  assert bool(ops.fresh_bases(a, b, qa, qb)[0])
+  ref = lambda x, a, b: x @ ops.sds_delta(a, b, scale=0.7, qa=qa, qb=qb)  # noqa: E731
+  m = ops.fresh_bases(a, b, qa, qb)[1]
+  rank_r = lambda x, a, b: ops._fresh_sds_matmul(x, a, b, qa, qb, m, 0.7)  # noqa: E731
+  public = lambda x, a, b: ops.warmup_sds_matmul(x, a, b, qa, qb, 1.0, scale=0.7)  # noqa: E731
+  for f in (rank_r, public, lambda x, a, b: ops.sds_matmul(x, a, b, scale=0.7)):
+    np.testing.assert_allclose(f(x, a, b), ref(x, a, b), rtol=1e-5, atol=1e-5)
+    for got, want in zip(_grads(f, x, a, b), _grads(ref, x, a, b)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # The SDS gradients themselves: s qa.T G and s G qb, no singular value of a factor.
+  g = jax.grad(lambda a, b: jnp.sum(rank_r(x, a, b)), argnums=(0, 1))(a, b)
+  big_g = 0.7 * x.reshape(-1, x.shape[-1]).T @ jnp.ones((15, b.shape[1]))
+  np.testing.assert_allclose(g[0], big_g @ qb, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(g[1], qa.T @ big_g, rtol=1e-4, atol=1e-4)
+
+
+def test_rank_r_op_costs_less_than_the_two_branch_op():
+  x, a, b, qa, qb = _fresh_case(d_in=256, d_out=256, r=8, n=(512,))
+  m = ops.fresh_bases(a, b, qa, qb)[1]
+
+  def flops(f):
+    g = jax.jit(lambda x, a, b: _grads(f, x, a, b))
+    return g.lower(x, a, b).compile().cost_analysis()["flops"]
+
+  rank_r = flops(lambda x, a, b: ops._fresh_sds_matmul(x, a, b, qa, qb, m, 1.0))
+  two = flops(lambda x, a, b: ops._two_branch_matmul(x, a, b, qa, qb, jnp.ones(()), 1.0))
+  lora = flops(lambda x, a, b: ops.lora_matmul(x, a, b, scale=1.0))
+  assert rank_r < 0.8 * two and rank_r < 1.25 * lora, (rank_r, two, lora)
+
+
+def test_stale_bases_are_detected_and_keep_the_exact_two_branch_op():
+  x, a, b, qa, qb = _fresh_case()
+  assert bool(ops.fresh_bases(jnp.zeros_like(a), jnp.zeros_like(b), qa, qb)[0])  # init
+  moved = a + 1e-3 * jnp.linalg.norm(a) / 10 * jax.random.normal(jax.random.key(1), a.shape)
+  other, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(2), a.shape))
+  for stale_a, stale_qa in ((moved, qa), (a, other)):
+    assert not bool(ops.fresh_bases(stale_a, b, stale_qa, qb)[0])
+    ref = lambda x, a, b: x @ ops.sds_delta(a, b, scale=0.7, qa=stale_qa, qb=qb)  # noqa: E731
+    f = lambda x, a, b: ops.warmup_sds_matmul(x, a, b, stale_qa, qb, 1.0, scale=0.7)  # noqa
+    np.testing.assert_allclose(f(x, stale_a, b), ref(x, stale_a, b), rtol=1e-5, atol=1e-5)
+    for got, want in zip(_grads(f, x, stale_a, b), _grads(ref, x, stale_a, b)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -361,14 +361,18 @@ def test_bases_after_every_refresh(refresh):
     params, state, _ = step(params, state, x, y)
     j = t - warm
     for ad, old in zip(_sds_adapters(params), _sds_adapters(prev)):
+      fresh = bool(sl.ops.fresh_bases(ad.a, ad.b, ad.qa, ad.qb)[0])  # picks the rank-r op
       if j == 0:
         _assert_bases_consistent(ad)  # the switch
+        assert fresh
       elif j > 0 and j in expected:
         _assert_bases_consistent(ad)
         assert not jnp.array_equal(ad.qa, old.qa)
+        assert fresh
         seen.add(j)
-      elif j > 0:  # no refresh: bases exactly unchanged
+      elif j > 0:  # no refresh: bases exactly unchanged, stale for the moved factors
         chex.assert_trees_all_equal((ad.qa, ad.qb, ad.sds_on), (old.qa, old.qb, old.sds_on))
+        assert not fresh
   assert seen == expected
   assert int(state.num_refreshes) == len(expected)
 
