@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 import sdslora_jax as sds
 from sdslora_jax import sharding
+from sdslora_jax import ops
 from sdslora_jax.optim import sds_lora, trainable_params
 
 D_IN, D_HID, D_OUT, RANK, BATCH = 256, 128, 64, 8, 32
@@ -30,12 +31,12 @@ def _mesh():
   return jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=auto)
 
 
-def _problem(method):
+def _problem(method, rank=RANK):
   k = jax.random.split(jax.random.key(0), 6)
   base = {"w1": jax.random.normal(k[0], (D_IN, D_HID)) / np.sqrt(D_IN),
           "w2": jax.random.normal(k[1], (D_HID, D_OUT)) / np.sqrt(D_HID)}
-  ads = {"w1": sds.init_adapter(k[2], D_IN, D_HID, rank=RANK, scale=2.0, method=method),
-         "w2": sds.init_adapter(k[3], D_HID, D_OUT, rank=RANK, scale=2.0, method=method)}
+  ads = {"w1": sds.init_adapter(k[2], D_IN, D_HID, rank=rank, scale=2.0, method=method),
+         "w2": sds.init_adapter(k[3], D_HID, D_OUT, rank=rank, scale=2.0, method=method)}
   x = jax.random.normal(k[4], (BATCH, D_IN))
   y = jax.random.normal(k[5], (BATCH, D_OUT))
   return base, ads, x, y
@@ -90,10 +91,11 @@ def _all_gathers(hlo: str):
   return _collectives(hlo, "all-gather")
 
 
-@pytest.mark.parametrize("method", ["lora", "sds"])
-def test_sharded_step_equals_single_device(method):
+@pytest.mark.parametrize("method, rank", [("lora", RANK), ("sds", RANK),
+                                          ("sds", ops.FAST_MIN_RANK)])  # the rank-r SDS op
+def test_sharded_step_equals_single_device(method, rank):
   mesh = _mesh()
-  base, ads, x, y = _problem(method)
+  base, ads, x, y = _problem(method, rank)
   # SGD with momentum (state to shard, no Adam division that turns 1e-7 gradient round-off of
   # near-zero entries into 1e-3 relative update differences).
   inner = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5, momentum=0.9))
@@ -153,7 +155,7 @@ def test_sharded_step_equals_single_device(method):
 
   # No all-gather materialises a whole factor or basis: bases come from r x r Gram matrices.
   hlo = s_step.lower(sharded_ads, init(sharded_ads), s_base, s_x, s_y).compile().as_text()
-  factor_shapes = {(D_IN, RANK), (D_HID, RANK), (D_OUT, RANK), (RANK, D_HID), (RANK, D_OUT)}
+  factor_shapes = {(D_IN, rank), (D_HID, rank), (D_OUT, rank), (rank, D_HID), (rank, D_OUT)}
   gathers = _all_gathers(hlo)
   print(f"{method} step HLO: all-gathers {sorted(set(gathers))}; all-reduces "
         f"{sorted(set(_collectives(hlo, 'all-reduce')))}")

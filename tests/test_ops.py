@@ -276,7 +276,7 @@ def test_lora_matmul_gradients_over_several_batch_axes_match_the_dense_reference
 # Fresh bases: the rank-r SDS op.
 
 
-def _fresh_case(d_in=24, d_out=20, r=4, n=(3, 5)):
+def _fresh_case(d_in=48, d_out=40, r=ops.FAST_MIN_RANK, n=(3, 5)):
   k = jax.random.split(jax.random.key(7), 3)
   x = jax.random.normal(k[0], (*n, d_in))
   a = jax.random.normal(k[1], (d_in, r))
@@ -297,18 +297,21 @@ def test_fresh_bases_take_the_rank_r_op_with_the_dense_references_values_and_gra
   rank_r = lambda x, a, b: ops._fresh_sds_matmul(x, a, b, qa, qb, m, 0.7)  # noqa: E731
   public = lambda x, a, b: ops.warmup_sds_matmul(x, a, b, qa, qb, 1.0, scale=0.7)  # noqa: E731
   for f in (rank_r, public, lambda x, a, b: ops.sds_matmul(x, a, b, scale=0.7)):
-    np.testing.assert_allclose(f(x, a, b), ref(x, a, b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f(x, a, b), ref(x, a, b), rtol=1e-4, atol=1e-4)
     for got, want in zip(_grads(f, x, a, b), _grads(ref, x, a, b)):
-      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   # The SDS gradients themselves: s qa.T G and s G qb, no singular value of a factor.
   g = jax.grad(lambda a, b: jnp.sum(rank_r(x, a, b)), argnums=(0, 1))(a, b)
   big_g = 0.7 * x.reshape(-1, x.shape[-1]).T @ jnp.ones((15, b.shape[1]))
   np.testing.assert_allclose(g[0], big_g @ qb, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(g[1], qa.T @ big_g, rtol=1e-4, atol=1e-4)
+  # From FAST_MIN_RANK on, the public op holds the rank-r op behind its freshness check.
+  jaxpr = str(jax.make_jaxpr(public)(x, a, b))
+  assert "cond[" in jaxpr and jaxpr.count("custom_vjp_call") >= 2
 
 
 def test_rank_r_op_costs_less_than_the_two_branch_op():
-  x, a, b, qa, qb = _fresh_case(d_in=256, d_out=256, r=8, n=(512,))
+  x, a, b, qa, qb = _fresh_case(d_in=256, d_out=256, r=32, n=(512,))
   m = ops.fresh_bases(a, b, qa, qb)[1]
 
   def flops(f):
@@ -330,6 +333,6 @@ def test_stale_bases_are_detected_and_keep_the_exact_two_branch_op():
     assert not bool(ops.fresh_bases(stale_a, b, stale_qa, qb)[0])
     ref = lambda x, a, b: x @ ops.sds_delta(a, b, scale=0.7, qa=stale_qa, qb=qb)  # noqa: E731
     f = lambda x, a, b: ops.warmup_sds_matmul(x, a, b, stale_qa, qb, 1.0, scale=0.7)  # noqa
-    np.testing.assert_allclose(f(x, stale_a, b), ref(x, stale_a, b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f(x, stale_a, b), ref(x, stale_a, b), rtol=1e-4, atol=1e-4)
     for got, want in zip(_grads(f, x, stale_a, b), _grads(ref, x, stale_a, b)):
-      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
