@@ -267,6 +267,12 @@ def _mm(lhs, rhs, dtype):
   return jnp.matmul(lhs.astype(dtype), rhs.astype(dtype), preferred_element_type=_F32)
 
 
+def _cotangents(x, a, b, d_x, d_a, d_b, *constants):
+  """The cotangents of ``(x, a, b, *constants)`` in the primals' dtypes, zero for constants."""
+  return (d_x.astype(x.dtype), d_a.astype(a.dtype), d_b.astype(b.dtype),
+          *(jnp.zeros_like(c) for c in constants))
+
+
 def _contract_batch(u, v, dtype):
   """``sum over leading axes of u[..., i] v[..., j]`` -> ``(i, j)``, f32 accumulation."""
   u2 = u.reshape(-1, u.shape[-1]).astype(dtype)
@@ -309,14 +315,7 @@ def _two_branch_bwd(scale, residuals, g):
   d_a = scale * _contract_batch(x, g_right, dt)  # (d_in, r) = s G right
   d_x = _mm(g_proj, jnp.concatenate([left.T.astype(dt), a.T.astype(dt)], axis=0), dt)
   d_x = coef * scale * d_x
-  return (
-      d_x.astype(x.dtype),
-      d_a.astype(a.dtype),
-      d_b.astype(b.dtype),
-      jnp.zeros_like(left),
-      jnp.zeros_like(right),
-      jnp.zeros_like(coef),
-  )
+  return _cotangents(x, a, b, d_x, d_a, d_b, left, right, coef)
 
 
 _two_branch_matmul.defvjp(_two_branch_fwd, _two_branch_bwd)
@@ -346,14 +345,7 @@ def _fresh_sds_bwd(scale, residuals, g):
   d_b = scale * _contract_batch(x_qa, g, dt)  # (r, d_out) = s qa.T G
   d_a = scale * _contract_batch(x, g_proj[..., r:], dt)  # (d_in, r) = s G qb
   d_x = scale * _mm(g_proj[..., :r], qa.T, dt)
-  return (
-      d_x.astype(x.dtype),
-      d_a.astype(a.dtype),
-      d_b.astype(b.dtype),
-      jnp.zeros_like(qa),
-      jnp.zeros_like(qb),
-      jnp.zeros_like(m),
-  )
+  return _cotangents(x, a, b, d_x, d_a, d_b, qa, qb, m)
 
 
 _fresh_sds_matmul.defvjp(_fresh_sds_fwd, _fresh_sds_bwd)
