@@ -103,7 +103,7 @@ def _lora_bwd(scale, residuals, g):
   d_b = scale * _contract_batch(xa, g, dt)  # (r, d_out) = s (x a).T g
   d_a = scale * _contract_batch(x, g_a, dt)  # (d_in, r) = s x.T g b.T
   d_x = scale * _mm(g_a, a.T, dt)
-  return d_x.astype(x.dtype), d_a.astype(a.dtype), d_b.astype(b.dtype)
+  return _cotangents(x, a, b, d_x, d_a, d_b)
 
 
 _lora_matmul.defvjp(_lora_fwd, _lora_bwd)
