@@ -102,7 +102,12 @@ def variants(model: str, quick: bool) -> tuple[list[Variant], dict]:
     fn, params, rules, select, x, y, loss = _gemma_model(256 if quick else 1024)
   lays = intercept.layouts(fn, params, rules("lora"), x)
   in_axes = {p: lay.in_axes for p, lay in lays.items()}
-  out, info = [], {}
+  # Full fine-tuning of the float model: the cost the adapted steps should undercut.
+  full_loss = lambda p, frozen, batch: loss(fn(p, batch["x"]), batch["y"])  # noqa: E731
+  full_params = jax.tree.map(jnp.copy, params)  # donated by its step; the bases keep theirs
+  out = [Variant("full", train_step(full_loss, optax.adamw(LR)), full_params,
+                 optax.adamw(LR).init(full_params), {}, {"x": x, "y": y})]
+  info = {}
   for qtype in TYPES:
     base = params if qtype == "none" else quantize.quantize_base(
         params, qtype, 64, select=select, in_axes=in_axes)
@@ -146,17 +151,22 @@ def run(model: str, quick: bool, steps: int, log) -> list[dict]:
 
 def table(rows: Sequence[dict]) -> str:
   head = ("| model | base | adapter | kernels MiB | x bf16 | x f32 | step ms | x float base "
-          "| temp MiB | x float base | peak MiB | x float base | loss first -> last "
-          "| x float base |")
-  lines = [head, "|" + "---|" * 14]
+          "| x full | temp MiB | x float base | x full | peak MiB | x float base "
+          "| loss first -> last | x float base |")
+  lines = [head, "|" + "---|" * 16]
+  full = {r["model"]: r for r in rows if r["adapter"] == "full"}
   for r in rows:
+    f = full.get(r["model"])
+    temp_full = (r["temp_bytes"] / f["temp_bytes"] if f and r["temp_bytes"] and f["temp_bytes"]
+                 else float("nan"))
     temp = r["temp_bytes"] / 2**20 if r["temp_bytes"] is not None else float("nan")
     peak = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None else float("nan")
     lines.append(
         f"| {r['model']} | {r['base']} | {r['adapter']} | {r['kernel_bytes'] / 2**20:.2f} | "
         f"{r['kernel_bytes_vs_bf16']:.3f} | {r['kernel_bytes_vs_f32']:.3f} | "
-        f"{1e3 * r['step_time_median_s']:.1f} | {r['step_vs_float_base']:.2f} | {temp:.1f} | "
-        f"{r['temp_vs_float_base'] or float('nan'):.2f} | {peak:.1f} | "
+        f"{1e3 * r['step_time_median_s']:.1f} | {r['step_vs_float_base']:.2f} | "
+        f"{r['ratio_vs_full'] or float('nan'):.2f} | {temp:.1f} | "
+        f"{r['temp_vs_float_base'] or float('nan'):.2f} | {temp_full:.2f} | {peak:.1f} | "
         f"{r['peak_vs_float_base'] or float('nan'):.2f} | {r['first_loss']:.4f} -> "
         f"{r['last_loss']:.4f} | {r['loss_vs_float_base']:.3f} |")
   return "\n".join(lines)
