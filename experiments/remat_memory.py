@@ -1,0 +1,84 @@
+"""Temporary memory of an adapted train step under ``jax.checkpoint`` policies.
+
+A stack of ``layers`` GELU layers ``gelu(h @ K [+ adapter(h)])`` of width ``d`` on
+``tokens`` activations, each layer wrapped in ``jax.checkpoint(policy=...)`` (or not).
+XLA's ``memory_analysis().temp_size_in_bytes`` of the compiled gradient, for:
+
+* ``plain``: the frozen model, gradient with respect to its input (the backward pass alone);
+* ``full``: full fine-tuning (gradient with respect to every kernel);
+* ``lora`` / ``sds``: this library's adapters (gradient with respect to the adapters).
+
+Compile-only (nothing runs), a few seconds::
+
+  python -m experiments.remat_memory
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+import sdslora_jax as sl
+
+POLICIES = {
+    "no remat": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def temp_mib(layers: int, d: int, tokens: int, rank: int) -> dict[str, dict[str, float]]:
+  keys = jax.random.split(jax.random.key(0), 2 * layers + 1)
+  kernels = [jax.random.normal(keys[i], (d, d)) / d**0.5 for i in range(layers)]
+  x = jax.random.normal(keys[-1], (tokens, d))
+
+  def adapters(method):
+    extra = {"sds_on": True} if method == "sds" else {}
+    return [sl.init_adapter(keys[layers + i], d, d, rank=rank, scale=1.0, method=method, **extra)
+            for i in range(layers)]
+
+  def layer(h, kernel, adapter):
+    y = h @ kernel if adapter is None else h @ kernel + sl.adapter_matmul(h, adapter)
+    return jax.nn.gelu(y)
+
+  def loss(h, ks, ads, policy):
+    f = layer if policy is None else jax.checkpoint(layer, policy=policy)
+    for kernel, adapter in zip(ks, ads):
+      h = f(h, kernel, adapter)
+    return jnp.mean(h**2)
+
+  def temp(fn, *args):
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
+
+  out = {}
+  for name, policy in POLICIES.items():
+    none = [None] * layers
+    out[name] = {
+        "plain": temp(jax.grad(lambda x, ks: loss(x, ks, none, policy)), x, kernels),
+        "full": temp(jax.grad(lambda ks, x: loss(x, ks, none, policy)), kernels, x),
+        **{m: temp(jax.grad(lambda a, ks, x: loss(x, ks, a, policy)), adapters(m), kernels, x)
+           for m in ("lora", "sds")},
+    }
+  return out
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--d", type=int, default=512)
+  parser.add_argument("--tokens", type=int, default=4096)
+  parser.add_argument("--rank", type=int, default=8)
+  args = parser.parse_args(argv)
+  rows = temp_mib(args.layers, args.d, args.tokens, args.rank)
+  act = args.tokens * args.d * 4 / 2**20
+  print(f"temporary MiB, {args.layers} layers, d = {args.d}, {args.tokens} tokens, rank "
+        f"{args.rank} (one activation = {act:.1f} MiB)")
+  print("| policy | plain (dx only) | full | LoRA | SDS-LoRA |\n|---|---|---|---|---|")
+  for name, r in rows.items():
+    print(f"| {name} | {r['plain']:.1f} | {r['full']:.1f} | {r['lora']:.1f} | {r['sds']:.1f} |")
+
+
+if __name__ == "__main__":
+  main()
