@@ -9,7 +9,11 @@ channel) and nf4 / int4 (per output channel and per 64 input rows):
 * a stack of four ``d x d`` dense layers (d = 1024), regression on a teacher that is
   the float stack plus a rank-8 update;
 * a small Gemma 4 decoder from the installed ``gemma`` package (unedited), next-token
-  prediction of a perturbed float teacher.
+  prediction of a perturbed float teacher;
+* with ``--models maxtext``, MaxText's decoder from the installed ``maxtext`` (unedited,
+  layers scanned on axis 1), float and int8 bases, the same task.
+
+Each model also runs ``full``: full fine-tuning of the float model (the "x full" columns).
 
 Printed per model and variant: the quantized kernels' device bytes against bfloat16 and
 float32 (scales included, 4-bit codes packed two per byte), the step time, XLA's
@@ -21,11 +25,13 @@ loss after ``--steps`` updates against the float run with the same seed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +91,56 @@ def _gemma_model(tokens: int):
   return fn, params, rules, select, t, y, loss
 
 
+def _maxtext_model(tokens: int):
+  """MaxText's decoder (installed ``maxtext``, unedited), 2 scanned layers on axis 1."""
+  import flax.linen as nn
+  from maxtext.configs import pyconfig
+  from maxtext.utils import maxtext_utils, model_creation_utils
+  seq = 128
+  config = pyconfig.initialize(
+      [""], run_name="bench", base_output_directory="/tmp/sdslora_maxtext", hardware="cpu",
+      skip_jax_distributed_system=True, enable_checkpointing=False, log_config=False,
+      scan_layers=True, param_scan_axis=1, base_num_decoder_layers=2, base_emb_dim=256,
+      base_mlp_dim=1024, base_num_query_heads=4, base_num_kv_heads=2, head_dim=64,
+      vocab_size=512, max_target_length=seq, per_device_batch_size=tokens // seq,
+      dtype="float32", weight_dtype="float32", attention="dot_product", remat_policy="full")
+  mesh = maxtext_utils.get_mesh_from_config(config, devices=np.array(jax.devices()[:1]))
+  model = model_creation_utils.from_config(config, mesh=mesh)
+  t = jax.random.randint(jax.random.key(1), (tokens // seq, seq), 1, 512, dtype=jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), t.shape)
+  context = lambda: _Contexts(jax.set_mesh(mesh), nn.logical_axis_rules(config.logical_axis_rules))
+  with context():
+    params = nn.unbox(model.init({"params": jax.random.key(0)}, t, pos,
+                                 enable_dropout=False)["params"])
+
+  def fn(p, x):
+    return model.apply({"params": quantize.dequantized(p)}, *x, enable_dropout=False)
+
+  pattern = r"decoder/layers/(self_attention/(query|key|value|out)|mlp/(wi_0|wi_1|wo))/kernel"
+  rules = lambda method: [rule(pattern, method=method, rank=8, alpha=16.0)]
+  select = lambda path, v: re.fullmatch(pattern, path) is not None
+  with context():
+    teacher = tree.merge(params, _random_update(fn, params, rules("lora"), (t, pos)))
+    y = jnp.argmax(fn(teacher, (t, pos)), -1)
+  loss = lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return fn, params, rules, select, (t, pos), y, loss, context
+
+
+class _Contexts:
+  """Enters several context managers as one (a mesh and Flax's logical axis rules)."""
+
+  def __init__(self, *managers):
+    self.managers = managers
+
+  def __enter__(self):
+    for m in self.managers:
+      m.__enter__()
+
+  def __exit__(self, *exc):
+    for m in reversed(self.managers):
+      m.__exit__(*exc)
+
+
 def _random_update(fn, params, rules, x):
   """LoRA adapters with random up factors: a rank-8 change of the model to learn."""
   ads = intercept.init_adapters(jax.random.key(9), fn, params, rules, x)
@@ -94,12 +150,23 @@ def _random_update(fn, params, rules, x):
   return jax.tree.unflatten(treedef, leaves)
 
 
-def variants(model: str, quick: bool) -> tuple[list[Variant], dict]:
+def variants(model: str, quick: bool) -> tuple[list[Variant], dict, Any]:
+  """The variants, the kernels' byte counts per base type, and the context to compile in."""
+  if model == "maxtext":
+    fn, params, rules, select, x, y, loss, context = _maxtext_model(256 if quick else 1024)
+    with context():
+      out, info = _variants(fn, params, rules, select, x, y, loss, types=("none", "int8"))
+    return out, info, context
   if model == "dense":
     fn, params, rules, select, x, y, loss = _dense_model(512 if quick else 1024, 4,
                                                           512 if quick else 2048)
   else:
     fn, params, rules, select, x, y, loss = _gemma_model(256 if quick else 1024)
+  out, info = _variants(fn, params, rules, select, x, y, loss)
+  return out, info, contextlib.nullcontext
+
+
+def _variants(fn, params, rules, select, x, y, loss, types=TYPES):
   lays = intercept.layouts(fn, params, rules("lora"), x)
   in_axes = {p: lay.in_axes for p, lay in lays.items()}
   # Full fine-tuning of the float model: the cost the adapted steps should undercut.
@@ -108,7 +175,7 @@ def variants(model: str, quick: bool) -> tuple[list[Variant], dict]:
   out = [Variant("full", train_step(full_loss, optax.adamw(LR)), full_params,
                  optax.adamw(LR).init(full_params), {}, {"x": x, "y": y})]
   info = {}
-  for qtype in TYPES:
+  for qtype in types:
     base = params if qtype == "none" else quantize.quantize_base(
         params, qtype, 64, select=select, in_axes=in_axes)
     flat = jax.tree_util.tree_flatten_with_path(
@@ -128,8 +195,9 @@ def variants(model: str, quick: bool) -> tuple[list[Variant], dict]:
 
 
 def run(model: str, quick: bool, steps: int, log) -> list[dict]:
-  vs, info = variants(model, quick)
-  rows = measure(vs, steps - 2, log)  # two warm-up steps: ``steps`` updates in all
+  vs, info, context = variants(model, quick)
+  with context():  # MaxText traces and compiles under its mesh and logical axis rules
+    rows = measure(vs, steps - 2, log)  # two warm-up steps: ``steps`` updates in all
   by = {r["method"]: r for r in rows}
   for r in rows:
     method, _, qtype = r["method"].partition("_")
@@ -184,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   rows = []
   for model in args.models.split(","):
-    log(f"{model}: building and compiling {2 * len(TYPES)} steps")
+    log(f"{model}: building and compiling its steps")
     rows += run(model, args.quick, args.steps, log)
   if args.json:
     for r in rows:
