@@ -108,7 +108,12 @@ def _maxtext_model(tokens: int):
   model = model_creation_utils.from_config(config, mesh=mesh)
   t = jax.random.randint(jax.random.key(1), (tokens // seq, seq), 1, 512, dtype=jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), t.shape)
-  context = lambda: _Contexts(jax.set_mesh(mesh), nn.logical_axis_rules(config.logical_axis_rules))
+
+  @contextlib.contextmanager
+  def context():
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.logical_axis_rules):
+      yield
+
   with context():
     params = nn.unbox(model.init({"params": jax.random.key(0)}, t, pos,
                                  enable_dropout=False)["params"])
@@ -124,21 +129,6 @@ def _maxtext_model(tokens: int):
     y = jnp.argmax(fn(teacher, (t, pos)), -1)
   loss = lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
   return fn, params, rules, select, (t, pos), y, loss, context
-
-
-class _Contexts:
-  """Enters several context managers as one (a mesh and Flax's logical axis rules)."""
-
-  def __init__(self, *managers):
-    self.managers = managers
-
-  def __enter__(self):
-    for m in self.managers:
-      m.__enter__()
-
-  def __exit__(self, *exc):
-    for m in reversed(self.managers):
-      m.__exit__(*exc)
 
 
 def _random_update(fn, params, rules, x):
