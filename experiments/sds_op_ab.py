@@ -1,10 +1,10 @@
 """A/B of the SDS-LoRA op in one process: the rank-r op (fresh bases) vs the two-branch op.
 
-``ops.FAST_MIN_RANK`` decides, at trace time, from which rank the SDS op checks its
-bases and takes the rank-r op behind a ``lax.cond``. This script compiles the
-``step_overhead`` train steps three times per configuration, LoRA, SDS-LoRA with the
-rank-r op forced (``FAST_MIN_RANK = 1``) and SDS-LoRA with the two-branch op forced
-(``FAST_MIN_RANK`` above the rank), and times them interleaved, as ``step_overhead`` does.
+An SDS adapter with ``fresh_bases=True`` (the default; ``sds_lora`` refreshes the bases
+after every update) runs as one rank-r op; ``fresh_bases=False`` runs the exact
+two-branch op, ``r`` wider each way. This script times the ``step_overhead`` train
+steps of LoRA, SDS-LoRA with fresh bases and SDS-LoRA with the two-branch op
+(``with_fresh_bases(trainable, False)``), interleaved, as ``step_overhead`` does.
 
 Run::
 
@@ -23,7 +23,7 @@ import pathlib
 import sys
 
 from experiments import step_overhead as so
-from sdslora_jax import ops
+from sdslora_jax.adapter import with_fresh_bases
 
 CONFIGS = [
     {"model": "dense_stack", "d": 1024, "rank": r, "tokens": 2048, "repeats": 20}
@@ -36,30 +36,22 @@ QUICK = [{"model": "dense_stack", "d": 1024, "rank": 64, "tokens": 512, "repeats
 OUT = pathlib.Path(__file__).parent / "results" / "sds_op_ab.jsonl"
 
 
-def _compiled(c: dict, fast_min_rank: int, names: tuple[str, ...]) -> list[so.Variant]:
-  """The configuration's variants in ``names``, compiled with ``FAST_MIN_RANK`` set."""
-  saved, ops.FAST_MIN_RANK = ops.FAST_MIN_RANK, fast_min_rank
-  try:
-    if c["model"] == "minilm":
-      variants = so.minilm_variants(c["batch"], c["seq"], c["rank"], c["num_layers"], False)
-    else:
-      variants = so._stack_variants(c["d"], c["rank"], c["tokens"], op_level=False)  # pylint: disable=protected-access
-    variants = [v for v in variants if v.name in names]
-    for v in variants:
-      v.compile()
-      v.compile = lambda: None  # measure() must not retrace with another FAST_MIN_RANK
-  finally:
-    ops.FAST_MIN_RANK = saved
-  return variants
+def _variants(c: dict) -> dict[str, so.Variant]:
+  if c["model"] == "minilm":
+    variants = so.minilm_variants(c["batch"], c["seq"], c["rank"], c["num_layers"], False)
+  else:
+    variants = so._stack_variants(c["d"], c["rank"], c["tokens"], op_level=False)  # pylint: disable=protected-access
+  return {v.name: v for v in variants}
 
 
 def run(c: dict) -> list[dict]:
-  rank_r = _compiled(c, 1, ("lora", "sds"))
-  two = _compiled(c, c["rank"] + 1, ("sds",))
-  rank_r[1].name, two[0].name = "sds_rank_r", "sds_two_branch"
-  rows = so.measure(rank_r + two, c["repeats"], lambda s: print(s, file=sys.stderr))
+  lora, fresh = (_variants(c)[n] for n in ("lora", "sds"))
+  two = _variants(c)["sds"]
+  two.trainable = with_fresh_bases(two.trainable, False)
+  fresh.name, two.name = "sds_rank_r", "sds_two_branch"
+  rows = so.measure([lora, fresh, two], c["repeats"], lambda s: print(s, file=sys.stderr))
   meta = {k: c.get(k) for k in ("model", "d", "rank", "tokens", "batch", "num_layers")}
-  return [{**meta, "default_fast_min_rank": ops.FAST_MIN_RANK, **r} for r in rows]
+  return [{**meta, **r} for r in rows]
 
 
 def main(argv=None) -> None:

@@ -63,6 +63,13 @@ class Adapter:
       ``qa: (*L, d_in, r)``, ``qb: (*L, d_out, r)``, ``sds_on`` and ``stamp``
       of shape ``L``, with ``L`` the sizes of the layer axes. ``in_axes`` index
       the full (stacked) kernel and never include a layer axis.
+    fresh_bases: SDS-LoRA only (static): whether the bases span the factors
+      whenever ``sds_on`` is 1, as they do when ``sds_lora`` refreshes them after
+      every update (its default schedule). The adapter then runs as one rank-r
+      op in both phases, at LoRA's cost (``ops.warmup_sds_matmul(...,
+      fresh=True)``). ``False``: the exact two-branch op, for sparser refresh
+      schedules (``sds_lora`` refuses those with ``fresh_bases`` adapters; set it
+      with ``rule(..., fresh_bases=False)`` or ``with_fresh_bases``).
   """
 
   a: jax.Array
@@ -77,6 +84,7 @@ class Adapter:
   in_axes: tuple[int, ...] | None = None
   kind: str | None = None
   layer_axes: tuple[int, ...] | None = None
+  fresh_bases: bool = True
 
   @property
   def rank(self) -> int:
@@ -117,7 +125,8 @@ class Adapter:
 jax.tree_util.register_dataclass(
     Adapter,
     data_fields=["a", "b", "qa", "qb", "sds_on", "stamp"],
-    meta_fields=["method", "scale", "kernel_shape", "in_axes", "kind", "layer_axes"],
+    meta_fields=["method", "scale", "kernel_shape", "in_axes", "kind", "layer_axes",
+                 "fresh_bases"],
 )
 
 
@@ -179,6 +188,17 @@ def restamp(adapter: Adapter) -> Adapter:
   return dataclasses.replace(adapter, stamp=stamps)
 
 
+def with_fresh_bases(tree: Any, fresh: bool) -> Any:
+  """``tree`` with ``fresh_bases`` set on every SDS adapter (static metadata only).
+
+  ``False`` before training with a refresh schedule sparser than every update
+  (``sds_lora(refresh=k)``, ``"phases"``); see ``Adapter.fresh_bases``.
+  """
+  return jax.tree.map(
+      lambda x: dataclasses.replace(x, fresh_bases=bool(fresh))
+      if is_adapter(x) and x.method == "sds" else x, tree, is_leaf=is_adapter)
+
+
 def init_adapter(
     key: jax.Array,
     d_in: int,
@@ -233,9 +253,9 @@ def init_adapter(
 
 
 _MISUSE = (
-    "an SDS-LoRA adapter reached the backward pass changed since sdslora_jax.optim.sds_lora "
-    "last updated it (its stamp no longer matches its factors, bases and flag): it is being "
-    "trained without sds_lora, or not only by it. Train SDS adapters with "
+    "an SDS-LoRA adapter changed since sdslora_jax.optim.sds_lora last updated it (its stamp "
+    "no longer matches its factors, bases and flag; under differentiation its gradients are "
+    "NaN): it is being trained without sds_lora, or not only by it. Train SDS adapters with "
     "sds_lora(your_optimizer) as the outermost transformation: a plain Optax optimizer "
     "trains them as plain LoRA and decays their bases, and a transformation chained "
     "after sds_lora (optax.chain(sds_lora(...), optax.scale(...)), add_decayed_weights, "
@@ -245,9 +265,10 @@ _MISUSE = (
 )
 
 
-def _raise_misuse(bad):
-  if np.any(bad):
-    raise ValueError(_MISUSE)
+def _poisoned(bad, cotangents):
+  """The cotangents, or NaN in every one of them when ``bad``."""
+  bad = jnp.any(bad)
+  return jax.tree.map(lambda c: jnp.where(bad, jnp.asarray(jnp.nan, c.dtype), c), cotangents)
 
 
 @jax.custom_vjp
@@ -260,34 +281,47 @@ def _guarded_fwd(a, b, qa, qb, sds_on, stamp):
   return (a, b, qa, qb, sds_on, stamp), bad
 
 
-def _guarded_bwd(bad, cotangents):
-  jax.lax.cond(jnp.any(bad), lambda: jax.debug.callback(_raise_misuse, bad), lambda: None)
-  return cotangents
-
-
-_guarded.defvjp(_guarded_fwd, _guarded_bwd)
+_guarded.defvjp(_guarded_fwd, _poisoned)
 
 
 def guard(adapter: Adapter) -> Adapter:
-  """The adapter itself; under differentiation, checks it was trained by ``sds_lora``.
+  """The adapter itself; under differentiation, its gradients are NaN unless ``sds_lora`` trained it.
 
   An identity with a custom VJP: the forward pass is free, and only when
   gradients are taken does the backward pass compare the stamp with the
-  adapter's arrays (one integer reduction per array, exact, so no tolerance)
-  and raise a ``ValueError`` (as a ``JaxRuntimeError`` from inside a compiled
-  step) if the adapter was changed other than by ``sds_lora``'s updates.
+  adapter's arrays (one integer reduction per array, exact, so no tolerance).
+  An adapter changed other than by ``sds_lora``'s updates gets NaN gradients,
+  so the step after the misuse turns its loss into NaN instead of training on
+  silently; ``verify_stamps(params)`` then names the adapters and the cause.
+  The check is data in the compiled step, not a host callback: a callback in a
+  step costs 5-7 % of its time on CPU even when it never fires.
   LoRA adapters, SDS adapters without a stamp, and adapters whose stamp is not
   float32 (a tree cast as a whole, e.g. to bfloat16 for the compute) pass
   unchecked.
   """
-  if adapter.method != "sds" or adapter.stamp is None:
+  if not _checked(adapter):
     return adapter
-  if jnp.result_type(adapter.stamp) != jnp.float32:
-    return adapter  # a cast copy (e.g. the whole tree in bfloat16 for compute): not checked
   a, b, qa, qb, sds_on, stamp = _guarded(
       adapter.a, adapter.b, adapter.qa, adapter.qb, adapter.sds_on, adapter.stamp
   )
   return dataclasses.replace(adapter, a=a, b=b, qa=qa, qb=qb, sds_on=sds_on, stamp=stamp)
+
+
+def verify_stamps(tree: Any) -> None:
+  """Raises ``ValueError`` naming every SDS adapter of ``tree`` whose stamp does not match.
+
+  Eager (concrete arrays): call it between steps, e.g. when a loss turned NaN
+  (``guard``). Adapters that ``guard`` passes unchecked are skipped.
+  """
+  stale = []
+  for path, ad in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapter)[0]:
+    if is_adapter(ad) and _checked(ad):
+      want = per_layer(adapter_stamp, ad)(ad.a, ad.b, ad.qa, ad.qb, ad.sds_on)
+      if not np.array_equal(np.asarray(want), np.asarray(ad.stamp)):
+        stale.append(jax.tree_util.keystr(path) or "<root>")
+  if stale:
+    more = f" and {len(stale) - 10} more" if len(stale) > 10 else ""
+    raise ValueError(f"{_MISUSE} Stale stamps: {', '.join(stale[:10])}{more}.")
 
 
 def _checked(adapter: Adapter) -> bool:
@@ -320,8 +354,7 @@ def _guarded_tree_fwd(plan, arrays):
 
 
 def _guarded_tree_bwd(plan, bad, cotangents):
-  jax.lax.cond(bad, lambda: jax.debug.callback(_raise_misuse, bad), lambda: None)
-  return (cotangents,)
+  return (_poisoned(bad, cotangents),)
 
 
 _guarded_tree.defvjp(_guarded_tree_fwd, _guarded_tree_bwd)
@@ -330,7 +363,8 @@ _guarded_tree.defvjp(_guarded_tree_fwd, _guarded_tree_bwd)
 def guard_tree(tree: Any) -> Any:
   """``guard`` for every adapter of a tree at once; the result's adapters need no guard.
 
-  The same check as ``guard`` (under differentiation only), with the stamps of
+  The same check as ``guard`` (under differentiation only; a stale stamp makes
+  every adapter's gradients NaN), with the stamps of
   alike adapters (same shapes and dtypes) hashed in one batched computation, so
   a model with many adapters gets one small check instead of one per layer
   call. Checked adapters come back with ``stamp=None`` (their arrays flow
@@ -364,7 +398,8 @@ def adapter_matmul(x: jax.Array, adapter: Adapter) -> jax.Array:
   if adapter.method == "lora":
     return lora_matmul(x, adapter.a, adapter.b, scale=adapter.scale)
   return warmup_sds_matmul(
-      x, adapter.a, adapter.b, adapter.qa, adapter.qb, adapter.sds_on, scale=adapter.scale
+      x, adapter.a, adapter.b, adapter.qa, adapter.qb, adapter.sds_on, scale=adapter.scale,
+      fresh=adapter.fresh_bases,
   )
 
 

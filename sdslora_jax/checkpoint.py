@@ -310,12 +310,16 @@ def read_extra(directory: str | pathlib.Path) -> dict | None:
 
 
 def _norm(entry: Mapping) -> dict:
-  """An adapter entry with its defaults explicit (kernel shape, input axes, kind)."""
+  """An adapter entry with its defaults explicit (kernel shape, input axes, kind).
+
+  ``fresh_bases`` is left out: it chooses how the adapter runs, not what it holds, so the
+  target's value applies (and checkpoints written before the field existed restore).
+  """
   shapes = {f: None if e is None else e.get("shape") for f, e in entry["fields"].items()}
   kshape = entry["kernel_shape"]
   if kshape is None and shapes.get("a") is not None and shapes.get("b") is not None:
     kshape = [shapes["a"][0], shapes["b"][-1]]
-  return {**{k: v for k, v in entry.items() if k != "fields"},
+  return {**{k: v for k, v in entry.items() if k not in ("fields", "fresh_bases")},
           "scale": float(entry["scale"]),
           "kernel_shape": None if kshape is None else [int(d) for d in kshape],
           "in_axes": [0] if entry["in_axes"] is None else [int(i) for i in entry["in_axes"]],

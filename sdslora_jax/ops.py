@@ -23,12 +23,10 @@ Fresh bases. Right after the bases are computed from the factors (the default:
 ``sds_lora`` refreshes them after every update), ``a = qa R`` with ``R = qa.T a``
 (``r x r``), so the update is ``s qa M`` with ``M = b + R qb.T``: rank r, one
 ``r``-wide projection of ``x`` (as LoRA), and the SDS gradients ``s qa.T G`` and
-``s G qb`` come from the same residuals. The SDS ops check this as data, in
-every call (``a - qa R`` against ``FRESH_TOL``, ``O(d r^2)``), and take that path
-(``lax.cond``); with stale bases (between refreshes of a sparser schedule, or
-bases given by hand) they run the exact two-branch op. The check and its
-``lax.cond`` pay off from rank ``FAST_MIN_RANK`` on; below it the two-branch op
-runs directly.
+``s G qb`` come from the same residuals. Whether the bases are fresh is static:
+``warmup_sds_matmul(..., fresh=True)`` (what an adapter with ``fresh_bases`` uses)
+and ``sds_matmul`` without bases run this rank-r op; given bases that may lag the
+factors (a sparser refresh schedule, bases set by hand) run the exact two-branch op.
 """
 
 from __future__ import annotations
@@ -42,20 +40,6 @@ from sdslora_jax import _checks
 from sdslora_jax.basis import factor_bases
 
 _F32 = jnp.float32
-
-# ``a`` counts as lying in the span of ``qa`` when ``|a - qa qa.T a| <= FRESH_TOL |a|``
-# (Frobenius norms, float32). Bases computed from the factors leave a float32 rounding
-# residual (about 1e-6); one optimizer step moves a factor by far more than 1e-4 of its
-# size. The fast path then differs from the two-branch op by at most this fraction of
-# the adapter's output.
-FRESH_TOL = 1e-4
-# The rank-r path costs a ``lax.cond`` per call (the check decides at run time). Measured
-# on a 2-core CPU (4-layer Dense stack, d = 1024, 2,048 tokens, SDS step / LoRA step):
-# with the cond 1.155 / 1.131 at r = 8 / 16, against 1.100 / 1.077 for the two-branch op
-# alone; at r = 32 / 64 the cond wins: 1.047 / 1.119 against 1.108 / 1.193. Below this
-# rank the SDS ops run the two-branch op without the check.
-FAST_MIN_RANK = 32
-
 
 def lora_delta(a: jax.Array, b: jax.Array, *, scale: float) -> jax.Array:
   """Dense LoRA update ``scale * a @ b`` of shape ``(d_in, d_out)``."""
@@ -158,7 +142,9 @@ def sds_matmul(
 ) -> jax.Array:
   """``x @ sds_delta(a, b, ...)`` through rank-r projections, with SDS gradients.
 
-  ``y = scale * ((x @ qa) @ b + (x @ a) @ qb.T)``. The backward pass gives
+  ``y = scale * ((x @ qa) @ b + (x @ a) @ qb.T)``; with ``qa`` derived from
+  ``a`` this is ``scale * (x @ qa) @ (b + (qa.T a) qb.T)``, computed so (rank
+  r). The backward pass gives
   ``dL/db = scale * (x @ qa).T g`` (= ``scale * qa.T G``),
   ``dL/da = scale * x.T (g @ qb)`` (= ``scale * G qb``) and no cotangent to the
   bases, without ever forming a ``(d_in, d_out)`` array.
@@ -195,8 +181,9 @@ def sds_matmul(
   )
   _checks.check_float_arrays(x=x, a=a, b=b, qa=qa, qb=qb)
   scale = _checks.check_scale(scale)
+  derived = qa is None  # qa = orth(a): a = qa (qa.T a), the rank-r op is exact
   qa, qb = _bases_or_derive(a, b, qa, qb)
-  return _sds_or_warmup(x, a, b, qa, qb, jnp.ones((), _F32), scale)
+  return _sds_or_warmup(x, a, b, qa, qb, jnp.ones((), _F32), scale, derived)
 
 
 def warmup_sds_matmul(
@@ -208,15 +195,23 @@ def warmup_sds_matmul(
     sds_on: jax.Array,
     *,
     scale: float,
+    fresh: bool = False,
 ) -> jax.Array:
   """Plain LoRA while ``sds_on == 0``, SDS-LoRA once ``sds_on == 1``: one function.
 
   The phase is data, so a single compiled training step serves the plain-LoRA
-  warm-up and the SDS-LoRA phase. Both are one rank-r two-branch op: with
-  ``(left, right) = (qa, qb)`` it is ``sds_matmul``; with ``(left, right) =
-  (a, b.T)`` and the forward halved it is ``lora_matmul`` with LoRA's gradients.
-  ``sds_on`` is a float32 scalar (0. or 1.) and receives no gradient; the bases
-  must be given (during warm-up their values are ignored).
+  warm-up and the SDS-LoRA phase. ``sds_on`` is a float32 scalar (0. or 1.)
+  and receives no gradient; the bases must be given (during warm-up their
+  values are ignored).
+
+  ``fresh`` (static) promises that whenever ``sds_on == 1`` the bases span the
+  factors (``a == qa qa.T a``), as they do when ``sds_lora`` refreshes them
+  after every update (its default). Both phases then run as one rank-r op
+  (``y = s (x @ left) @ m``): LoRA is ``(left, m) = (a, b)``, SDS-LoRA is
+  ``(qa, b + (qa.T a) qb.T)``. With ``fresh=False`` (bases that may lag the
+  factors) both phases run the exact two-branch op, ``r`` wider each way.
+  With ``fresh=True`` and bases that do not span ``a``, the result is that of
+  ``a`` projected onto the bases: the promise is the caller's.
   """
   _checks.check_factors(
       jnp.shape(a), jnp.shape(b), qa=jnp.shape(qa), qb=jnp.shape(qb), x=jnp.shape(x)
@@ -225,41 +220,26 @@ def warmup_sds_matmul(
     raise ValueError(f"sds_on must be a scalar, got shape {jnp.shape(sds_on)}")
   _checks.check_float_arrays(x=x, a=a, b=b, qa=qa, qb=qb)
   scale = _checks.check_scale(scale)
-  return _sds_or_warmup(x, a, b, qa, qb, sds_on, scale)
+  return _sds_or_warmup(x, a, b, qa, qb, sds_on, scale, bool(fresh))
 
 
-def fresh_bases(a: jax.Array, b: jax.Array, qa: jax.Array, qb: jax.Array):
-  """``(fresh, m)``: whether ``a`` lies in the span of ``qa`` (up to ``FRESH_TOL``), and
-  ``m = b + (qa.T a) qb.T`` in float32, so that ``qa @ m == qa @ b + a @ qb.T`` when
-  fresh. Constants for differentiation."""
-  qa, qb, a, b = (jax.lax.stop_gradient(jnp.asarray(v, _F32)) for v in (qa, qb, a, b))
-  r_mat = qa.T @ a  # (r, r); a contraction over d_in: a sharded d_in gathers nothing
-  resid = a - qa @ r_mat
-  fresh = jnp.sum(resid * resid) <= FRESH_TOL**2 * jnp.sum(a * a)
-  return fresh, b + r_mat @ qb.T
+def _sds_or_warmup(x, a, b, qa, qb, sds_on, scale, fresh):
+  """The SDS-LoRA op for data ``sds_on``: LoRA during the warm-up, SDS-LoRA after.
 
-
-def _sds_or_warmup(x, a, b, qa, qb, sds_on, scale):
-  """The SDS-LoRA op for data ``sds_on``: rank r with fresh bases, else two branches."""
+  ``fresh`` (static) promises that the bases span the factors whenever ``sds_on``:
+  one rank-r op then serves both phases. Otherwise the exact two-branch op runs.
+  """
   on = jax.lax.stop_gradient(jnp.asarray(sds_on, _F32)) > 0.5
   qa, qb = (jax.lax.stop_gradient(jnp.asarray(v, _F32)) for v in (qa, qb))
-
-  def two_branch(x, a, b):
-    left = jnp.where(on, qa, a.astype(_F32))
-    right = jnp.where(on, qb, b.T.astype(_F32))
-    coef = jnp.where(on, 1.0, 0.5).astype(_F32)
-    return _two_branch_matmul(
-        x, a, b, jax.lax.stop_gradient(left), jax.lax.stop_gradient(right), coef, scale
-    )
-
-  if a.shape[-1] < FAST_MIN_RANK:
-    return two_branch(x, a, b)
-  fresh, m = fresh_bases(a, b, qa, qb)
-
-  def rank_r(x, a, b):
-    return _fresh_sds_matmul(x, a, b, qa, qb, m, scale)
-
-  return jax.lax.cond(on & fresh, rank_r, two_branch, x, a, b)
+  a32, b32 = (jax.lax.stop_gradient(jnp.asarray(v, _F32)) for v in (a, b))
+  if fresh:
+    # LoRA: (left, m, right) = (a, b, b.T); fresh SDS-LoRA: (qa, b + (qa.T a) qb.T, qb).
+    m = jnp.where(on, b32 + (qa.T @ a32) @ qb.T, b32)
+    return _rank_r_matmul(x, a, b, jnp.where(on, qa, a32), m, jnp.where(on, qb, b32.T), scale)
+  left = jnp.where(on, qa, a32)
+  right = jnp.where(on, qb, b32.T)
+  coef = jnp.where(on, 1.0, 0.5).astype(_F32)
+  return _two_branch_matmul(x, a, b, left, right, coef, scale)
 
 
 def _mm(lhs, rhs, dtype):
@@ -321,31 +301,32 @@ def _two_branch_bwd(scale, residuals, g):
 _two_branch_matmul.defvjp(_two_branch_fwd, _two_branch_bwd)
 
 
-# SDS-LoRA with fresh bases (``a = qa R``): ``y = s (x @ qa) @ m``, ``m = b + R qb.T``.
-# Backward: ``dL/db = s (x qa).T g``, ``dL/da = s x.T (g qb)``, ``dL/dx = s (g m.T) qa.T``,
-# zero for the constants qa, qb and m. Residuals: x and the rank-r ``x @ qa``.
+# The rank-r op: ``y = s (x @ left) @ m``. Backward: ``dL/db = s (x left).T g``,
+# ``dL/da = s x.T (g right)``, ``dL/dx = s (g m.T) left.T``, zero for the constants left, m
+# and right. Residuals: x and the rank-r ``x @ left``. Fresh SDS-LoRA (``a = qa R``) is
+# ``(left, m, right) = (qa, b + R qb.T, qb)``; LoRA is ``(a, b, b.T)``.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _fresh_sds_matmul(x, a, b, qa, qb, m, scale):
-  y, _ = _fresh_sds_fwd(x, a, b, qa, qb, m, scale)
+def _rank_r_matmul(x, a, b, left, m, right, scale):
+  y, _ = _rank_r_fwd(x, a, b, left, m, right, scale)
   return y
 
 
-def _fresh_sds_fwd(x, a, b, qa, qb, m, scale):
+def _rank_r_fwd(x, a, b, left, m, right, scale):
   dt = x.dtype
-  x_qa = _mm(x, qa, dt).astype(dt)  # (..., r)
-  y = (scale * _mm(x_qa, m, dt)).astype(dt)
-  return y, (x, x_qa, a, b, qa, qb, m)
+  x_left = _mm(x, left, dt).astype(dt)  # (..., r)
+  y = (scale * _mm(x_left, m, dt)).astype(dt)
+  return y, (x, x_left, a, b, left, m, right)
 
 
-def _fresh_sds_bwd(scale, residuals, g):
-  x, x_qa, a, b, qa, qb, m = residuals
+def _rank_r_bwd(scale, residuals, g):
+  x, x_left, a, b, left, m, right = residuals
   dt = x.dtype
-  r = qa.shape[1]
-  g_proj = _mm(g, jnp.concatenate([m.T.astype(dt), qb.astype(dt)], axis=1), dt)  # (..., 2r)
-  d_b = scale * _contract_batch(x_qa, g, dt)  # (r, d_out) = s qa.T G
-  d_a = scale * _contract_batch(x, g_proj[..., r:], dt)  # (d_in, r) = s G qb
-  d_x = scale * _mm(g_proj[..., :r], qa.T, dt)
-  return _cotangents(x, a, b, d_x, d_a, d_b, qa, qb, m)
+  r = left.shape[1]
+  g_proj = _mm(g, jnp.concatenate([m.T.astype(dt), right.astype(dt)], axis=1), dt)  # (..., 2r)
+  d_b = scale * _contract_batch(x_left, g, dt)  # (r, d_out) = s left.T G
+  d_a = scale * _contract_batch(x, g_proj[..., r:], dt)  # (d_in, r) = s G right
+  d_x = scale * _mm(g_proj[..., :r], left.T, dt)
+  return _cotangents(x, a, b, d_x, d_a, d_b, left, m, right)
 
 
-_fresh_sds_matmul.defvjp(_fresh_sds_fwd, _fresh_sds_bwd)
+_rank_r_matmul.defvjp(_rank_r_fwd, _rank_r_bwd)

@@ -65,6 +65,9 @@ class Rule:
     layer_axes: leading kernel axes that stack layers (``nn.scan`` /
       ``nnx.vmap``); by default they are found by comparing the stored kernel
       with the kernel its module uses per call (the frontends know both).
+    fresh_bases: SDS-LoRA: the bases are refreshed after every update, so the
+      adapter runs at rank r (``Adapter.fresh_bases``); ``False`` for sparser
+      refresh schedules.
     name: label used in error messages (defaults to the regex or function name).
   """
 
@@ -76,6 +79,7 @@ class Rule:
   dtype: Any = jnp.float32
   in_axes: tuple[int, ...] | None = None
   layer_axes: tuple[int, ...] | None = None
+  fresh_bases: bool = True
   name: str | None = None
 
   def __post_init__(self):

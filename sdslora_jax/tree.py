@@ -88,7 +88,7 @@ def adapters_from_targets(
       ad = init(k)
     ad = dataclasses.replace(
         ad, kernel_shape=t.layout.shape, in_axes=t.layout.in_axes, kind=t.layout.kind,
-        layer_axes=t.layout.layer_axes or None,
+        layer_axes=t.layout.layer_axes or None, fresh_bases=r.fresh_bases,
     )
     _set(tree, t.keys, ad)
   return tree

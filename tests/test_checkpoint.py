@@ -20,7 +20,7 @@ from sdslora_jax import checkpoint as ckpt
 from sdslora_jax import linen as slinen
 from sdslora_jax import nnx as snnx
 from sdslora_jax import tree as stree
-from sdslora_jax.adapter import is_adapter
+from sdslora_jax.adapter import is_adapter, with_fresh_bases
 from sdslora_jax.optim import factor_labels, sds_lora
 from sdslora_jax.targets import rule
 from testing_utils import randomize_adapter
@@ -122,6 +122,7 @@ def test_round_trip_mixed_tree(tmp_path):
       "in_axes": [0, 1],
       "kind": "dense",
       "layer_axes": None,
+      "fresh_bases": True,
   }
   assert fields["a"] == {"shape": [12, 2], "dtype": "bfloat16"}
   assert fields["b"] == {"shape": [2, 6], "dtype": "bfloat16"}
@@ -486,3 +487,16 @@ def test_masked_optimizer_state_and_python_leaves_round_trip(tmp_path):
   abstract = ckpt.restore_adapters(tmp_path / "ck", _abstract(tree))  # numbers become arrays
   assert abstract["lr"].dtype == jnp.float32 and float(abstract["lr"]) == np.float32(0.1)
   _assert_identical(abstract["state"], state)
+
+
+def test_fresh_bases_is_the_targets_choice(tmp_path):
+  # fresh_bases says how an SDS adapter runs (rank-r op or two-branch op), not what it holds:
+  # a checkpoint restores into adapters marked either way, and they keep the target's mark.
+  _, ads = _mixed()
+  ckpt.save_adapters(tmp_path / "ck", ads)
+  target = with_fresh_bases(ads, False)
+  restored = ckpt.restore_adapters(tmp_path / "ck", target)
+  _assert_identical(restored, target)
+  sds_leaves = [x for x in jax.tree.leaves(restored, is_leaf=is_adapter)
+                if is_adapter(x) and x.method == "sds"]
+  assert sds_leaves and not any(x.fresh_bases for x in sds_leaves)

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 import sdslora_jax as sds
 from sdslora_jax import sharding
-from sdslora_jax import ops
+from sdslora_jax.adapter import with_fresh_bases
 from sdslora_jax.optim import sds_lora, trainable_params
 
 D_IN, D_HID, D_OUT, RANK, BATCH = 256, 128, 64, 8, 32
@@ -66,7 +66,8 @@ def _adapter_specs(ads, kernel_specs):
     if ad.method == "sds":
       fields.update(qa=P(k_in, None), qb=P(k_out, None), sds_on=P(), stamp=P())
     out[name] = ad.__class__(**{**{f: getattr(ad, f) for f in ("qa", "qb", "sds_on", "stamp")},
-                                **fields}, method=ad.method, scale=ad.scale)
+                                **fields}, method=ad.method, scale=ad.scale,
+                                fresh_bases=ad.fresh_bases)
   return out
 
 
@@ -91,11 +92,13 @@ def _all_gathers(hlo: str):
   return _collectives(hlo, "all-gather")
 
 
-@pytest.mark.parametrize("method, rank", [("lora", RANK), ("sds", RANK),
-                                          ("sds", ops.FAST_MIN_RANK)])  # the rank-r SDS op
-def test_sharded_step_equals_single_device(method, rank):
+# SDS with fresh_bases: the rank-r op (the default); without: the two-branch op.
+@pytest.mark.parametrize("method, fresh", [("lora", True), ("sds", True), ("sds", False)])
+def test_sharded_step_equals_single_device(method, fresh):
   mesh = _mesh()
+  rank = RANK
   base, ads, x, y = _problem(method, rank)
+  ads = with_fresh_bases(ads, fresh)
   # SGD with momentum (state to shard, no Adam division that turns 1e-7 gradient round-off of
   # near-zero entries into 1e-3 relative update differences).
   inner = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5, momentum=0.9))

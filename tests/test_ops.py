@@ -277,7 +277,7 @@ def test_lora_matmul_gradients_over_several_batch_axes_match_the_dense_reference
 # Fresh bases: the rank-r SDS op.
 
 
-def _fresh_case(d_in=48, d_out=40, r=ops.FAST_MIN_RANK, n=(3, 5)):
+def _fresh_case(d_in=48, d_out=40, r=6, n=(3, 5)):
   k = jax.random.split(jax.random.key(7), 3)
   x = jax.random.normal(k[0], (*n, d_in))
   a = jax.random.normal(k[1], (d_in, r))
@@ -290,50 +290,77 @@ def _grads(f, x, a, b):
   return jax.grad(lambda x, a, b: jnp.sum(jnp.sin(f(x, a, b))), argnums=(0, 1, 2))(x, a, b)
 
 
-def test_fresh_bases_take_the_rank_r_op_with_the_dense_references_values_and_gradients():
-  x, a, b, qa, qb = _fresh_case()
-  assert bool(ops.fresh_bases(a, b, qa, qb)[0])
+def _assert_same_values_and_gradients(f, ref, x, a, b):
+  np.testing.assert_allclose(f(x, a, b), ref(x, a, b), rtol=1e-4, atol=1e-4)
+  for got, want in zip(_grads(f, x, a, b), _grads(ref, x, a, b)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("r", [1, 6, 32])
+def test_fresh_op_has_the_dense_references_values_and_gradients(r):
+  x, a, b, qa, qb = _fresh_case(r=r)
   ref = lambda x, a, b: x @ ops.sds_delta(a, b, scale=0.7, qa=qa, qb=qb)  # noqa: E731
-  m = ops.fresh_bases(a, b, qa, qb)[1]
-  rank_r = lambda x, a, b: ops._fresh_sds_matmul(x, a, b, qa, qb, m, 0.7)  # noqa: E731
-  public = lambda x, a, b: ops.warmup_sds_matmul(x, a, b, qa, qb, 1.0, scale=0.7)  # noqa: E731
-  for f in (rank_r, public, lambda x, a, b: ops.sds_matmul(x, a, b, scale=0.7)):
-    np.testing.assert_allclose(f(x, a, b), ref(x, a, b), rtol=1e-4, atol=1e-4)
-    for got, want in zip(_grads(f, x, a, b), _grads(ref, x, a, b)):
-      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  fresh = lambda x, a, b: ops.warmup_sds_matmul(x, a, b, qa, qb, 1.0, scale=0.7, fresh=True)  # noqa: E731
+  derived = lambda x, a, b: ops.sds_matmul(x, a, b, scale=0.7)  # noqa: E731
+  for f in (fresh, derived):
+    _assert_same_values_and_gradients(f, ref, x, a, b)
   # The SDS gradients themselves: s qa.T G and s G qb, no singular value of a factor.
-  g = jax.grad(lambda a, b: jnp.sum(rank_r(x, a, b)), argnums=(0, 1))(a, b)
+  g = jax.grad(lambda a, b: jnp.sum(fresh(x, a, b)), argnums=(0, 1))(a, b)
   big_g = 0.7 * x.reshape(-1, x.shape[-1]).T @ jnp.ones((15, b.shape[1]))
   np.testing.assert_allclose(g[0], big_g @ qb, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(g[1], qa.T @ big_g, rtol=1e-4, atol=1e-4)
-  # From FAST_MIN_RANK on, the public op holds the rank-r op behind its freshness check.
-  jaxpr = str(jax.make_jaxpr(public)(x, a, b))
-  assert "cond[" in jaxpr and jaxpr.count("custom_vjp_call") >= 2
 
 
-def test_rank_r_op_costs_less_than_the_two_branch_op():
+def test_fresh_op_in_the_warm_up_is_lora():
+  x, a, b, qa, qb = _fresh_case()
+  other, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(3), qa.shape))  # ignored in warm-up
+  warm = lambda x, a, b: ops.warmup_sds_matmul(x, a, b, other, qb, 0.0, scale=0.7, fresh=True)  # noqa: E731
+  ref = lambda x, a, b: x @ (0.7 * a @ b)  # noqa: E731
+  _assert_same_values_and_gradients(warm, ref, x, a, b)
+
+
+def test_fresh_op_runs_rank_r_projections_of_the_activations():
+  # Forward: one r-wide projection of x (as LoRA), not the two-branch op's 2r.
+  x, a, b, qa, qb = _fresh_case(d_in=64, d_out=48, r=4, n=(32,))
+
+  def x_projections(f):
+    jaxpr = jax.make_jaxpr(f)(x, a, b)
+    return sorted(e.outvars[0].aval.shape[-1] for e in jaxpr.jaxpr.eqns
+                  if e.primitive.name == "custom_vjp_call" for e in e.params["call_jaxpr"].eqns
+                  if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[:-1] == (32,))
+
+  fresh = x_projections(lambda x, a, b: ops.warmup_sds_matmul(x, a, b, qa, qb, 1.0, scale=1.0,
+                                                              fresh=True))
+  stale = x_projections(lambda x, a, b: ops.warmup_sds_matmul(x, a, b, qa, qb, 1.0, scale=1.0))
+  lora = x_projections(lambda x, a, b: ops.lora_matmul(x, a, b, scale=1.0))
+  assert fresh == lora == [4, 48], (fresh, lora)
+  assert stale == [8, 48], stale
+
+
+def test_fresh_op_costs_less_than_the_two_branch_op():
   x, a, b, qa, qb = _fresh_case(d_in=256, d_out=256, r=32, n=(512,))
-  m = ops.fresh_bases(a, b, qa, qb)[1]
 
   def flops(f):
     g = jax.jit(lambda x, a, b: _grads(f, x, a, b))
     return g.lower(x, a, b).compile().cost_analysis()["flops"]
 
-  rank_r = flops(lambda x, a, b: ops._fresh_sds_matmul(x, a, b, qa, qb, m, 1.0))
-  two = flops(lambda x, a, b: ops._two_branch_matmul(x, a, b, qa, qb, jnp.ones(()), 1.0))
+  fresh = flops(lambda x, a, b: ops.warmup_sds_matmul(x, a, b, qa, qb, 1.0, scale=1.0, fresh=True))
+  two = flops(lambda x, a, b: ops.warmup_sds_matmul(x, a, b, qa, qb, 1.0, scale=1.0))
   lora = flops(lambda x, a, b: ops.lora_matmul(x, a, b, scale=1.0))
-  assert rank_r < 0.8 * two and rank_r < 1.25 * lora, (rank_r, two, lora)
+  assert fresh < 0.8 * two and fresh < 1.25 * lora, (fresh, two, lora)
 
 
-def test_stale_bases_are_detected_and_keep_the_exact_two_branch_op():
+def test_stale_bases_need_the_two_branch_op():
+  # Bases that no longer span the factors: the two-branch op (fresh=False, the default of
+  # warmup_sds_matmul) is exact; the rank-r op computes a projected onto the bases.
   x, a, b, qa, qb = _fresh_case()
-  assert bool(ops.fresh_bases(jnp.zeros_like(a), jnp.zeros_like(b), qa, qb)[0])  # init
-  moved = a + 1e-3 * jnp.linalg.norm(a) / 10 * jax.random.normal(jax.random.key(1), a.shape)
-  other, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(2), a.shape))
-  for stale_a, stale_qa in ((moved, qa), (a, other)):
-    assert not bool(ops.fresh_bases(stale_a, b, stale_qa, qb)[0])
-    ref = lambda x, a, b: x @ ops.sds_delta(a, b, scale=0.7, qa=stale_qa, qb=qb)  # noqa: E731
-    f = lambda x, a, b: ops.warmup_sds_matmul(x, a, b, stale_qa, qb, 1.0, scale=0.7)  # noqa
-    np.testing.assert_allclose(f(x, stale_a, b), ref(x, stale_a, b), rtol=1e-4, atol=1e-4)
-    for got, want in zip(_grads(f, x, stale_a, b), _grads(ref, x, stale_a, b)):
-      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  moved = a + 0.1 * jax.random.normal(jax.random.key(1), a.shape)
+  ref = lambda x, a, b: x @ ops.sds_delta(a, b, scale=0.7, qa=qa, qb=qb)  # noqa: E731
+  two = lambda x, a, b: ops.warmup_sds_matmul(x, a, b, qa, qb, 1.0, scale=0.7)  # noqa: E731
+  _assert_same_values_and_gradients(two, ref, x, moved, b)
+  given = lambda x, a, b: ops.sds_matmul(x, a, b, scale=0.7, qa=qa, qb=qb)  # noqa: E731
+  _assert_same_values_and_gradients(given, ref, x, moved, b)
+  fresh = lambda x, a, b: ops.warmup_sds_matmul(x, a, b, qa, qb, 1.0, scale=0.7, fresh=True)  # noqa: E731
+  projected = x @ ops.sds_delta(qa @ (qa.T @ moved), b, scale=0.7, qa=qa, qb=qb)
+  np.testing.assert_allclose(fresh(x, moved, b), projected, rtol=1e-4, atol=1e-4)
+  assert float(jnp.abs(fresh(x, moved, b) - ref(x, moved, b)).max()) > 1e-2

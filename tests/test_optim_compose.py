@@ -12,6 +12,7 @@ import pytest
 
 import sdslora_jax as sl
 from sdslora_jax.optim import factor_labels, loraplus, sds_lora
+from sdslora_jax.adapter import with_fresh_bases
 
 D_IN, D_OUT, RANK = 12, 8, 3
 
@@ -296,7 +297,7 @@ def test_compose_with_refresh_schedules_single_trace(refresh):
       every_k_schedule=2,
   )
   step = _make_step(tx, traces)
-  params = _tree()
+  params = with_fresh_bases(_tree(), False)
   x, y = _data()
   state = tx.init(params)
   for _ in range(16):

@@ -238,7 +238,9 @@ def adapter_rules(config) -> list:
   a = config.adapter
   method = "sds" if config.method == "sds" else "lora"
   sqrt_scale = config.method == "rslora" or a.sqrt_rank_scaling
-  return [rule(t, method=method, rank=a.rank, alpha=a.alpha, rslora=sqrt_scale)
+  # Bases refreshed after every update let SDS adapters run at rank r (Adapter.fresh_bases).
+  fresh = str(config.optim.sds_refresh) in ("every_step", "1")
+  return [rule(t, method=method, rank=a.rank, alpha=a.alpha, rslora=sqrt_scale, fresh_bases=fresh)
           for t in a.targets]
 
 

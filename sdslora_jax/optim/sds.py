@@ -404,7 +404,9 @@ def sds_lora(
       ``k`` updates), ``"phases"`` (growing intervals ``1, 2, ..., phases``
       over ``total_steps - warmup_steps`` updates) or a callable ``j -> bool``
       of the post-warm-up step ``j >= 1``. Adapters already in SDS mode during
-      the warm-up are refreshed after every warm-up update.
+      the warm-up are refreshed after every warm-up update. Every schedule but
+      the default needs SDS adapters with ``fresh_bases=False`` (``init`` and
+      ``update`` raise otherwise): the default lets them run at rank r.
     phases: the number of phases for ``refresh="phases"`` (default 5).
     total_steps: the total number of updates, warm-up included; needed by
       ``refresh="phases"``.
@@ -461,8 +463,24 @@ def sds_lora(
       refresh, warmup_steps=warmup_steps, phases=phases, total_steps=total_steps
   )
   inner = optax.with_extra_args_support(inner)
+  every_update = refresh in ("every_step", 1) and not isinstance(refresh, bool)
+
+  def check_fresh(params):
+    if every_update:
+      return
+    leaves = jax.tree_util.tree_flatten_with_path(
+        _trees.unwrap_variables(params), is_leaf=is_adapter)[0]
+    fresh = [jax.tree_util.keystr(p) for p, x in leaves if _is_sds(x) and x.fresh_bases]
+    if fresh:
+      raise ValueError(
+          f"sds_lora(refresh={refresh!r}) keeps the bases between refreshes, but the SDS "
+          f"adapters at {fresh[:5]}{' ...' if len(fresh) > 5 else ''} are built for bases "
+          "refreshed after every update (fresh_bases=True, the default; they run at rank r "
+          "and would be wrong with stale bases). Build them with rule(..., fresh_bases=False), "
+          "or pass the tree through sdslora_jax.adapter.with_fresh_bases(params, False).")
 
   def init_fn(params):
+    check_fresh(params)
     inner_state = inner.init(trainable_params(params))
     _check_inner_state(inner_state)
     return SdsLoraState(
@@ -474,6 +492,7 @@ def sds_lora(
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("sds_lora needs params: call update(updates, state, params)")
+    check_fresh(params)
     _check_inner_state(state.inner_state)
     # ``treedef`` is the caller's structure (NNX Variable nodes included): the
     # returned updates have it. The inner optimizer works on unwrapped trees.
