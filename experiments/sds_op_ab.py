@@ -22,7 +22,10 @@ import json
 import pathlib
 import sys
 
+import optax
+
 from experiments import step_overhead as so
+from sdslora_jax.optim import sds_lora
 from sdslora_jax.adapter import with_fresh_bases
 
 CONFIGS = [
@@ -48,6 +51,7 @@ def run(c: dict) -> list[dict]:
   lora, fresh = (_variants(c)[n] for n in ("lora", "sds"))
   two = _variants(c)["sds"]
   two.trainable = with_fresh_bases(two.trainable, False)
+  two.opt_state = sds_lora(optax.adamw(so.LR), warmup_steps=0).init(two.trainable)  # as built
   fresh.name, two.name = "sds_rank_r", "sds_two_branch"
   rows = so.measure([lora, fresh, two], c["repeats"], lambda s: print(s, file=sys.stderr))
   meta = {k: c.get(k) for k in ("model", "d", "rank", "tokens", "batch", "num_layers")}
