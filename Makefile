@@ -11,7 +11,7 @@ DATA := $(DATA_DIR)/.prepared
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: experiment conditioning data test clean
+.PHONY: experiment conditioning data test test-library clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo 'Python 3.12 not found: install it (python3.12 on PATH) or pass PYTHON=/path/to/python3.12' >&2; exit 1; }
@@ -43,6 +43,10 @@ conditioning: $(STAMP)
 
 test: $(DATA)
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
+
+# The library's tests only (no experiments' models, trainer or benchmarks; no data needed).
+test-library: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow and not peft_torch and not experiments"
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR)

@@ -167,8 +167,8 @@ def minilm_variants(batch: int, seq: int, rank: int, num_layers: int | None,
                     op_level: bool = False) -> list[Variant]:
   import flax.linen as nn
 
-  from sdslora_jax.models import SentenceClassifier
-  from sdslora_jax.models import minilm
+  from experiments.models import SentenceClassifier
+  from experiments.models import minilm
 
   overrides = {"dropout_rate": 0.0, **({"num_layers": num_layers} if num_layers else {})}
   cfg, params = minilm.init_classifier_params(2, jax.random.key(0), **overrides)

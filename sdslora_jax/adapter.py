@@ -49,9 +49,9 @@ class Adapter:
       and ``sds_on`` as left by the library (``init_adapter``, ``sds_lora``,
       ``restamp``) (SDS-LoRA only; ``None`` turns the check off). When
       gradients flow through an SDS adapter whose arrays no longer match
-      their stamp, the backward pass raises: that is an adapter trained
-      without ``sdslora_jax.optim.sds_lora``, or with a transformation
-      chained after it (see ``guard``).
+      their stamp, their gradients are NaN and ``verify_stamps`` names them:
+      that is an adapter trained without ``sdslora_jax.optim.sds_lora``, or
+      with a transformation chained after it (see ``guard``).
     kind: ``"dense"`` (Dense, DenseGeneral, Einsum), ``"embed"``, ``"conv"``,
       or one of ``"conv_grouped"``, ``"conv_transpose"``, ``"conv_local"``
       (merged per call like ``"conv"``, not exportable to PEFT) (static;

@@ -14,17 +14,3 @@ def pytest_ignore_collect(collection_path, config):
     return None
   expr = config.getoption("markexpr") or ""
   return True if "peft_torch" not in expr or "not peft_torch" in expr else None
-
-
-# Variants whose code path a default test already covers (here: the scan+remat variant
-# of the same test); opt in with ``-m slow``.
-_SLOW_VARIANTS = ("test_scan.py::test_scanned_trains_with_sds_lora_one_trace[scan]",
-                  "test_scan.py::test_scanned_matches_unrolled_outputs_and_gradients[scan-1.0]")
-
-
-def pytest_collection_modifyitems(config, items):
-  import pytest
-
-  for item in items:
-    if item.nodeid.endswith(_SLOW_VARIANTS):
-      item.add_marker(pytest.mark.slow)

@@ -14,7 +14,7 @@ from sdslora_jax import linen as sl
 from sdslora_jax import nnx as snnx
 from sdslora_jax import peft, tree
 from sdslora_jax.adapter import is_adapter
-from sdslora_jax.models import bert, convnet
+from experiments.models import bert, convnet
 from sdslora_jax.optim import sds_lora
 from sdslora_jax.targets import rule
 from testing_utils import big_intermediates, randomize

@@ -21,7 +21,7 @@ from sdslora_jax import linen as sl
 from sdslora_jax import nnx as snnx
 from sdslora_jax import tree
 from sdslora_jax.adapter import adapter_stamp, restamp, verify_stamps, with_fresh_bases
-from sdslora_jax.models import bert
+from experiments.models import bert
 from sdslora_jax.optim import sds_lora, trainable_params
 from sdslora_jax.targets import rule
 from testing_utils import linen_mse_step

@@ -98,7 +98,14 @@ def test_stacked_adapters_have_layer_axes(setup):
   assert not np.allclose(q.a[0], q.a[1])  # each layer its own initialisation
 
 
+# Plain scan is opt-in where the scan+remat variant of the same test covers its code path.
+_REMAT_COVERS_SCAN = pytest.mark.parametrize(
+    "setup", [pytest.param(False, id="scan", marks=pytest.mark.slow),
+              pytest.param(True, id="scan+remat")], indirect=True)
+
+
 # sds_on = 0 (the warm-up, LoRA's path) is opt-in: the SDS path covers the scan plumbing.
+@_REMAT_COVERS_SCAN
 @pytest.mark.parametrize("sds_on", [pytest.param(0.0, marks=pytest.mark.slow), 1.0])
 def test_scanned_matches_unrolled_outputs_and_gradients(setup, sds_on):
   model, x, params, ads = setup
@@ -127,6 +134,7 @@ def test_scanned_matches_unrolled_outputs_and_gradients(setup, sds_on):
             f"{float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)):.1e}")
 
 
+@_REMAT_COVERS_SCAN
 def test_scanned_trains_with_sds_lora_one_trace(setup):
   model, x, params, ads = setup
   target = jax.random.normal(jax.random.key(4), (2, 5, 4))

@@ -197,8 +197,8 @@ def _image_data(config) -> tuple[dict, tuple[str, ...], str, str]:
 
 
 def _minilm_task(config, rng, classes=None) -> Task:
-  from sdslora_jax.models import SentenceClassifier
-  from sdslora_jax.models import minilm
+  from experiments.models import SentenceClassifier
+  from experiments.models import minilm
 
   if classes is None:
     splits, classes, text_key, label_key = _text_data(config)
@@ -241,7 +241,7 @@ def _minilm_task(config, rng, classes=None) -> Task:
 
 
 def _efficientnet_task(config, rng, classes=None) -> Task:
-  from sdslora_jax.models import load_efficientnet_lite0
+  from experiments.models import load_efficientnet_lite0
 
   if classes is None:
     splits, classes, image_key, label_key = _image_data(config)

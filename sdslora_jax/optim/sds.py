@@ -29,7 +29,8 @@ must reach ``optax.apply_updates`` unchanged: nothing may be chained after
 ``sds_lora`` (``optax.chain(sds_lora(...), optax.scale(-lr))`` would rescale
 them). Put the whole optimizer inside it. Adapters carry a stamp (see
 ``Adapter.stamp``): a chained transformation, or training SDS adapters with a
-plain Optax optimizer, makes the next backward pass raise a ``ValueError``
+plain Optax optimizer, makes the next backward pass return NaN gradients for
+them, and ``sdslora_jax.adapter.verify_stamps(params)`` raises a ``ValueError``
 that says so.
 
 NNX. ``nnx.Optimizer(model, sds_lora(...), wrt=AdapterVariable)`` works: the

