@@ -234,7 +234,11 @@ def _sds_or_warmup(x, a, b, qa, qb, sds_on, scale, fresh):
   a32, b32 = (jax.lax.stop_gradient(jnp.asarray(v, _F32)) for v in (a, b))
   if fresh:
     # LoRA: (left, m, right) = (a, b, b.T); fresh SDS-LoRA: (qa, b + (qa.T a) qb.T, qb).
-    m = jnp.where(on, b32 + (qa.T @ a32) @ qb.T, b32)
+    # O(d r^2) work at full float32 precision (TPUs would otherwise round the
+    # products to bfloat16 passes): m is part of the exact reparameterisation.
+    hi = jax.lax.Precision.HIGHEST
+    m = jnp.where(on, b32 + jnp.matmul(jnp.matmul(qa.T, a32, precision=hi), qb.T, precision=hi),
+                  b32)
     return _rank_r_matmul(x, a, b, jnp.where(on, qa, a32), m, jnp.where(on, qb, b32.T), scale)
   left = jnp.where(on, qa, a32)
   right = jnp.where(on, qb, b32.T)
