@@ -164,17 +164,7 @@ def _problem(sds_on=False):
 
 def _train(tx, steps, sds_on=False):
   params, loss = _problem(sds_on)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state):
-    updates, state = tx.update(jax.grad(loss)(params), state, params)
-    return optax.apply_updates(params, updates), state
-
-  for _ in range(steps):
-    params, state = step(params, state)
-    jax.block_until_ready(params)
-  return params
+  return _train_params(tx, params, loss, steps)
 
 
 @pytest.mark.parametrize("after", [optax.scale(-1e-2), optax.add_decayed_weights(1e-3),
@@ -408,6 +398,7 @@ def _train_params(tx, params, loss, steps):
 
   for _ in range(steps):
     params, state = step(params, state)
+    jax.block_until_ready(params)
   return params
 
 
