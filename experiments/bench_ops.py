@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sdslora_jax as sds
+from sdslora_jax.basis import factor_bases
 
 
 def _variants(scale):
@@ -50,7 +51,7 @@ def main() -> None:
   x = jax.random.normal(k[0], (args.tokens, args.d)).astype(dt)
   a = (jax.random.normal(k[1], (args.d, args.r)) / np.sqrt(args.d)).astype(dt)
   b = (jax.random.normal(k[2], (args.r, args.d)) * 0.01).astype(dt)
-  qa, qb = sds.factor_bases(a, b)
+  qa, qb = factor_bases(a, b)
   print(f"device {jax.devices()[0].platform}, d={args.d}, r={args.r}, tokens={args.tokens}, {args.dtype}")
 
   rows = {}

@@ -22,6 +22,17 @@ from sdslora_jax import _checks
 from sdslora_jax.basis import factor_bases, orthonormal_basis
 from sdslora_jax.ops import lora_delta, lora_matmul, sds_delta, warmup_sds_matmul
 
+__all__ = [
+    "Adapter",
+    "adapter_matmul",
+    "init_adapter",
+    "is_adapter",
+    "kernel_delta",
+    "restamp",
+    "verify_stamps",
+    "with_fresh_bases",
+]
+
 METHODS = ("lora", "sds")
 
 
@@ -39,10 +50,10 @@ class Adapter:
       adapter runs as SDS-LoRA (SDS-LoRA only).
     method: ``"lora"`` or ``"sds"`` (static).
     scale: the adapter scale ``s`` (static).
-    kernel_shape: shape of the targeted kernel when it is not simply
-      ``(d_in, d_out)`` (static; ``None`` means the 2-D kernel ``(d_in, d_out)``).
+    kernel_shape: shape of the targeted kernel, layer axes included (static;
+      left unset, the 2-D kernel ``(d_in, d_out)``).
     in_axes: kernel axes that form the input side, in kernel order (static;
-      ``None`` means ``(0,)``). The update's ``d_in`` is the product of these
+      default ``(0,)``). The update's ``d_in`` is the product of these
       axes' sizes and ``d_out`` that of the others, each flattened in kernel
       order.
     stamp: float32 scalar, an exact integer hash of ``a``, ``b``, ``qa``, ``qb``
@@ -55,10 +66,10 @@ class Adapter:
     kind: ``"dense"`` (Dense, DenseGeneral, Einsum), ``"embed"``, ``"conv"``,
       or one of ``"conv_grouped"``, ``"conv_transpose"``, ``"conv_local"``
       (merged per call like ``"conv"``, not exportable to PEFT) (static;
-      ``None`` means ``"dense"``); decides how the frontends apply the update
+      default ``"dense"``); decides how the frontends apply the update
       and how it is exported.
     layer_axes: kernel axes that stack layers (``nn.scan`` / ``nnx.vmap``), in
-      kernel order (static; ``None``: an unstacked kernel). A stacked adapter
+      kernel order (static; default ``()``: an unstacked kernel). A stacked adapter
       holds one adapter per layer: ``a: (*L, d_in, r)``, ``b: (*L, r, d_out)``,
       ``qa: (*L, d_in, r)``, ``qb: (*L, d_out, r)``, ``sds_on`` and ``stamp``
       of shape ``L``, with ``L`` the sizes of the layer axes. ``in_axes`` index
@@ -86,6 +97,21 @@ class Adapter:
   layer_axes: tuple[int, ...] | None = None
   fresh_bases: bool = True
 
+  def __post_init__(self):
+    # One value per meaning: the static fields left unset take their defaults here, so
+    # adapters built either way have the same tree structure (and checkpoints written
+    # with ``None`` restore into them).
+    def put(name, value):
+      object.__setattr__(self, name, value)
+
+    put("in_axes", (0,) if self.in_axes is None else tuple(int(i) for i in self.in_axes))
+    put("layer_axes", () if self.layer_axes is None else tuple(int(i) for i in self.layer_axes))
+    put("kind", "dense" if self.kind is None else self.kind)
+    if self.kernel_shape is not None:
+      put("kernel_shape", tuple(int(d) for d in self.kernel_shape))
+    elif hasattr(self.a, "shape") and hasattr(self.b, "shape"):
+      put("kernel_shape", (int(self.a.shape[-2]), int(self.b.shape[-1])))
+
   @property
   def rank(self) -> int:
     return self.a.shape[-1]
@@ -96,30 +122,15 @@ class Adapter:
     return self.a.shape[-2], self.b.shape[-1]
 
   @property
-  def stacked_axes(self) -> tuple[int, ...]:
-    """The layer axes (``()`` for an unstacked adapter)."""
-    return () if self.layer_axes is None else tuple(self.layer_axes)
-
-  @property
   def layer_shape(self) -> tuple[int, ...]:
     """Sizes of the layer axes (``()`` for an unstacked adapter)."""
-    return tuple(self.target_shape[i] for i in self.stacked_axes)
-
-  @property
-  def target_shape(self) -> tuple[int, ...]:
-    """Shape of the targeted kernel (``(d_in, d_out)`` unless ``kernel_shape`` is set)."""
-    return self.shape if self.kernel_shape is None else tuple(self.kernel_shape)
-
-  @property
-  def input_axes(self) -> tuple[int, ...]:
-    """Kernel axes forming the input side, in kernel order."""
-    return (0,) if self.in_axes is None else tuple(self.in_axes)
+    return tuple(self.kernel_shape[i] for i in self.layer_axes)
 
   @property
   def output_axes(self) -> tuple[int, ...]:
     """Kernel axes forming the output side, in kernel order."""
-    skip = set(self.input_axes) | set(self.stacked_axes)
-    return tuple(i for i in range(len(self.target_shape)) if i not in skip)
+    skip = set(self.in_axes) | set(self.layer_axes)
+    return tuple(i for i in range(len(self.kernel_shape)) if i not in skip)
 
 
 jax.tree_util.register_dataclass(
@@ -389,7 +400,7 @@ def guard_tree(tree: Any) -> Any:
 
 
 def adapter_matmul(x: jax.Array, adapter: Adapter) -> jax.Array:
-  """``x @ adapter_delta(adapter)`` through rank-r projections (no kernel-sized value).
+  """``x @ matrix_delta(adapter)`` through rank-r projections (no kernel-sized value).
 
   A stacked adapter is applied one layer at a time, inside a scan over the
   layers (``layer_view``); applied to a whole stack it raises.
@@ -403,13 +414,13 @@ def adapter_matmul(x: jax.Array, adapter: Adapter) -> jax.Array:
   )
 
 
-def adapter_delta(adapter: Adapter) -> jax.Array:
+def matrix_delta(adapter: Adapter) -> jax.Array:
   """The dense ``(d_in, d_out)`` update in float32 (merge and export path).
 
   A stacked adapter gives ``(*L, d_in, d_out)``, one update per layer.
   """
-  if adapter.stacked_axes and adapter.a.ndim > 2:
-    return _stacked(adapter_delta, adapter)
+  if adapter.layer_axes and adapter.a.ndim > 2:
+    return _stacked(matrix_delta, adapter)
   adapter = guard(layer_view(adapter))
   a = adapter.a.astype(jnp.float32)
   b = adapter.b.astype(jnp.float32)
@@ -427,20 +438,20 @@ def layer_view(adapter: Adapter) -> Adapter:
   ``kernel_shape`` without the layer axes (wherever they sit), ``in_axes``
   renumbered, no ``layer_axes``. An unstacked adapter is returned as is.
   """
-  n = len(adapter.stacked_axes)
+  n = len(adapter.layer_axes)
   if not n:
     return adapter
   if adapter.a.ndim != 2:
     raise ValueError(
-        f"a stacked adapter (layer axes {adapter.stacked_axes} of kernel shape "
-        f"{adapter.target_shape}) was applied to one layer with factors of shape "
+        f"a stacked adapter (layer axes {adapter.layer_axes} of kernel shape "
+        f"{adapter.kernel_shape}) was applied to one layer with factors of shape "
         f"{adapter.a.shape}: apply it inside the scan over layers, or take a layer first"
     )
-  layers = adapter.stacked_axes
+  layers = adapter.layer_axes
   return dataclasses.replace(
       adapter,
-      kernel_shape=tuple(d for i, d in enumerate(adapter.target_shape) if i not in layers),
-      in_axes=tuple(i - sum(j < i for j in layers) for i in adapter.input_axes),
+      kernel_shape=tuple(d for i, d in enumerate(adapter.kernel_shape) if i not in layers),
+      in_axes=tuple(i - sum(j < i for j in layers) for i in adapter.in_axes),
       layer_axes=None,
   )
 
@@ -458,7 +469,7 @@ _ARRAYS = ("a", "b", "qa", "qb", "sds_on", "stamp")
 
 def per_layer(fn, adapter: Adapter):
   """``fn`` vmapped over a stacked adapter's layer axes (``fn`` itself when unstacked)."""
-  for _ in adapter.stacked_axes:
+  for _ in adapter.layer_axes:
     fn = jax.vmap(fn)
   return fn
 
@@ -472,19 +483,19 @@ def _stacked(fn, adapter: Adapter) -> jax.Array:
 def kernel_delta(adapter: Adapter) -> jax.Array:
   """The dense update in the targeted kernel's own shape and axis order (float32).
 
-  ``adapter_delta`` is ``(d_in, d_out)``; it is unflattened to the input axes'
+  ``matrix_delta`` is ``(d_in, d_out)``; it is unflattened to the input axes'
   and output axes' sizes and transposed back to the kernel's axis order. A
   stacked adapter gives every layer's update, stacked along the layer axes.
   """
-  if adapter.stacked_axes and adapter.a.ndim > 2:
+  if adapter.layer_axes and adapter.a.ndim > 2:
     # One update per layer, stacked in front, then moved to the layer axes' places
     # (MaxText-style stacks keep their layers on axis 1, for instance).
-    n = len(adapter.stacked_axes)
-    return jnp.moveaxis(_stacked(kernel_delta, adapter), tuple(range(n)), adapter.stacked_axes)
+    n = len(adapter.layer_axes)
+    return jnp.moveaxis(_stacked(kernel_delta, adapter), tuple(range(n)), adapter.layer_axes)
   adapter = layer_view(adapter)
-  delta = adapter_delta(adapter)
-  shape = adapter.target_shape
-  in_axes, out_axes = adapter.input_axes, adapter.output_axes
+  delta = matrix_delta(adapter)
+  shape = adapter.kernel_shape
+  in_axes, out_axes = adapter.in_axes, adapter.output_axes
   split = tuple(shape[i] for i in in_axes) + tuple(shape[i] for i in out_axes)
   delta = delta.reshape(split)
   perm = in_axes + out_axes

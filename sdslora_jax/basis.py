@@ -18,13 +18,25 @@ import jax.numpy as jnp
 
 from sdslora_jax import _checks, _linalg
 
+__all__ = ["orthonormal_basis", "refresh_bases"]
 
-def orthonormal_basis(m: jax.Array) -> jax.Array:
+
+BASIS_METHODS = ("gram", "householder")
+
+
+def orthonormal_basis(m: jax.Array, *, method: str = "householder") -> jax.Array:
   """Orthonormal columns spanning the columns of ``m``.
 
   Args:
     m: a ``(n, r)`` matrix with ``n >= r``, any float dtype (or a batch
       ``(..., n, r)`` of them).
+    method: ``"householder"`` (default; LAPACK / XLA QR) or ``"gram"``
+      (``gram_basis.gram_orthonormal_basis``: shifted Cholesky-QR on ``r x r``
+      Gram matrices, so a factor sharded along its long axis is never gathered,
+      an ``r x r`` all-reduce per pass instead, and no LAPACK QR runs on the
+      host's BLAS threads; the default of ``sds_lora`` and ``refresh_bases``).
+      Both give the thin-QR factor below, equal up to rounding for full-rank
+      ``m``; they complete rank-deficient inputs differently.
 
   Returns:
     ``q`` of shape ``(n, r)`` in float32 with ``q.T @ q = I`` and ``m = q @ R``
@@ -33,9 +45,15 @@ def orthonormal_basis(m: jax.Array) -> jax.Array:
     not determine are completed by the Householder QR).
 
   Raises:
-    ValueError: if ``m`` is not 2-D, has more columns than rows, or has a
-      non-floating dtype.
+    ValueError: if ``m`` is not 2-D, has more columns than rows, has a
+      non-floating dtype, or ``method`` is unknown.
   """
+  if method == "gram":
+    from sdslora_jax.gram_basis import gram_orthonormal_basis
+
+    return gram_orthonormal_basis(m)
+  if method != "householder":
+    raise ValueError(f"unknown basis method {method!r}; choose from {BASIS_METHODS}")
   shape = jnp.shape(m)
   _checks.check_tall_matrix("m", shape[-2:] if len(shape) > 2 else shape)
   _checks.check_float_arrays(m=m)
@@ -60,35 +78,13 @@ def align_signs(new: jax.Array, previous: jax.Array) -> jax.Array:
   return new * jnp.where(dots < 0, -1.0, 1.0).astype(new.dtype)[..., None, :]
 
 
-BASIS_METHODS = ("gram", "householder")
-
-
-def basis(m: jax.Array, method: str = "gram") -> jax.Array:
-  """``orth(m)`` by ``method``: ``"gram"`` (default) or ``"householder"``.
-
-  ``"gram"`` is ``gram_basis.gram_orthonormal_basis``: shifted Cholesky-QR on
-  ``r x r`` Gram matrices, so a factor sharded along its long axis is never
-  gathered (an ``r x r`` all-reduce per pass instead) and no LAPACK QR runs on
-  the host's BLAS threads. ``"householder"`` is ``orthonormal_basis``. Both
-  give the thin-QR factor with a non-negative diagonal of ``R`` (equal up to
-  rounding for full-rank ``m``; they complete rank-deficient inputs
-  differently).
-  """
-  if method == "gram":
-    from sdslora_jax.gram_basis import gram_orthonormal_basis
-
-    return gram_orthonormal_basis(m)
-  if method == "householder":
-    return orthonormal_basis(m)
-  raise ValueError(f"unknown basis method {method!r}; choose from {BASIS_METHODS}")
-
-
 def factor_bases(
     a: jax.Array, b: jax.Array, *, method: str = "gram"
 ) -> tuple[jax.Array, jax.Array]:
   """Returns ``(qa, qb)``: ``qa = orth(a)`` ``(d_in, r)``, ``qb = orth(b.T)`` ``(d_out, r)``."""
   _checks.check_factors(jnp.shape(a), jnp.shape(b))
-  return basis(a, method), basis(jnp.swapaxes(b, 0, 1), method)
+  return (orthonormal_basis(a, method=method),
+          orthonormal_basis(jnp.swapaxes(b, 0, 1), method=method))
 
 
 def refresh_bases(

@@ -45,9 +45,15 @@ import numpy as np
 from sdslora_jax.adapter import Adapter
 from sdslora_jax.targets import path_keys, path_str
 
-__all__ = ["CheckpointDamagedError", "CheckpointMismatchError", "FORMAT", "FORMAT_VERSION",
-           "ITEM_NAMES", "adapter_metadata", "read_extra", "read_metadata", "restore_adapters",
-           "restore_from_manager", "save_adapters", "save_args"]
+__all__ = [
+    "CheckpointDamagedError",
+    "CheckpointMismatchError",
+    "read_extra",
+    "restore_adapters",
+    "restore_from_manager",
+    "save_adapters",
+    "save_args",
+]
 
 FORMAT = "sdslora_jax.adapters"
 FORMAT_VERSION = 2
@@ -310,7 +316,9 @@ def read_extra(directory: str | pathlib.Path) -> dict | None:
 
 
 def _norm(entry: Mapping) -> dict:
-  """An adapter entry with its defaults explicit (kernel shape, input axes, kind).
+  """An adapter entry with its defaults explicit (kernel shape, input axes, kind, layer axes).
+
+  Checkpoints written before ``Adapter`` filled its defaults in store ``None`` for them.
 
   ``fresh_bases`` is left out: it chooses how the adapter runs, not what it holds, so the
   target's value applies (and checkpoints written before the field existed restore).
@@ -324,6 +332,7 @@ def _norm(entry: Mapping) -> dict:
           "kernel_shape": None if kshape is None else [int(d) for d in kshape],
           "in_axes": [0] if entry["in_axes"] is None else [int(i) for i in entry["in_axes"]],
           "kind": entry["kind"] or "dense",
+          "layer_axes": [int(i) for i in entry.get("layer_axes") or ()],
           "fields": {f: None if e is None else "array" if "shape" in e else e["node"]
                      for f, e in entry["fields"].items()},
           "shapes": shapes}

@@ -51,11 +51,6 @@ from sdslora_jax.adapter import Adapter, is_adapter, layer_view
 from sdslora_jax.targets import path_str
 
 __all__ = [
-    "FACTOR_METRICS",
-    "condition_number",
-    "effective_rank",
-    "factor_diagnostics",
-    "stable_rank",
     "tree_diagnostics",
     "update_alignment",
     "update_alignment_from_activations",
@@ -237,12 +232,12 @@ def _flat_kernel_grad(adapter: Adapter, kernel_grad: jax.Array) -> jax.Array:
   shape = tuple(jnp.shape(kernel_grad))
   if shape == adapter.shape:
     return kernel_grad
-  if adapter.kernel_shape is not None and shape == adapter.target_shape:
-    perm = adapter.input_axes + adapter.output_axes
+  if shape == adapter.kernel_shape:
+    perm = adapter.in_axes + adapter.output_axes
     return jnp.reshape(jnp.transpose(kernel_grad, perm), adapter.shape)
   expected = f"{adapter.shape}"
-  if adapter.kernel_shape is not None and adapter.target_shape != adapter.shape:
-    expected += f" (or the kernel's own shape {adapter.target_shape})"
+  if adapter.kernel_shape != adapter.shape:
+    expected += f" (or the kernel's own shape {adapter.kernel_shape})"
   raise ValueError(
       f"kernel_grad has shape {shape}, but the adapter (a {tuple(jnp.shape(adapter.a))}, b "
       f"{tuple(jnp.shape(adapter.b))}) needs a kernel gradient of shape {expected}"

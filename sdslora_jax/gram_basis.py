@@ -78,6 +78,8 @@ from jax import lax
 
 from sdslora_jax import _checks, _linalg
 
+__all__: list[str] = []  # internal: used by the library, not part of its API
+
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
 _U = 2.0**-24  # float32 unit roundoff

@@ -55,7 +55,7 @@ from sdslora_jax.adapter import Adapter, adapter_matmul, guard_tree, kernel_delt
 from sdslora_jax.targets import KernelLayout, Rule, path_keys, path_str
 from sdslora_jax.tree import adapters_from_targets, adapter_items
 
-__all__ = ["OpLayout", "OpLevelError", "apply", "init_adapters", "layouts", "select_weights"]
+__all__ = ["OpLevelError", "apply", "init_adapters"]
 
 # Ops that only move, cast or annotate a weight: followed, never adapted.
 _CASTS = ("convert_element_type", "copy", "copy_p", "sharding_constraint", "reshard",
@@ -954,12 +954,12 @@ def apply(fn: Callable, params: Any, adapters: Any, *args, **kwargs) -> Any:
     if i is None:
       raise ValueError(f"adapter at {path_str(keys)!r} has no parameter at its path")
     shape = tuple(np.shape(flat[i][1]))
-    if shape != ad.target_shape:
+    if shape != ad.kernel_shape:
       raise ValueError(f"adapter at {path_str(keys)!r} is for a weight of shape "
-                       f"{ad.target_shape}, but the parameter there has shape {shape}")
+                       f"{ad.kernel_shape}, but the parameter there has shape {shape}")
     g = groups.get(keys)
     ws[i] = _Weight(path_str(keys), shape, OpLayout(
-        path_str(keys), shape, ad.input_axes, ad.stacked_axes, ad.kind or "dense", "init"),
+        path_str(keys), shape, ad.in_axes, ad.layer_axes, ad.kind, "init"),
         quantized=_readable_qtype(g, path_str(keys)) if g else None,
         parts=g["parts"] if g else None)
     ads[i] = ad

@@ -50,17 +50,9 @@ from sdslora_jax.tree import (
     init_adapters as _init_adapters,
     is_pointwise_conv,
     lookup_embedding,
-    merge,
 )
 
-__all__ = [
-    "apply",
-    "init_adapters",
-    "intercept",
-    "merge",
-    "module_layouts",
-    "with_stacked_adapters",
-]
+__all__ = ["apply", "init_adapters"]
 
 _CONV_TYPES = (nn.Conv, nn.ConvTranspose, nn.ConvLocal)
 _state = threading.local()
@@ -205,10 +197,10 @@ def _check_kernel(module, ad: Adapter, name: str) -> None:
   if name not in params:
     return
   shape = _shape(params[name])
-  if shape != ad.target_shape:
+  if shape != ad.kernel_shape:
     raise ValueError(
         f"the adapter at {path_str((*module.path, name))!r} is for a kernel of shape "
-        f"{ad.target_shape} (in_axes {ad.input_axes}), but the {type(module).__name__} there "
+        f"{ad.kernel_shape} (in_axes {ad.in_axes}), but the {type(module).__name__} there "
         f"uses a kernel of shape {shape} per call: a kernel stored with extra leading axes "
         "(layers stacked by nn.scan / nn.vmap) cannot be adapted as one matrix; build the "
         "adapters with example inputs (init_adapters(key, model, params, rules, *inputs)) "
@@ -233,7 +225,7 @@ def with_stacked_adapters(variables: Mapping[str, Any], adapters: Any) -> dict:
   adapter. ``apply`` does this itself; call it when running ``model.apply``
   inside ``intercept`` yourself. Unstacked adapters are not copied.
   """
-  stacked = [(k, ad) for k, ad in adapter_items(adapters) if ad.stacked_axes]
+  stacked = [(k, ad) for k, ad in adapter_items(adapters) if ad.layer_axes]
   if not stacked:
     return variables
   out = dict(variables)
@@ -256,7 +248,7 @@ def _copy_dicts(tree):
 
 def _resolve(m, ad: Adapter, name: str) -> Adapter:
   """The adapter for this call: a stacked one's layer comes from the module's variables."""
-  if not ad.stacked_axes:
+  if not ad.layer_axes:
     return ad
   slot = m.variables.get("params", {}).get(_slot(name))
   if slot is None:
@@ -299,12 +291,12 @@ def _make_interceptor(adapters, used: set):
     if isinstance(m, nn.DenseGeneral) and not m.batch_dims:
       x = _inputs(args, kwargs)
       axis = _dense_general_axis(m, x.ndim)
-      if ad.input_axes == tuple(range(len(axis))):
+      if ad.in_axes == tuple(range(len(axis))):
         y = next_fun(*args, **kwargs)
         return y + apply_dense_general(x.astype(y.dtype), ad, axis)
     if isinstance(m, nn.Einsum):
       eq = _einsum_str(m, args, kwargs)
-      if einsum_in_axes(eq, len(ad.target_shape)) == ad.input_axes:
+      if einsum_in_axes(eq, len(ad.kernel_shape)) == ad.in_axes:
         y = next_fun(*args, **kwargs)
         return y + apply_einsum(_inputs(args, kwargs).astype(y.dtype), ad, eq)
     if isinstance(m, nn.Conv) and is_pointwise_conv(ad, m):

@@ -49,17 +49,13 @@ from sdslora_jax.tree import (
 
 __all__ = [
     "AdapterVariable",
-    "Adapted",
-    "OpAdapted",
     "adapt",
     "adapt_ops",
-    "as_function",
-    "adapter_state",
     "adapters",
     "attach",
-    "is_adapted",
     "merged",
     "unwrap",
+    "as_function",
 ]
 
 _CONV_TYPES = (nnx.Conv, nnx.ConvTranspose)
@@ -128,16 +124,16 @@ class Adapted(nnx.Module):
                       f"{[t.__name__ for t in SUPPORTED]}")
     shape = tuple(getattr(base, _kernel_name(base)).shape)
     call = _call_shape(base)
-    n = len(adapter.stacked_axes)
+    n = len(adapter.layer_axes)
     if shape[n:] != call or (n and shape[:n] != adapter.layer_shape):
       raise ValueError(
           f"cannot adapt a {type(base).__name__} whose kernel has shape {shape} but which uses "
           f"a kernel of shape {call} per call with an adapter for layer axes "
-          f"{adapter.stacked_axes} (kernel shape {adapter.target_shape})"
+          f"{adapter.layer_axes} (kernel shape {adapter.kernel_shape})"
       )
-    if adapter.target_shape != shape:
+    if adapter.kernel_shape != shape:
       raise ValueError(
-          f"adapter for a kernel of shape {adapter.target_shape} cannot wrap a "
+          f"adapter for a kernel of shape {adapter.kernel_shape} cannot wrap a "
           f"{type(base).__name__} whose kernel has shape {shape}"
       )
     self.base = base
@@ -174,13 +170,13 @@ class Adapted(nnx.Module):
       return y + apply_dense_general(x.astype(y.dtype), ad, (-1,))
     if isinstance(base, nnx.LinearGeneral) and not base.batch_axis:
       axis = tuple(sorted(a % x.ndim for a in base.axis))  # Flax pairs sorted axes with the kernel
-      if ad.input_axes == tuple(range(len(axis))):
+      if ad.in_axes == tuple(range(len(axis))):
         y = base(*args, **kwargs)
         return y + apply_dense_general(x.astype(y.dtype), ad, axis)
     if isinstance(base, nnx.Einsum):
       eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
       eq = (eq if eq is not None else base.einsum_str).replace(" ", "")
-      if einsum_in_axes(eq, len(ad.target_shape)) == ad.input_axes:
+      if einsum_in_axes(eq, len(ad.kernel_shape)) == ad.in_axes:
         y = base(*args, **kwargs)
         return y + apply_einsum(x.astype(y.dtype), ad, eq)
     if isinstance(base, nnx.Conv) and is_pointwise_conv(ad, base):

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 from sdslora_jax import _checks
 from sdslora_jax.basis import factor_bases
 
+__all__ = ["lora_delta", "lora_matmul", "sds_delta", "sds_matmul", "warmup_sds_matmul"]
+
 _F32 = jnp.float32
 
 def lora_delta(a: jax.Array, b: jax.Array, *, scale: float) -> jax.Array:

@@ -66,7 +66,7 @@ from sdslora_jax.targets import (
 )
 from sdslora_jax.tree import _set, adapter_items
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_peft", "import_peft"]
+__all__ = ["export_peft", "import_peft"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -130,7 +130,7 @@ def _fused_rows(ad: Adapter, names: tuple[str, ...], kpath: str) -> int:
   module gets the shared ``lora_A`` and its block of ``lora_B``, so their
   updates are exactly the fused update's parts.
   """
-  shape, out_axes = ad.target_shape, ad.output_axes
+  shape, out_axes = ad.kernel_shape, ad.output_axes
   if _kind(ad) != "dense" or not out_axes or shape[out_axes[0]] != len(names):
     first = shape[out_axes[0]] if out_axes else None
     raise ValueError(
@@ -156,7 +156,7 @@ _UNEXPORTABLE = {
 
 
 def _kind(ad: Adapter) -> str:
-  return ad.kind or "dense"
+  return ad.kind
 
 
 def _refuse(kind: str, kpath: str, shape: tuple[int, ...], verb: str) -> None:
@@ -198,9 +198,9 @@ def _to_torch(ad: Adapter, left: np.ndarray, right: np.ndarray, name: str):
   if kind == "embed":
     return left.T, right.T, (".lora_embedding_A", ".lora_embedding_B")
   if kind == "conv":
-    shape = ad.target_shape
+    shape = ad.kernel_shape
     spatial, cin, cout = shape[:-2], shape[-2], shape[-1]
-    if ad.input_axes != tuple(range(len(shape) - 1)):
+    if ad.in_axes != tuple(range(len(shape) - 1)):
       raise ValueError(f"{name}: a conv adapter must have all but the last kernel axis as input")
     a_t = left.T.reshape((r, *spatial, cin))
     a_t = np.moveaxis(a_t, -1, 1)  # (r, cin, *spatial)
@@ -282,7 +282,7 @@ def export_peft(
   per_module = []
   for keys, stacked in items:
     kpath = path_str(keys)
-    _refuse(_kind(stacked), kpath, stacked.target_shape, "export")
+    _refuse(_kind(stacked), kpath, stacked.kernel_shape, "export")
     _check_finite(stacked, kpath)
     for layer in _layers(stacked):
       ad = stacked if layer is None else take_layer(stacked, layer)

@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["PARTS", "NF4", "blocked_dot_general", "dequantize", "logical", "readable", "stored",
-           "value"]
+__all__: list[str] = []  # internal: used by the library, not part of its API
 
 # The array fields of a quantized weight, as qwix's ``QArray`` names them.
 PARTS = ("qvalue", "scale", "zero_point")

@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from sdslora_jax import _checks, _linalg
-from sdslora_jax.basis import BASIS_METHODS, basis
+from sdslora_jax.basis import BASIS_METHODS, orthonormal_basis
 from sdslora_jax.gram_basis import gram_qr
+
+__all__ = ["activate_sds"]
 
 
 def activate_sds(
@@ -33,7 +35,7 @@ def activate_sds(
     b: ``(r, d_out)`` LoRA up factor after warm-up.
     scale: the adapter scale ``s``.
     method: how the QRs and bases are computed, ``"gram"`` (default; see
-      ``basis.basis``) or ``"householder"``.
+      ``orthonormal_basis``) or ``"householder"``.
 
   Returns:
     ``(a_new, b_new, qa, qb)`` with ``sds_delta(a_new, b_new, scale=scale,
@@ -68,8 +70,8 @@ def activate_sds_batch(
   # a refresh would compute. Everything stays in float32 up to here; low-precision
   # factors are rounded once, below, and the bases are those of the unrounded
   # float32 factors.
-  qa = basis(a_new, method)
-  qb = basis(jnp.swapaxes(b_new, -1, -2), method)
+  qa = orthonormal_basis(a_new, method=method)
+  qb = orthonormal_basis(jnp.swapaxes(b_new, -1, -2), method=method)
   return a_new.astype(jnp.asarray(a).dtype), b_new.astype(jnp.asarray(b).dtype), qa, qb
 
 

@@ -72,7 +72,7 @@ from sdslora_jax import _trees, quantized
 from sdslora_jax.adapter import Adapter, is_adapter
 from sdslora_jax.targets import path_keys, path_str
 
-__all__ = ["adapter_shardings", "adapter_spec", "opt_state_shardings"]
+__all__ = ["adapter_shardings", "opt_state_shardings"]
 
 _FIELDS = ("a", "b", "qa", "qb", "sds_on", "stamp")
 
@@ -125,9 +125,9 @@ def _side(names: list[tuple[str, ...]], sizes: list[int], sizes_of: Mapping[str,
 
 
 def _check_shapes(adapter: Adapter, where: str) -> None:
-  shape = adapter.target_shape
-  lead = tuple(shape[i] for i in adapter.stacked_axes)
-  d_in = math.prod(shape[i] for i in adapter.input_axes)
+  shape = adapter.kernel_shape
+  lead = tuple(shape[i] for i in adapter.layer_axes)
+  d_in = math.prod(shape[i] for i in adapter.in_axes)
   d_out = math.prod(shape[i] for i in adapter.output_axes)
   r = adapter.a.shape[-1]
   want = {"a": lead + (d_in, r), "b": lead + (r, d_out), "qa": lead + (d_in, r),
@@ -137,7 +137,7 @@ def _check_shapes(adapter: Adapter, where: str) -> None:
     if x is not None and tuple(np.shape(x)) != want[f]:
       raise ValueError(
           f"{where}: adapter field {f} has shape {tuple(np.shape(x))}, but a kernel of shape "
-          f"{shape} (in_axes {adapter.input_axes}, layer_axes {adapter.stacked_axes}) needs "
+          f"{shape} (in_axes {adapter.in_axes}, layer_axes {adapter.layer_axes}) needs "
           f"{want[f]}"
       )
 
@@ -164,7 +164,7 @@ def adapter_spec(adapter: Adapter, kernel_spec: Any, *, mesh: Any = None) -> Ada
       mesh axis twice or one the mesh lacks, or the adapter's arrays do not fit
       its kernel shape.
   """
-  shape = adapter.target_shape
+  shape = adapter.kernel_shape
   where = f"adapter for kernel shape {shape}"
   _check_shapes(adapter, where)
   entries = tuple(kernel_spec)
@@ -187,8 +187,8 @@ def adapter_spec(adapter: Adapter, kernel_spec: Any, *, mesh: Any = None) -> Ada
   def side(axes):
     return _entry(_side([names[i] for i in axes], [shape[i] for i in axes], sizes_of))
 
-  lead = tuple(_entry(names[i]) for i in adapter.stacked_axes)
-  d_in, d_out = side(adapter.input_axes), side(adapter.output_axes)
+  lead = tuple(_entry(names[i]) for i in adapter.layer_axes)
+  d_in, d_out = side(adapter.in_axes), side(adapter.output_axes)
   specs = {
       "a": PartitionSpec(*lead, d_in, None),
       "b": PartitionSpec(*lead, None, d_out),
@@ -351,9 +351,9 @@ def adapter_shardings(
       raise ValueError(f"{where}: no entry for its kernel in the base shardings")
     where = f"{where} (kernel {path_str(found)!r})"
     spec, kmesh, shape = _read(entries[found], rules, where)
-    if shape is not None and tuple(shape) != ad.target_shape:
+    if shape is not None and tuple(shape) != ad.kernel_shape:
       raise ValueError(f"{where}: the kernel has shape {tuple(shape)}, the adapter is for "
-                       f"{ad.target_shape}")
+                       f"{ad.kernel_shape}")
     sizes_mesh = mesh if mesh is not None else kmesh
     try:
       specs = adapter_spec(ad, spec, mesh=sizes_mesh)

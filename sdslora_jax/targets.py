@@ -41,6 +41,8 @@ import jax.numpy as jnp
 from sdslora_jax import _checks
 from sdslora_jax.adapter import METHODS
 
+__all__ = ["rule"]
+
 KERNEL_NAMES = ("kernel", "embedding")
 CONV_KINDS = ("conv", "conv_grouped", "conv_transpose", "conv_local")
 KINDS = ("dense", *CONV_KINDS, "embed")

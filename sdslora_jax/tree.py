@@ -7,7 +7,7 @@ tree holding targeted kernels, with an ``Adapter`` where a targeted kernel is::
 
 It lives apart from the frozen base parameters (nothing of the base is copied),
 so it is what an optimizer sees. ``merge`` folds the updates into ordinary
-parameters; it is differentiable and, because ``adapter_delta`` keeps the bases
+parameters; it is differentiable and, because ``matrix_delta`` keeps the bases
 constant, autodiff through it gives the SDS-LoRA gradients: it is the dense
 reference of the rank-r forward paths below.
 
@@ -45,17 +45,7 @@ from sdslora_jax.targets import (
     select_targets,
 )
 
-__all__ = [
-    "adapter_items",
-    "adapters_from_targets",
-    "apply_dense_general",
-    "apply_einsum",
-    "attend_embedding",
-    "init_adapters",
-    "kernel_delta",
-    "lookup_embedding",
-    "merge",
-]
+__all__ = ["merge"]
 
 
 def _set(tree: dict, keys: Sequence[Any], value: Any) -> None:
@@ -88,7 +78,7 @@ def adapters_from_targets(
       ad = init(k)
     ad = dataclasses.replace(
         ad, kernel_shape=t.layout.shape, in_axes=t.layout.in_axes, kind=t.layout.kind,
-        layer_axes=t.layout.layer_axes or None, fresh_bases=r.fresh_bases,
+        layer_axes=t.layout.layer_axes, fresh_bases=r.fresh_bases,
     )
     _set(tree, t.keys, ad)
   return tree
@@ -156,9 +146,9 @@ def merge(params: Any, adapters: Any) -> Any:
     found.add(keys)
     if quantized.stored(leaf) is not None:  # a quantized frozen kernel: merged dequantized
       leaf = quantized.value(leaf)
-    if tuple(leaf.shape) != ad.target_shape:
+    if tuple(leaf.shape) != ad.kernel_shape:
       raise ValueError(
-          f"adapter at {path_str(keys)!r} is for a kernel of shape {ad.target_shape}, but the "
+          f"adapter at {path_str(keys)!r} is for a kernel of shape {ad.kernel_shape}, but the "
           f"parameter there has shape {tuple(leaf.shape)}"
       )
     leaves.append((leaf.astype(jnp.float32) + kernel_delta(ad)).astype(leaf.dtype))
@@ -172,7 +162,7 @@ def _check_input(name: str, adapter: Adapter, got: tuple[int, ...], want: tuple[
   if got != want:
     raise ValueError(
         f"{name}: input axes of size {got} do not match the adapter's input side {want} "
-        f"(kernel shape {adapter.target_shape}, in_axes {adapter.input_axes})"
+        f"(kernel shape {adapter.kernel_shape}, in_axes {adapter.in_axes})"
     )
 
 
@@ -189,7 +179,7 @@ def is_pointwise_conv(adapter: Adapter, module: Any) -> bool:
   input's spatial shape). Such a convolution's update reaches the output as
   ``(x @ a) @ b`` over the channel axis: the rank-r path, no per-call merge.
   """
-  if adapter.kind != "conv" or any(n != 1 for n in adapter.target_shape[:-2]):
+  if adapter.kind != "conv" or any(n != 1 for n in adapter.kernel_shape[:-2]):
     return False
   padding = getattr(module, "padding", "SAME")
   return (_ones(getattr(module, "strides", 1)) and _ones(getattr(module, "input_dilation", 1))
@@ -217,8 +207,8 @@ def apply_dense_general(x: jax.Array, adapter: Adapter, axis: Sequence[int] = (-
     ``(x's other axes..., kernel output axes...)`` in ``x``'s dtype.
   """
   adapter = layer_view(adapter)
-  shape = adapter.target_shape
-  in_axes, out_axes = adapter.input_axes, adapter.output_axes
+  shape = adapter.kernel_shape
+  in_axes, out_axes = adapter.in_axes, adapter.output_axes
   axis = tuple(a % x.ndim for a in axis)
   want = tuple(shape[i] for i in in_axes)
   _check_input("apply_dense_general", adapter, tuple(x.shape[a] for a in axis), want)
@@ -237,15 +227,15 @@ def apply_einsum(x: jax.Array, adapter: Adapter, eq: str) -> jax.Array:
   contracted kernel axes are the adapter's input axes.
   """
   adapter = layer_view(adapter)
-  shape = adapter.target_shape
+  shape = adapter.kernel_shape
   in_axes = einsum_in_axes(eq, len(shape))
-  if in_axes != adapter.input_axes:
+  if in_axes != adapter.in_axes:
     raise ValueError(
         f"einsum {eq!r} contracts kernel axes {in_axes} but the adapter's input axes are "
-        f"{adapter.input_axes} (kernel shape {shape})"
+        f"{adapter.in_axes} (kernel shape {shape})"
     )
   x_spec, k_spec, out = parse_einsum(eq, len(shape))
-  in_letters = "".join(k_spec[i] for i in adapter.input_axes)
+  in_letters = "".join(k_spec[i] for i in adapter.in_axes)
   out_letters = "".join(k_spec[i] for i in adapter.output_axes)
   batch = "".join(c for c in x_spec if c in out)
   xt = jnp.einsum(f"{x_spec}->{batch}{in_letters}", x)

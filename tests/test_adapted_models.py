@@ -196,7 +196,7 @@ def test_bert_layer_384_training_step_jaxpr(frontend):
 
   opt_state = jax.eval_shape(tx.init, ads)
   closed = jax.make_jaxpr(training_step(loss))(ads, opt_state, params, ids)
-  kernels = [ad.target_shape for ad in jax.tree.leaves(ads, is_leaf=is_adapter) if is_adapter(ad)]
+  kernels = [ad.kernel_shape for ad in jax.tree.leaves(ads, is_leaf=is_adapter) if is_adapter(ad)]
   assert len(kernels) == 6
   smallest_kernel = min(math.prod(s) for s in kernels)
   assert smallest_kernel == 384 * 384  # query/key/value/output; FFN kernels are 384 x 1536

@@ -71,7 +71,7 @@ def _teacher_lora(cfg, steps, tx):
   target = teacher.make_target(cfg)
   a, b = teacher.init_factors(cfg)
   p0 = sl.Adapter(a=a, b=b, method="lora", scale=cfg.scale)
-  loss = lambda p: 0.5 * jnp.sum((sl.adapter_delta(p) - target) ** 2)
+  loss = lambda p: 0.5 * jnp.sum((sl.kernel_delta(p) - target) ** 2)
 
   def body(carry, _):
     p, s = carry
@@ -79,7 +79,7 @@ def _teacher_lora(cfg, steps, tx):
     return (optax.apply_updates(p, u), s), None
 
   (p, _), _ = jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), None, length=steps))(p0)
-  return float(teacher.relative_loss(sl.adapter_delta(p), target))
+  return float(teacher.relative_loss(sl.kernel_delta(p), target))
 
 
 def test_scaled_gd_is_insensitive_to_conditioning():

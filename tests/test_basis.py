@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import sdslora_jax as sds
+from sdslora_jax.basis import align_signs, factor_bases
 
 
 def _rand(seed, shape, dtype=jnp.float32):
@@ -65,15 +66,15 @@ def test_orthonormal_basis_rejects_bad_shapes(shape):
 def test_align_signs_flips_only_opposed_columns():
   prev = sds.orthonormal_basis(_rand(4, (10, 4)))
   flips = jnp.array([1.0, -1.0, 1.0, -1.0])
-  aligned = sds.align_signs(prev * flips, prev)
+  aligned = align_signs(prev * flips, prev)
   np.testing.assert_allclose(aligned, prev, atol=1e-7)
   with pytest.raises(ValueError, match="different shapes"):
-    sds.align_signs(prev, prev[:, :3])
+    align_signs(prev, prev[:, :3])
 
 
 def test_refresh_bases_orthonormal_spanning_and_sign_aligned():
   a, b = _rand(5, (16, 4)), _rand(6, (4, 12))
-  qa0, qb0 = sds.factor_bases(a, b)
+  qa0, qb0 = factor_bases(a, b)
   # Previous bases with flipped columns: the refresh must follow their signs.
   flips = jnp.array([-1.0, 1.0, -1.0, 1.0])
   a1, b1 = a + 0.01 * _rand(7, a.shape), b + 0.01 * _rand(8, b.shape)

@@ -121,7 +121,7 @@ def test_round_trip_mixed_tree(tmp_path):
       "kernel_shape": [3, 4, 6],
       "in_axes": [0, 1],
       "kind": "dense",
-      "layer_axes": None,
+      "layer_axes": [],
       "fresh_bases": True,
   }
   assert fields["a"] == {"shape": [12, 2], "dtype": "bfloat16"}

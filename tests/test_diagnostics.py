@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import sdslora_jax as sds
+from sdslora_jax.adapter import take_layer
+from sdslora_jax.basis import factor_bases
 from sdslora_jax import diagnostics as diag
 from testing_utils import big_intermediates
 
@@ -27,7 +29,7 @@ def _adapter(method, seed=0, a=None, b=None, sds_on=1.0):
                   if b is None else b, jnp.float32)
   ad = dataclasses.replace(ad, a=a, b=b)
   if method == "sds":
-    qa, qb = sds.factor_bases(a, b)
+    qa, qb = factor_bases(a, b)
     ad = sds.restamp(dataclasses.replace(ad, qa=qa, qb=qb,
                                          sds_on=jnp.full((), sds_on, jnp.float32)))
   return ad
@@ -246,7 +248,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="take_layer"):
       call()
   # A layer of it, sliced with take_layer, is accepted.
-  assert diag.update_alignment(sds.take_layer(stacked, 0), _rand(5, (D_IN, D_OUT))).shape == ()
+  assert diag.update_alignment(take_layer(stacked, 0), _rand(5, (D_IN, D_OUT))).shape == ()
   with pytest.raises(ValueError, match="grads.b has shape"):
     diag.factor_diagnostics(ad, dataclasses.replace(ad, b=jnp.zeros((R, D_OUT + 1))))
   with pytest.raises(ValueError, match="same leading axes"):

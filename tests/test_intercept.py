@@ -1,7 +1,7 @@
 """The op-level path (``sdslora_jax.intercept``) against the dense reference.
 
 The reference is ``fn(tree.merge(params, adapters))``: the naive dense update
-folded into every kernel, differentiated by autodiff (``adapter_delta`` keeps the
+folded into every kernel, differentiated by autodiff (``matrix_delta`` keeps the
 bases constant, so its gradients are SDS-LoRA's). The op-level path must give the
 same outputs and gradients without forming a kernel-sized array.
 """
@@ -212,7 +212,7 @@ def test_conv_is_merged_per_call():
                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
   x = jax.random.normal(jax.random.key(1), (2, 5, 5, 4))
   ads = intercept.init_adapters(jax.random.key(2), fn, params, [rule("k", rank=2)], x)
-  assert ads["k"].kind == "conv" and ads["k"].input_axes == (0, 1, 2)
+  assert ads["k"].kind == "conv" and ads["k"].in_axes == (0, 1, 2)
   _check_against_merge(fn, params, randomize(ads, jax.random.key(3)), x)
 
 

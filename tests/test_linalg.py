@@ -57,7 +57,7 @@ def test_map_matrices_rejects_mismatched_batches():
 _SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
-    from sdslora_jax.basis import basis
+    from sdslora_jax.basis import orthonormal_basis
     from sdslora_jax.reparam import factors_from_qr, thin_qr
 
     rng = np.random.default_rng(0)
@@ -65,7 +65,7 @@ _SCRIPT = textwrap.dedent("""
 
     @jax.jit
     def run(m1, m2):  # independent batched QR / Cholesky / SVD calls in one program
-      out = [basis(m, method) for method in ("gram", "householder") for m in (m1, m2)]
+      out = [orthonormal_basis(m, method=method) for method in ("gram", "householder") for m in (m1, m2)]
       qa, ra = thin_qr(m1, "householder")
       qb, rb = thin_qr(m2[:, :64], "gram")
       return out, (qa, ra, qb, rb), factors_from_qr(qa, ra, qb, rb, jnp.full(200, 2.0))

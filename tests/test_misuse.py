@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import sdslora_jax as sds
+from sdslora_jax.basis import factor_bases
 from sdslora_jax import linen as sl
 from sdslora_jax import nnx as snnx
 from sdslora_jax import tree
@@ -37,7 +38,7 @@ def test_sds_on_init_is_zero_update_with_sds_gradients(d_in, d_out, rank):
   ad = sds.init_adapter(jax.random.key(0), d_in, d_out, rank=rank, scale=2.0, sds_on=True)
   x = jax.random.normal(jax.random.key(1), (7, d_in))
   np.testing.assert_array_equal(sds.adapter_matmul(x, ad), jnp.zeros((7, d_out)))
-  np.testing.assert_array_equal(sds.adapter_delta(ad), jnp.zeros((d_in, d_out)))
+  np.testing.assert_array_equal(sds.kernel_delta(ad), jnp.zeros((d_in, d_out)))
   np.testing.assert_allclose(ad.qa.T @ ad.qa, jnp.eye(rank), atol=1e-6)
   np.testing.assert_allclose(ad.qb.T @ ad.qb, jnp.eye(rank), atol=1e-6)
   # Gradients: the SDS rule dL/db = s qa.T G, dL/da = s G qb, with G = dL/dK of the dense model.
@@ -109,7 +110,7 @@ def test_non_float_activations_are_refused(dtype):
   a, b = _factors()
   x = jnp.ones((3, 6), dtype)
   ad = sds.init_adapter(jax.random.key(0), 6, 5, rank=2, scale=1.0)
-  qa, qb = sds.factor_bases(a, b)
+  qa, qb = factor_bases(a, b)
   calls = [
       lambda: sds.lora_matmul(x, a, b, scale=1.0),
       lambda: sds.sds_matmul(x, a, b, scale=1.0),

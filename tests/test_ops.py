@@ -7,8 +7,8 @@ import pytest
 from jax.test_util import check_grads
 
 import sdslora_jax as sds
-from sdslora_jax import ops
 from sdslora_jax.basis import factor_bases
+from sdslora_jax import ops
 from testing_utils import big_intermediates
 
 D_IN, D_OUT, R, S = 12, 10, 3, 1.7
@@ -95,7 +95,7 @@ def test_lora_gradients_match_autodiff_of_dense_reference():
 def test_check_grads_with_constant_bases():
   """With given bases the op is an ordinary function of (x, a, b): exact derivatives."""
   x, a, b = _setup((3,))
-  qa, qb = sds.factor_bases(a, b)
+  qa, qb = factor_bases(a, b)
   f = lambda x, a, b: sds.sds_matmul(x, a, b, scale=S, qa=qa, qb=qb)
   check_grads(f, (x, a, b), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
   check_grads(lambda x, a, b: sds.lora_matmul(x, a, b, scale=S), (x, a, b), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
@@ -210,7 +210,7 @@ def test_bfloat16_factors_and_activations():
 
 def test_warmup_sds_matmul_switches_by_data():
   x, a, b = _setup((5,))
-  qa, qb = sds.factor_bases(a, b)
+  qa, qb = factor_bases(a, b)
   traces = []
 
   @jax.jit

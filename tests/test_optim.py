@@ -12,16 +12,11 @@ import optax
 import pytest
 
 import sdslora_jax as sl
+from sdslora_jax.basis import factor_bases
 from sdslora_jax.adapter import restamp, with_fresh_bases
 from experiments import teacher
-from sdslora_jax.optim import (
-    SdsLoraState,
-    make_refresh_schedule,
-    refresh_phases,
-    refresh_steps,
-    sds_lora,
-    trainable_params,
-)
+from sdslora_jax.optim import SdsLoraState, sds_lora, trainable_params
+from sdslora_jax.optim.schedules import make_refresh_schedule, refresh_phases, refresh_steps
 
 D_IN, D_OUT, RANK = 12, 10, 3
 
@@ -201,7 +196,7 @@ def test_warmup_is_plain_inner_optimizer_then_switch_preserves_function():
     assert float(ad.sds_on) == 1.0
     _assert_bases_consistent(ad)
     want = sl.lora_delta(ref.a, ref.b, scale=ref.scale)
-    np.testing.assert_allclose(sl.adapter_delta(ad), want, atol=1e-5 * float(jnp.abs(want).max()))
+    np.testing.assert_allclose(sl.kernel_delta(ad), want, atol=1e-5 * float(jnp.abs(want).max()))
   np.testing.assert_allclose(_forward(params, x), _forward(ref_params, x), rtol=1e-5, atol=1e-6)
   # Non-SDS leaves are untouched by the switch.
   chex.assert_trees_all_close(params["head"], ref_params["head"], rtol=1e-5, atol=1e-7)
@@ -484,7 +479,7 @@ def _teacher_adapter(cfg, method):
   a, b = teacher.init_factors(cfg)
   if method == "lora":
     return sl.Adapter(a=a, b=b, method="lora", scale=cfg.scale)
-  qa, qb = sl.factor_bases(a, b)
+  qa, qb = factor_bases(a, b)
   off = jnp.zeros((), jnp.float32)
   return sl.Adapter(a=a, b=b, qa=qa, qb=qb, sds_on=off, method="sds", scale=cfg.scale)
 
@@ -496,13 +491,13 @@ def test_sgd_matches_hand_written_loop(kappa):
   steps, warm, lr = 60, 10, 1.0
   target = teacher.make_target(cfg)
   tx = sds_lora(optax.sgd(lr), warmup_steps=warm)
-  loss = lambda p: 0.5 * jnp.sum((sl.adapter_delta(p) - target) ** 2)
+  loss = lambda p: 0.5 * jnp.sum((sl.kernel_delta(p) - target) ** 2)
 
   def body(carry, _):
     p, s = carry
     u, s = tx.update(jax.grad(loss)(p), s, p)
     p = optax.apply_updates(p, u)
-    return (p, s), teacher.relative_loss(sl.adapter_delta(p), target)
+    return (p, s), teacher.relative_loss(sl.kernel_delta(p), target)
 
   p0 = _teacher_adapter(cfg, "sds")
   (p, _), curve = jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), None, length=steps))(p0)
@@ -527,7 +522,7 @@ def teacher_sweep(method, kappa, *, steps=400, warmup_steps=10, refresh="every_s
   target = teacher.make_target(cfg)
   p0 = with_fresh_bases(_teacher_adapter(cfg, method), refresh == "every_step")
   unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(1, steps // 20), steps, end_value=0.01)
-  loss = lambda p: 0.5 * jnp.sum((sl.adapter_delta(p) - target) ** 2)
+  loss = lambda p: 0.5 * jnp.sum((sl.kernel_delta(p) - target) ** 2)
 
   def run(lr):
     tx = optax.adamw(lambda c: lr * unit(c), weight_decay=weight_decay)
@@ -540,7 +535,7 @@ def teacher_sweep(method, kappa, *, steps=400, warmup_steps=10, refresh="every_s
       return (optax.apply_updates(p, u), s), None
 
     (p, _), _ = jax.lax.scan(body, (p0, tx.init(p0)), None, length=steps)
-    return teacher.relative_loss(sl.adapter_delta(p), target)
+    return teacher.relative_loss(sl.kernel_delta(p), target)
 
   return np.asarray(jax.jit(jax.vmap(run))(jnp.asarray(lrs)))
 

@@ -94,7 +94,7 @@ def test_stacked_adapters_have_layer_axes(setup):
   assert q.a.shape == (L, D, 2) and q.b.shape == (L, 2, H * K) and q.qb.shape == (L, H * K, 2)
   assert q.sds_on.shape == (L,) and q.stamp.shape == (L,)
   assert ads["layers"]["out"]["kernel"].in_axes == (1, 2)
-  assert ads["head"]["kernel"].layer_axes is None
+  assert ads["head"]["kernel"].layer_axes == ()
   assert not np.allclose(q.a[0], q.a[1])  # each layer its own initialisation
 
 

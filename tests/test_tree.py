@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sdslora_jax import tree
-from sdslora_jax.adapter import adapter_delta, is_adapter, kernel_delta
+from sdslora_jax.adapter import matrix_delta, is_adapter, kernel_delta
 from sdslora_jax.targets import rule
 from testing_utils import random_adapter
 
@@ -40,7 +40,7 @@ def test_init_is_zero_update_and_mirrors_params():
                                            ((3, 5, 7), (1,)), ((3, 3, 2, 4), (0, 1, 2))])
 def test_kernel_delta_layout(shape, in_axes):
   ad = random_adapter(jax.random.key(2), shape, in_axes)
-  flat = np.asarray(adapter_delta(ad))
+  flat = np.asarray(matrix_delta(ad))
   got = np.asarray(kernel_delta(ad))
   assert got.shape == shape
   out_axes = [i for i in range(len(shape)) if i not in in_axes]

@@ -140,8 +140,8 @@ def adapter_kernel_shapes(adapters):
   """Per-layer kernel shapes and ``(d_in, d_out)`` of every adapter in a tree."""
   out = set()
   for ad in jax.tree.leaves(adapters, is_leaf=is_adapter):
-    shape = ad.target_shape
-    out.add(tuple(d for i, d in enumerate(shape) if i not in ad.stacked_axes))
+    shape = ad.kernel_shape
+    out.add(tuple(d for i, d in enumerate(shape) if i not in ad.layer_axes))
     out.add(tuple(shape))
     out.add(ad.shape)
   return out

@@ -50,7 +50,8 @@ from sdslora_jax import checkpoint as sl_ckpt
 from sdslora_jax import diagnostics as sl_diagnostics
 from sdslora_jax.adapter import is_adapter
 from sdslora_jax import sharding as sl_sharding
-from sdslora_jax.optim import SWITCH_STATES, sds_lora
+from sdslora_jax.optim import sds_lora
+from sdslora_jax.optim.sds import SWITCH_STATES
 from sdslora_jax.optim.baselines import scale_by_riemannian_lora
 from sdslora_jax.targets import path_keys, path_str, rule
 from experiments.finetune import input_pipeline as ip

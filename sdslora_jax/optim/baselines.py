@@ -170,10 +170,4 @@ def riemannian_lora(
   return optax.chain(scale_by_riemannian_lora(damping), optax.sgd(learning_rate))
 
 
-__all__ = [
-    "FACTOR_LABELS",
-    "factor_labels",
-    "loraplus",
-    "riemannian_lora",
-    "scale_by_riemannian_lora",
-]
+__all__ = ["factor_labels", "loraplus", "riemannian_lora", "scale_by_riemannian_lora"]

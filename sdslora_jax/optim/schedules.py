@@ -132,10 +132,4 @@ def refresh_steps(schedule: RefreshSchedule, num_steps: int) -> list[int]:
   return [int(j) for j, h in zip(js, hits) if bool(h)]
 
 
-__all__ = [
-    "RefreshSchedule",
-    "make_refresh_schedule",
-    "refresh_every",
-    "refresh_phases",
-    "refresh_steps",
-]
+__all__: list[str] = []  # internal: used by the library, not part of its API

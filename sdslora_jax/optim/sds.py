@@ -102,7 +102,7 @@ import optax
 from sdslora_jax import _trees
 from sdslora_jax.adapter import adapter_stamp, is_adapter
 from sdslora_jax.basis import BASIS_METHODS, align_signs
-from sdslora_jax.basis import basis as basis_of
+from sdslora_jax.basis import orthonormal_basis
 from sdslora_jax.optim.schedules import RefreshSchedule, make_refresh_schedule
 from sdslora_jax.reparam import factors_from_qr, thin_qr
 
@@ -590,7 +590,7 @@ def sds_lora(
       for k in range(len(groups)):
         mats[k, "a"] = (out[k][3],)
         mats[k, "b"] = (jnp.swapaxes(out[k][4], -1, -2),)
-      fresh = _grouped(lambda m: (basis_of(m, basis),), mats, tails=(2,))
+      fresh = _grouped(lambda m: (orthonormal_basis(m, method=basis),), mats, tails=(2,))
       bases = []
       for k, g in enumerate(groups):
         pair = []
@@ -631,4 +631,4 @@ def sds_lora(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-__all__ = ["SWITCH_STATES", "SdsLoraState", "sds_lora", "trainable_params"]
+__all__ = ["SdsLoraState", "sds_lora", "trainable_params"]
