@@ -62,6 +62,9 @@ log = logging.getLogger("sdslora.train")
 METHODS = ("lora", "rslora", "sds", "riemannian", "full")
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# How the training batches are ordered (``input_pipeline.BatchIterator``), recorded in
+# each checkpoint: a run resumed from a checkpoint of another order is warned.
+DATA_ORDER = "grain-index-shuffle"
 
 
 # ----------------------------------------------------------------------------------------
@@ -696,6 +699,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path, resume: bool) -> dict:
     if restored is not None:
       start, state, extra = restored
       data.set_state(extra["data"])
+      if extra.get("data_order") != DATA_ORDER and lead:
+        print(f"warning: the checkpoint at step {start} was written before the data order "
+              f"became {DATA_ORDER!r}: from here the batches differ from those the run would "
+              "have seen uninterrupted", file=sys.stderr)
       if lead:
         print(f"resumed from step {start} in {ckpt_dir}", file=sys.stderr)
   if state is None:
@@ -730,7 +737,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, resume: bool) -> dict:
   def save(step):
     if not bool(all_finite(state["trainable"])):  # never a checkpoint of NaN parameters
       raise diverged(step, "the trainable parameters hold NaN or inf")
-    extra = {"data": data.get_state(), "step": step, "run": meta}
+    extra = {"data": data.get_state(), "data_order": DATA_ORDER, "step": step, "run": meta}
     manager.save(step, args=sl_ckpt.save_args(state, extra=extra), force=True)
     manager.wait_until_finished()
 
