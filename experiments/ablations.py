@@ -17,13 +17,14 @@ png}``; ``--regenerate`` rebuilds the table and plot from the JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 
 import numpy as np
+from absl import flags
 
+from experiments import cli
 from experiments.finetune import grid
 
 RESULTS = grid.RESULTS
@@ -130,14 +131,18 @@ def plot(records, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", "runs/ablations", "Where the runs go.", flag_values=FLAGS)
+flags.DEFINE_string("seeds", "0", "Comma-separated seeds.", flag_values=FLAGS)
+flags.DEFINE_string("variants", ",".join(VARIANTS), "Comma-separated variants.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("results", str(RESULTS), "Where the tables and plots go.", flag_values=FLAGS)
+flags.DEFINE_bool("regenerate", False, "Rebuild the outputs from the saved records only.",
+                  flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="runs/ablations")
-  parser.add_argument("--seeds", default="0")
-  parser.add_argument("--variants", default=",".join(VARIANTS))
-  parser.add_argument("--results", default=str(RESULTS))
-  parser.add_argument("--regenerate", action="store_true")
-  args = parser.parse_args(argv)
+  args = cli.parse(FLAGS, argv)
   results = pathlib.Path(args.results)
   path = results / "ablations.json"
   records = json.loads(path.read_text()) if path.exists() else []
@@ -159,4 +164,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  cli.run(main, FLAGS)

@@ -27,13 +27,14 @@ import os
 # set OPENBLAS_NUM_THREADS to override. (Must precede importing numpy / JAX.)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from sdslora_jax import gram_basis  # noqa: E402
 from sdslora_jax.basis import orthonormal_basis  # noqa: E402
 
@@ -65,11 +66,13 @@ def bench(d: int, r: int, repeats: int, warmup: int = 3) -> dict[str, np.ndarray
   return {name: np.asarray(t) for name, t in times.items()}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="15 rounds instead of --repeats")
-  parser.add_argument("--repeats", type=int, default=50)
-  args = parser.parse_args()
+FLAGS = flags.FlagValues()
+flags.DEFINE_bool("quick", False, "15 rounds instead of --repeats.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 50, "Rounds.", flag_values=FLAGS)
+
+
+def main(argv=None) -> None:
+  args = cli.parse(FLAGS, argv)
   repeats = 15 if args.quick else args.repeats
   dev = jax.devices()[0]
   print(
@@ -89,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)

@@ -18,15 +18,16 @@ Run: python -m experiments.bench_ops [--d 4096 --r 16 --tokens 2048 --repeats 20
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 import sdslora_jax as sds
 from sdslora_jax.basis import factor_bases
+from experiments import cli
 
 
 def _variants(scale):
@@ -38,14 +39,17 @@ def _variants(scale):
   }
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--d", type=int, default=4096)
-  parser.add_argument("--r", type=int, default=16)
-  parser.add_argument("--tokens", type=int, default=2048)
-  parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  args = parser.parse_args()
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("d", 4096, "Width.", flag_values=FLAGS)
+flags.DEFINE_integer("r", 16, "Rank.", flag_values=FLAGS)
+flags.DEFINE_integer("tokens", 2048, "Tokens.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 20, "Timed repeats.", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.",
+                  flag_values=FLAGS)
+
+
+def main(argv=None) -> None:
+  args = cli.parse(FLAGS, argv)
   dt = jnp.dtype(args.dtype)
   k = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(k[0], (args.tokens, args.d)).astype(dt)
@@ -79,4 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)

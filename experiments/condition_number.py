@@ -11,13 +11,14 @@ Run: python -m experiments.condition_number [--steps 3000] [--out experiments/re
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import time
 
 import numpy as np
+from absl import flags
 
+from experiments import cli
 from experiments import teacher
 
 KAPPAS = (1, 10, 100, 1000)
@@ -118,22 +119,25 @@ def plot(results: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=3000)
-  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("experiments/results"))
-  parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
-  args = parser.parse_args()
-  outputs = [args.out / f"condition_number.{ext}" for ext in ("md", "json", "png")]
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("steps", 3000, "Training steps.", flag_values=FLAGS)
+flags.DEFINE_string("out", "experiments/results", "Where the results go.", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace existing result files.", flag_values=FLAGS)
+
+
+def main(argv=None) -> None:
+  args = cli.parse(FLAGS, argv)
+  out = pathlib.Path(args.out)
+  outputs = [out / f"condition_number.{ext}" for ext in ("md", "json", "png")]
   existing = [str(p) for p in outputs if p.exists()]
   if existing and not args.overwrite:
-    parser.error(f"{', '.join(existing)} already exist; pass --overwrite to replace them")
-  args.out.mkdir(parents=True, exist_ok=True)
+    cli.error(f"{', '.join(existing)} already exist; pass --overwrite to replace them")
+  out.mkdir(parents=True, exist_ok=True)
   results = run(args.steps)
   md = table(results)
   print("\nSteps to relative loss < 1e-6 (final relative loss, best lr):\n" + md)
-  (args.out / "condition_number.md").write_text(md + "\n")
-  (args.out / "condition_number.json").write_text(
+  (out / "condition_number.md").write_text(md + "\n")
+  (out / "condition_number.json").write_text(
       json.dumps(
           [
               dict(optimizer=o, kappa=k, method=m, **{x: v for x, v in r.items() if x != "curve"})
@@ -142,9 +146,9 @@ def main() -> None:
           indent=1,
       )
   )
-  plot(results, args.out / "condition_number.png")
-  print(f"wrote {args.out / 'condition_number.png'}, .md and .json")
+  plot(results, out / "condition_number.png")
+  print(f"wrote {out / 'condition_number.png'}, .md and .json")
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)

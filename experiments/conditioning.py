@@ -29,14 +29,15 @@ Run: python -m experiments.conditioning [--steps 3000] [--workdir runs/condition
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
 import time
 
 import numpy as np
+from absl import flags
 
+from experiments import cli
 from experiments import teacher
 
 THRESHOLD = 1e-6
@@ -306,26 +307,29 @@ def regenerate(json_path: pathlib.Path | str, out_dir: pathlib.Path | str) -> No
   plot(recs, out_dir / "conditioning.png")
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("steps", None, "Step budget (default 3000).", flag_values=FLAGS)
+flags.DEFINE_string("workdir", "runs/conditioning", "Where the runs go.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Default experiments/results (<workdir>/quick with --quick).",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace existing result files.", flag_values=FLAGS)
+flags.DEFINE_bool("quick", False, "Tiny sweep, for tests.", flag_values=FLAGS)
+
+
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=None, help="step budget (default 3000)")
-  parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("runs/conditioning"))
-  parser.add_argument("--out", type=pathlib.Path, default=None,
-                      help="default experiments/results (<workdir>/quick with --quick)")
-  parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
-  parser.add_argument("--quick", action="store_true", help="tiny sweep, for tests")
-  args = parser.parse_args(argv)
+  args = cli.parse(FLAGS, argv)
+  workdir = pathlib.Path(args.workdir)
   settings = QUICK if args.quick else FULL
   if args.steps is not None:
     settings = dataclasses.replace(settings, steps=args.steps)
-  out = args.out or (args.workdir / "quick" if args.quick else pathlib.Path("experiments/results"))
+  out = pathlib.Path(args.out) if args.out else (workdir / "quick" if args.quick else pathlib.Path("experiments/results"))
   existing = [str(p) for p in _outputs(out) if p.exists()]
   if existing and not args.overwrite:
-    parser.error(f"{', '.join(existing)} already exist; pass --overwrite to replace them")
-  recs = run(settings, args.workdir)
+    cli.error(f"{', '.join(existing)} already exist; pass --overwrite to replace them")
+  recs = run(settings, workdir)
   write(recs, out, overwrite=args.overwrite)
   print(f"\n{markdown(recs)}\nwrote {out}/conditioning.json, .md and .png")
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)

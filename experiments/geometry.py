@@ -20,16 +20,18 @@ run again resumes; ``--regenerate`` rebuilds the plot from the JSON alone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 import time
 
 import numpy as np
+from absl import flags
 
+from experiments import cli
 from experiments.finetune import reporting
 from experiments.finetune.configs import minilm_sentiment
+
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 METHODS = ("lora", "sds")
@@ -130,16 +132,18 @@ def summary(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("steps", 150, "Training steps.", flag_values=FLAGS)
+flags.DEFINE_integer("every", 10, "Diagnostics every this many steps.", flag_values=FLAGS)
+flags.DEFINE_string("workdir", "runs/geometry", "Where the runs go.", flag_values=FLAGS)
+flags.DEFINE_string("results", str(RESULTS), "Where the table and plot go.", flag_values=FLAGS)
+flags.DEFINE_bool("regenerate", False, "Rebuild the plot and table from geometry.json only.",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("no_progress", False, "No progress bars.", flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=150)
-  parser.add_argument("--every", type=int, default=10)
-  parser.add_argument("--workdir", default="runs/geometry")
-  parser.add_argument("--results", default=str(RESULTS))
-  parser.add_argument("--regenerate", action="store_true",
-                      help="rebuild the plot and table from geometry.json only")
-  parser.add_argument("--no_progress", action="store_true")
-  args = parser.parse_args(argv)
+  args = cli.parse(FLAGS, argv)
   results = pathlib.Path(args.results)
   results.mkdir(parents=True, exist_ok=True)
   if args.regenerate:
@@ -157,4 +161,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  cli.run(main, FLAGS)

@@ -24,7 +24,6 @@ loss after ``--steps`` updates against the float run with the same seed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -37,13 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 
+from experiments import cli
 from experiments import quantize
 from experiments.step_overhead import Variant, measure, train_step
 from sdslora_jax import intercept, quantized, tree
 from sdslora_jax.adapter import is_adapter
 from sdslora_jax.optim import sds_lora
 from sdslora_jax.targets import path_str, rule
+
 
 LR = 1e-3
 TYPES = ("none", "int8", "nf4", "int4")
@@ -230,15 +232,17 @@ def table(rows: Sequence[dict]) -> str:
   return "\n".join(lines)
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_bool("quick", False, "Smaller models (d = 512).", flag_values=FLAGS)
+flags.DEFINE_bool("json", False, "Print the records as JSON lines.", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 50, "Timed steps.", flag_values=FLAGS)
+flags.DEFINE_string("models", "dense,gemma", "Comma-separated models.", flag_values=FLAGS)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="smaller models (d = 512)")
-  parser.add_argument("--json", action="store_true", help="print the records as JSON lines")
-  parser.add_argument("--steps", type=int, default=50)
-  parser.add_argument("--models", default="dense,gemma")
-  args = parser.parse_args(argv)
+  args = cli.parse(FLAGS, argv)
   if args.steps < 3:
-    parser.error("--steps must be at least 3")
+    cli.error("--steps must be at least 3")
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   rows = []
   for model in args.models.split(","):
@@ -252,4 +256,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)

@@ -15,12 +15,12 @@ Compile-only (nothing runs), a few seconds::
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
+from absl import flags
 
 import sdslora_jax as sl
+from experiments import cli
 
 POLICIES = {
     "no remat": None,
@@ -64,13 +64,15 @@ def temp_mib(layers: int, d: int, tokens: int, rank: int) -> dict[str, dict[str,
   return out
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("layers", 4, "Layers of the stack.", flag_values=FLAGS)
+flags.DEFINE_integer("d", 512, "Width.", flag_values=FLAGS)
+flags.DEFINE_integer("tokens", 4096, "Activations (tokens).", flag_values=FLAGS)
+flags.DEFINE_integer("rank", 8, "Adapter rank.", flag_values=FLAGS)
+
+
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--d", type=int, default=512)
-  parser.add_argument("--tokens", type=int, default=4096)
-  parser.add_argument("--rank", type=int, default=8)
-  args = parser.parse_args(argv)
+  args = cli.parse(FLAGS, argv)
   rows = temp_mib(args.layers, args.d, args.tokens, args.rank)
   act = args.tokens * args.d * 4 / 2**20
   print(f"temporary MiB, {args.layers} layers, d = {args.d}, {args.tokens} tokens, rank "
@@ -81,4 +83,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)

@@ -11,10 +11,14 @@ by hand from the numbers. A results file that does not exist yet is reported as 
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
+
+from absl import flags
+
+from experiments import cli
+
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -74,11 +78,14 @@ def section(results: pathlib.Path = RESULTS) -> str:
   return "\n".join(parts).strip()
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("readme", str(RESULTS.parent.parent / "README.md"), "The README to update.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("results", str(RESULTS), "Where the results are.", flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--readme", default=str(RESULTS.parent.parent / "README.md"))
-  parser.add_argument("--results", default=str(RESULTS))
-  args = parser.parse_args(argv)
+  args = cli.parse(FLAGS, argv)
   path = pathlib.Path(args.readme)
   text = path.read_text()
   if BEGIN not in text or END not in text:
@@ -92,4 +99,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  cli.run(main, FLAGS)

@@ -17,16 +17,18 @@ Writes one JSON record per variant and configuration to stdout and, without
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 
 import optax
+from absl import flags
 
+from experiments import cli
 from experiments import step_overhead as so
 from sdslora_jax.optim import sds_lora
 from sdslora_jax.adapter import with_fresh_bases
+
 
 CONFIGS = [
     {"model": "dense_stack", "d": 1024, "rank": r, "tokens": 2048, "repeats": 20}
@@ -58,10 +60,12 @@ def run(c: dict) -> list[dict]:
   return [{**meta, **r} for r in rows]
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_bool("quick", False, "One small configuration.", flag_values=FLAGS)
+
+
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="one small configuration")
-  args = parser.parse_args(argv)
+  args = cli.parse(FLAGS, argv)
   records = []
   for c in QUICK if args.quick else CONFIGS:
     for r in run(c):
@@ -72,4 +76,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)

@@ -52,7 +52,6 @@ median step times measured in the same process.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import multiprocessing
@@ -66,11 +65,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 
 import sdslora_jax.linen
 import sdslora_jax.nnx
+from experiments import cli
 from sdslora_jax import intercept, targets, tree
 from sdslora_jax.optim import sds_lora
+
 
 LR = 1e-4
 WARMUP_STEPS = 2
@@ -508,29 +510,37 @@ def write_markdown(rows: Sequence[dict], path: str, load: int) -> None:
       f.write(f"\nOp-level path (intercept.apply) against the frontends:\n\n{op}\n")
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_bool("quick", False, "A small grid, under a minute.", flag_values=FLAGS)
+flags.DEFINE_bool("json", False, "JSON records on stdout, one per line.", flag_values=FLAGS)
+flags.DEFINE_string("models", "minilm,dense_stack", "Comma-separated subset of minilm,dense_stack.",
+                    flag_values=FLAGS)
+flags.DEFINE_multi_integer("d", None, "Only these widths of the Dense stacks (repeat the flag).",
+                           flag_values=FLAGS)
+flags.DEFINE_multi_integer("ranks", None, "Only these ranks of the Dense stacks (repeat the flag).",
+                           flag_values=FLAGS)
+flags.DEFINE_multi_integer("tokens", None, "Only these token counts (repeat the flag).",
+                           flag_values=FLAGS)
+flags.DEFINE_integer("repeats", None, "Interleaved repeats (default: per config).",
+                     flag_values=FLAGS)
+flags.DEFINE_string("variants", ",".join(ALL_VARIANTS),
+                    f"Comma-separated subset of {','.join(ALL_VARIANTS)}.", flag_values=FLAGS)
+flags.DEFINE_integer("load", 0, "Busy processes competing for the CPU during the measurement.",
+                     flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Also write the JSON records to this file.", flag_values=FLAGS)
+flags.DEFINE_string("markdown", None, "Also write the tables to this Markdown file.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("from_json", None, "Only rewrite --markdown from these JSON records.",
+                    flag_values=FLAGS)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="a small grid, under a minute")
-  parser.add_argument("--json", action="store_true", help="JSON records on stdout, one per line")
-  parser.add_argument("--models", default="minilm,dense_stack",
-                      help="comma-separated subset of minilm,dense_stack")
-  parser.add_argument("--d", type=int, nargs="*", help="only these widths of the Dense stacks")
-  parser.add_argument("--ranks", type=int, nargs="*", help="only these ranks of the Dense stacks")
-  parser.add_argument("--tokens", type=int, nargs="*", help="only these token counts")
-  parser.add_argument("--repeats", type=int, help="interleaved repeats (default: per config)")
-  parser.add_argument("--variants", default=",".join(ALL_VARIANTS),
-                      help=f"comma-separated subset of {','.join(ALL_VARIANTS)}")
-  parser.add_argument("--load", type=int, default=0,
-                      help="busy processes competing for the CPU during the measurement")
-  parser.add_argument("--out", help="also write the JSON records to this file")
-  parser.add_argument("--markdown", help="also write the tables to this Markdown file")
-  parser.add_argument("--from_json", help="only rewrite --markdown from these JSON records")
-  args = parser.parse_args(argv)
+  args = cli.parse(FLAGS, argv)
 
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   if args.from_json:
     if not args.markdown:
-      parser.error("--from_json needs --markdown")
+      cli.error("--from_json needs --markdown")
     with open(args.from_json) as f:
       rows = [json.loads(line) for line in f if line.strip()]
     write_markdown(rows, args.markdown, rows[0].get("load", 0) if rows else 0)
@@ -541,10 +551,10 @@ def main(argv: Sequence[str] | None = None) -> None:
               (not args.d or c["d"] in args.d) and (not args.ranks or c["rank"] in args.ranks)
               and (not args.tokens or c["tokens"] in args.tokens)))]
   if not grid:
-    parser.error("no configuration matches the filters")
+    cli.error("no configuration matches the filters")
   only = args.variants.split(",")
   if unknown := sorted(set(only) - set(ALL_VARIANTS)):
-    parser.error(f"unknown variants {unknown}; choose from {','.join(ALL_VARIANTS)}")
+    cli.error(f"unknown variants {unknown}; choose from {','.join(ALL_VARIANTS)}")
   hogs = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(args.load)]
   for h in hogs:
     h.start()
@@ -576,4 +586,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)

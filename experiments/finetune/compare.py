@@ -13,13 +13,15 @@ from its checkpoint when the command is run again.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
 import sys
 import time
 
+from absl import flags
+
+from experiments import cli
 from experiments.finetune import reporting
 from experiments.finetune.configs import minilm_sentiment
 
@@ -31,16 +33,18 @@ LABELS = {"lora": "LoRA", "sds": "SDS-LoRA", "rslora": "rsLoRA", "full": "full F
           "riemannian": "Riemannian LoRA"}
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", "runs/compare", "Where the runs go.", flag_values=FLAGS)
+flags.DEFINE_integer("steps", None, "Override num_steps.", flag_values=FLAGS)
+flags.DEFINE_string("results", str(RESULTS), "Where the table and plot go.", flag_values=FLAGS)
+flags.DEFINE_string("methods", ",".join(METHODS), "Comma-separated methods.", flag_values=FLAGS)
+flags.DEFINE_bool("no_progress", False, "No progress bars.", flag_values=FLAGS)
+flags.DEFINE_string("quantization", "none", "The frozen base's storage: none, int8, int4 or nf4.",
+                    flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="runs/compare")
-  parser.add_argument("--steps", type=int, default=None, help="override num_steps")
-  parser.add_argument("--results", default=str(RESULTS))
-  parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument("--no_progress", action="store_true")
-  parser.add_argument("--quantization", default="none",
-                      help="the frozen base's storage: none, int8, int4 or nf4")
-  args = parser.parse_args(argv)
+  args = cli.parse(FLAGS, argv)
 
   from experiments.finetune.train import train_and_evaluate
 
@@ -91,4 +95,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, FLAGS)

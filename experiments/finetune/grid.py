@@ -27,13 +27,16 @@ and ``finetune.png``; ``--regenerate`` rebuilds the last two from the JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 import time
 
 import numpy as np
+from absl import flags
+
+from experiments import cli
+
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "results"
 METHODS = ("full", "lora", "rslora", "sds", "riemannian")
@@ -282,15 +285,17 @@ def _write_json(path: pathlib.Path, records) -> None:
   tmp.replace(path)  # atomic: an interrupted write leaves the previous file
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", "runs/grid", "Where the runs go.", flag_values=FLAGS)
+flags.DEFINE_string("tasks", "minilm,efficientnet", "Comma-separated tasks.", flag_values=FLAGS)
+flags.DEFINE_string("results", str(RESULTS), "Where the table and plot go.", flag_values=FLAGS)
+flags.DEFINE_bool("quick", False, "Smoke configs, for tests.", flag_values=FLAGS)
+flags.DEFINE_bool("regenerate", False, "Rebuild the table and plot from finetune.json only.",
+                  flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="runs/grid")
-  parser.add_argument("--tasks", default="minilm,efficientnet")
-  parser.add_argument("--results", default=str(RESULTS))
-  parser.add_argument("--quick", action="store_true", help="smoke configs, for tests")
-  parser.add_argument("--regenerate", action="store_true",
-                      help="rebuild the table and plot from finetune.json only")
-  args = parser.parse_args(argv)
+  args = cli.parse(FLAGS, argv)
   results = pathlib.Path(args.results)
   results.mkdir(parents=True, exist_ok=True)
   path = results / "finetune.json"
@@ -313,4 +318,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  cli.run(main, FLAGS)

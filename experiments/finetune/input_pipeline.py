@@ -11,9 +11,17 @@ trainer as random-access sources (``len(source)``, ``source[i]`` -> a dict of fe
 * A user's CSV or JSONL file of texts and labels: :func:`load_text_classification`.
 * Any TFDS dataset prepared elsewhere in the array_record format: :func:`load_tfds`.
 
-:class:`BatchIterator` turns a source into batches: shuffled per (seed, epoch), each
-process reading its own slice of every global batch, with a position that can be saved
-(``get_state``) and restored (``set_state``).
+:class:`BatchIterator` turns a source into batches with grain (``grain.MapDataset``:
+shuffled per (seed, epoch), batched per epoch, repeated), each process reading its own
+slice of every global batch, with a position that can be saved (``get_state``, from
+grain's iterator state) and restored (``set_state``).
+
+grain costs a little per batch over the hand-written sampler it replaced (index
+shuffling and bookkeeping in Python), negligible next to a training step. Measured with
+both iterators in one process, 2,000 batches of 32 after one, on a shared 2-core CPU:
+Rotten Tomatoes' TFDS train split 262 batches/s with grain, 300 hand-written; an
+in-memory ``ArraySource`` of 100,000 rows 2,800 batches/s with grain, 20,000
+hand-written (0.3 ms a batch more).
 """
 
 from __future__ import annotations
@@ -534,18 +542,27 @@ def collate(examples: Sequence[Example]) -> dict[str, np.ndarray]:
 
 
 class BatchIterator(Iterator[dict[str, np.ndarray]]):
-  """Deterministic, shardable, resumable batches over a random-access source.
+  """Deterministic, shardable, resumable batches over a random-access source, on grain.
 
-  Epoch ``e`` visits the examples in the order ``default_rng([seed, e]).permutation(n)``
-  (or in order without shuffling), cut into global batches of ``batch_size``. Process
-  ``p`` of ``P`` yields rows ``[p * batch_size // P, (p + 1) * batch_size // P)`` of each
-  global batch, so the processes' batches are disjoint and together form the global
-  batch. Without ``drop_remainder`` the last, short global batch is split as evenly as
-  possible (some processes may then get one row fewer, or none).
+  The sampling and batching are a ``grain.MapDataset`` of source indices:
+  ``MapDataset.range(n).shuffle(seed=s).batch(batch_size).repeat(num_epochs)``, then a
+  ``map`` that reads this process's rows. grain's shuffle gives epoch ``e`` the order of
+  its index shuffle with seed ``s + e`` (or the source order without shuffling) and its
+  batch never mixes two epochs, so each epoch is cut into global batches of
+  ``batch_size`` (the last one short, or dropped with ``drop_remainder``). The grain seed
+  ``s`` is derived from ``seed`` by ``np.random.SeedSequence`` so that runs with seeds
+  ``k`` and ``k + 1`` do not share epochs (with ``s = seed``, epoch 1 of one would be
+  epoch 0 of the other).
+
+  Process ``p`` of ``P`` yields rows ``[p * batch_size // P, (p + 1) * batch_size // P)``
+  of each global batch, so the processes' batches are disjoint and together form the
+  global batch. Without ``drop_remainder`` the last, short global batch is split as
+  evenly as possible (some processes may then get one row fewer, or none: empty arrays).
 
   ``get_state()`` is a small dict of ints, ``{"epoch": e, "index": i}`` with ``i`` the
-  position in epoch ``e`` of the next global batch; ``set_state`` restores it, after
-  which the iterator yields exactly the batches an uninterrupted one would.
+  position in epoch ``e`` of the next global batch (grain's iterator state, the number
+  of batches read, converted); ``set_state`` restores it, after which the iterator
+  yields exactly the batches an uninterrupted one would.
   """
 
   def __init__(
@@ -573,6 +590,8 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
       process_index: This process's index, e.g. ``jax.process_index()``.
       process_count: The number of processes, e.g. ``jax.process_count()``.
     """
+    import grain
+
     self._n = len(source)
     if batch_size < 1 or batch_size % process_count:
       raise ValueError(
@@ -591,8 +610,15 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     self.num_epochs = num_epochs
     self.process_index = process_index
     self.process_count = process_count
-    self._epoch, self._index = 0, 0
-    self._order_epoch, self._order = None, None
+    rows = grain.MapDataset.range(self._n)
+    if shuffle:
+      rows = rows.shuffle(seed=grain_seed(seed))
+    self._global = rows.batch(batch_size, drop_remainder=drop_remainder, batch_fn=np.asarray)
+    self._global = self._global.repeat(num_epochs)
+    # Read in this thread: the sources are local files or memory, and the trainer
+    # encodes each batch itself (threads would only contend for the GIL).
+    options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    self._iter = iter(self._global.map(self._read).to_iter_dataset(options))
 
   @property
   def batches_per_epoch(self) -> int:
@@ -600,46 +626,30 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     return full + (1 if rest and not self.drop_remainder else 0)
 
   def get_state(self) -> dict[str, int]:
-    return {"epoch": self._epoch, "index": self._index}
+    epoch, batch = divmod(self._iter.get_state()["next_index"], self.batches_per_epoch)
+    return {"epoch": epoch, "index": batch * self.batch_size}
 
   def set_state(self, state: Mapping[str, int]) -> None:
     epoch, index = int(state["epoch"]), int(state["index"])
     if epoch < 0 or not 0 <= index <= self._n:
       raise ValueError(f"bad iterator state {dict(state)} for {self._n} examples")
-    self._epoch, self._index = epoch, index
-
-  def _epoch_order(self, epoch: int) -> np.ndarray:
-    if self._order_epoch != epoch:
-      if self.shuffle:
-        self._order = np.random.default_rng([self.seed, epoch]).permutation(self._n)
-      else:
-        self._order = np.arange(self._n)
-      self._order_epoch = epoch
-    return self._order
-
-  def _next_position(self) -> tuple[int, int] | None:
-    """``(epoch, index)`` of the next global batch, or ``None`` after the last epoch."""
-    epoch, index = self._epoch, self._index
-    if self._n - index < (self.batch_size if self.drop_remainder else 1):
-      epoch, index = epoch + 1, 0
-    if self.num_epochs is not None and epoch >= self.num_epochs:
-      return None
-    return epoch, index
+    # A position saved after an epoch's last batch (``index == n``, or past the last
+    # full batch) is the start of the next epoch.
+    batch = min(-(-index // self.batch_size), self.batches_per_epoch)
+    next_index = epoch * self.batches_per_epoch + batch
+    if self.num_epochs is not None:
+      next_index = min(next_index, self.num_epochs * self.batches_per_epoch)
+    self._iter.set_state({"next_index": next_index})
 
   def global_indices(self) -> np.ndarray:
     """The source indices of the next global batch, without advancing; empty at the end."""
-    position = self._next_position()
-    if position is None:
+    k = self._iter.get_state()["next_index"]
+    if k >= len(self._global):
       return np.zeros((0,), np.int64)
-    epoch, index = position
-    return self._epoch_order(epoch)[index : index + self.batch_size]
+    return self._global[k]
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    rows = self.global_indices()
-    if not len(rows):
-      raise StopIteration
-    self._epoch, self._index = self._next_position()
-    self._index += len(rows)
+  def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """This process's rows of a global batch, read from the source and collated."""
     if len(rows) == self.batch_size:
       per = self.batch_size // self.process_count
       mine = rows[self.process_index * per : (self.process_index + 1) * per]
@@ -650,3 +660,11 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
       return {k: v[:0] for k, v in collate([self._source[int(rows[0])]]).items()}
     getitems = getattr(self._source, "__getitems__", None)
     return collate(getitems(indices) if getitems else [self._source[i] for i in indices])
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iter)
+
+
+def grain_seed(seed: int) -> int:
+  """The grain shuffle seed (in ``[0, 2**32)``) for a run's ``seed``."""
+  return int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0])

@@ -11,13 +11,16 @@ Prints ``label<TAB>probability<TAB>input`` per line, or JSON lines with ``--json
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 
 import jax
 import numpy as np
+from absl import flags
+
+from experiments import cli
+
 
 
 def load(model_dir: str | pathlib.Path):
@@ -92,12 +95,16 @@ def _read_images(paths):
   return images
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", None, "A workdir or an export directory.", flag_values=FLAGS)
+flags.DEFINE_multi_string("input", None, "A text file, or images (repeat the flag for several).",
+                          flag_values=FLAGS)
+flags.DEFINE_bool("jsonl", False, "One JSON record per input.", flag_values=FLAGS)
+flags.mark_flags_as_required(["model", "input"], flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", required=True, help="a workdir or an export directory")
-  parser.add_argument("--input", required=True, nargs="+", help="a text file, or images")
-  parser.add_argument("--jsonl", action="store_true")
-  args = parser.parse_args(argv)
+  args = cli.parse(FLAGS, argv)
   try:
     task, trainable, _ = load(args.model)
     if task.unit == "tokens":
@@ -124,4 +131,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, FLAGS)

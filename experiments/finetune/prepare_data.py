@@ -13,14 +13,17 @@ Nothing is downloaded. A dataset already prepared in ``DIR`` is left as it is.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import tarfile
 import tempfile
 
+from absl import flags
+
+from experiments import cli
 from experiments.finetune import input_pipeline as ip
 from experiments.finetune.tasks import default_data_dir
+
 
 _SDIST = "vaderSentiment-3.3.2.tar.gz"
 
@@ -68,16 +71,20 @@ def prepare_all(data_dir: str, rotten_tomatoes: str | None = None, search: str =
   return builders
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("data_dir", None, "The TFDS data directory (default: $SDSLORA_DATA_DIR "
+                    "or ./data/tfds).", flag_values=FLAGS)
+flags.DEFINE_string("rotten_tomatoes", None, "sdist, tarball or text file.", flag_values=FLAGS)
+flags.DEFINE_string("fashion_mnist", None, "Directory of the IDX files.", flag_values=FLAGS)
+flags.DEFINE_string("search", "data", "Where to look for the sdist.", flag_values=FLAGS)
+flags.DEFINE_enum("only", None, ["rotten_tomatoes", "fashion_mnist"], "Prepare only this one.",
+                  flag_values=FLAGS)
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data_dir", default=default_data_dir())
-  parser.add_argument("--rotten_tomatoes", default=None, help="sdist, tarball or text file")
-  parser.add_argument("--fashion_mnist", default=None, help="directory of the IDX files")
-  parser.add_argument("--search", default="data", help="where to look for the sdist")
-  parser.add_argument("--only", choices=("rotten_tomatoes", "fashion_mnist"), default=None)
-  args = parser.parse_args(argv)
+  args = cli.parse(FLAGS, argv)
   which = (args.only,) if args.only else ("rotten_tomatoes", "fashion_mnist")
-  builders = prepare_all(args.data_dir, args.rotten_tomatoes, args.search, args.fashion_mnist,
+  builders = prepare_all(args.data_dir or default_data_dir(), args.rotten_tomatoes, args.search, args.fashion_mnist,
                          which)
   for name, b in builders.items():
     sizes = {k: v.num_examples for k, v in b.info.splits.items()}
@@ -85,4 +92,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)

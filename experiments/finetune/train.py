@@ -14,8 +14,10 @@ One code path from a laptop to a pod slice:
   data position and the run's metadata) every ``checkpoint_every`` steps, on SIGTERM
   and at the end; ``resume=True`` continues exactly; a damaged latest checkpoint is
   reported and the one before it used;
-* progress bar, metrics as JSON lines and TensorBoard events, evaluation every
-  ``eval_every`` steps, a summary, curves as PNG and an adapters-only export.
+* batches from grain (``input_pipeline.BatchIterator``); a progress bar, metrics through
+  clu's metric writers (JSON lines, TensorBoard events, logging), logging windows timed
+  by clu's ``ReportProgress``, evaluation every ``eval_every`` steps and checkpoints as
+  clu ``PeriodicCallback`` actions; a summary, curves as PNG and an adapters-only export.
 
 The trainable tree is ``{"adapters": ..., "head": ...}`` (the head trains fully, like
 PEFT's ``modules_to_save``), or ``{"params": ...}`` for full fine-tuning.
@@ -63,6 +65,9 @@ log = logging.getLogger("sdslora.train")
 METHODS = ("lora", "rslora", "sds", "riemannian", "full")
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# How the training batches are ordered (``input_pipeline.BatchIterator``), recorded in
+# each checkpoint: a run resumed from a checkpoint of another order is warned.
+DATA_ORDER = "grain-index-shuffle"
 
 
 # ----------------------------------------------------------------------------------------
@@ -697,6 +702,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path, resume: bool) -> dict:
     if restored is not None:
       start, state, extra = restored
       data.set_state(extra["data"])
+      if extra.get("data_order") != DATA_ORDER and lead:
+        print(f"warning: the checkpoint at step {start} was written before the data order "
+              f"became {DATA_ORDER!r}: from here the batches differ from those the run would "
+              "have seen uninterrupted", file=sys.stderr)
       if lead:
         print(f"resumed from step {start} in {ckpt_dir}", file=sys.stderr)
   if state is None:
@@ -731,46 +740,80 @@ def _train_and_evaluate(config, workdir: pathlib.Path, resume: bool) -> dict:
   def save(step):
     if not bool(all_finite(state["trainable"])):  # never a checkpoint of NaN parameters
       raise diverged(step, "the trainable parameters hold NaN or inf")
-    extra = {"data": data.get_state(), "step": step, "run": meta}
+    extra = {"data": data.get_state(), "data_order": DATA_ORDER, "step": step, "run": meta}
     manager.save(step, args=sl_ckpt.save_args(state, extra=extra), force=True)
     manager.wait_until_finished()
 
   progress = reporting.Progress(config.num_steps, start, enabled=lead and config.progress)
+  pa = reporting.periodic_actions
+  # Logging windows: ReportProgress's steps/s between its reports, on a clock that stops
+  # while evaluating, saving and computing diagnostics (they are not step time).
+  clock, window = reporting.TrainClock(), reporting.LastScalars()
+  report = pa.ReportProgress(num_train_steps=config.num_steps, every_steps=config.log_every,
+                             every_secs=None, writer=window)
+  report(start, clock())  # the first window starts here (its first call never reports)
+  log_due = lambda s: s % config.log_every == 0 or s == config.num_steps  # noqa: E731
+
+  @contextlib.contextmanager
+  def not_step_time(name, pending):
+    jax.block_until_ready(pending)  # the steps dispatched before belong to the window
+    with report.timed(name, wait_jax_async_dispatch=False), clock.paused():
+      yield
+
+  def write_diagnostics(step, t, batch):
+    del t
+    with not_step_time("diagnostics", state):
+      diag = jax.device_get(diagnostics_step(state["trainable"], base, batch))
+    writer.write("diagnostics", step, {k: float(v) for k, v in diag.items()})
+
+  def write_eval(step, t):
+    del t
+    if step < config.num_steps:  # the final evaluation follows the loop
+      with not_step_time("eval", state):
+        values = evaluate(run, eval_step, state, base, task.validation, config, mesh)
+      writer.write("eval", step, values)
+
+  def write_checkpoint(step, t):
+    del t
+    with not_step_time("checkpoint", state):
+      save(step)
+
+  # Called after every step (diagnostics: before it, on the state it starts from).
+  diagnostics = pa.PeriodicCallback(every_steps=diag_every, callback_fn=write_diagnostics) \
+      if diag_every else None
+  evaluation = pa.PeriodicCallback(every_steps=config.eval_every, callback_fn=write_eval)
+  checkpoint = pa.PeriodicCallback(every_steps=config.checkpoint_every,
+                                   on_steps=[config.num_steps], callback_fn=write_checkpoint)
   interrupted = False
   step = start
-  step_times = []  # per logging window: its wall time / its steps (async dispatch included)
-  window_units, window_steps, window_start = 0, 0, time.perf_counter()
+  step_times = []  # per logging window: its time / its steps (async dispatch included)
+  window_units, window_start = 0, start
   with _Terminate() as term:
     while step < config.num_steps:
       examples = next(data)
       local = task.encode(examples)
       batch = _global_batch(local, mesh, run.batch_spec)
-      if diag_every and step % diag_every == 0:  # before the step, which donates the state
-        diag = jax.device_get(diagnostics_step(state["trainable"], base, batch))
-        writer.write("diagnostics", step, {k: float(v) for k, v in diag.items()})
+      if diagnostics:  # before the step, which donates the state
+        diagnostics(step, batch=batch)
       state, metrics = train_step(state, base, batch)
       step += 1
       window_units += task.units(local) * jax.process_count()
-      window_steps += 1
-      if step % config.log_every == 0 or step == config.num_steps:
+      if log_due(step):  # the steps ReportProgress reports at
         m = jax.device_get(metrics)  # waits for the window's steps
-        elapsed = max(time.perf_counter() - window_start, 1e-9)
+      if report(step, clock()):
+        steps_per_s = window.scalars["steps_per_sec"]
         record = {"loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
-                  "grad_norm": float(m["grad_norm"]), f"{task.unit}_per_s": window_units / elapsed,
-                  "step_time_s": elapsed / window_steps}
+                  "grad_norm": float(m["grad_norm"]),
+                  f"{task.unit}_per_s": window_units * steps_per_s / (step - window_start),
+                  "step_time_s": 1.0 / steps_per_s}
         step_times.append(record["step_time_s"])
         writer.write("train", step, record)
         if not math.isfinite(record["loss"]):
           raise diverged(step, f"the training loss is {record['loss']}")
         progress.update(step, record, task.unit)
-        window_units, window_steps, window_start = 0, 0, time.perf_counter()
-      if step % config.eval_every == 0 and step < config.num_steps:
-        writer.write("eval", step, evaluate(run, eval_step, state, base, task.validation,
-                                            config, mesh))
-      if step % config.checkpoint_every == 0 or step == config.num_steps:
-        save(step)
-      if step % config.log_every == 0:  # evaluation and saving are not step time
-        window_start = time.perf_counter()
+        window_units, window_start = 0, step
+      evaluation(step)
+      checkpoint(step)
       if term.requested:
         interrupted = True
         if manager.latest_step() != step:
