@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdslora_jax import _checks
+from sdslora_jax import _batching, _checks
 from sdslora_jax.basis import factor_bases, orthonormal_basis
-from sdslora_jax.ops import lora_delta, lora_matmul, sds_delta, warmup_sds_matmul
+from sdslora_jax.ops import in_sds_phase, lora_delta, lora_matmul, sds_delta, warmup_sds_matmul
 
 __all__ = [
     "Adapter",
@@ -340,16 +340,14 @@ def _checked(adapter: Adapter) -> bool:
           and jnp.result_type(adapter.stamp) == jnp.float32)
 
 
-def _flat_batch(x: jax.Array, tail: int) -> jax.Array:
-  return jnp.reshape(x, (-1, *jnp.shape(x)[jnp.ndim(x) - tail:]))
+_TAILS = (2, 2, 2, 2, 0, 0)  # trailing axes of a, b, qa, qb, sds_on, stamp
 
 
 def _tree_stamps_bad(plan, arrays):
   """Whether any adapter's stamp differs from its arrays: one batched hash per group."""
   bad = []
   for group in plan:
-    stacked = [jnp.concatenate([_flat_batch(arrays[i][f], t) for i in group])
-               for f, t in enumerate((2, 2, 2, 2, 0, 0))]
+    stacked = [_batching.stack([arrays[i][f] for i in group], t)[0] for f, t in enumerate(_TAILS)]
     stamps = jax.vmap(adapter_stamp)(*stacked[:5])
     bad.append(jnp.any(stamps != stacked[5]))
   return jnp.any(jnp.stack(bad))
@@ -386,13 +384,9 @@ def guard_tree(tree: Any) -> Any:
   idx = [i for i, leaf in enumerate(leaves) if is_adapter(leaf) and _checked(leaf)]
   if not idx:
     return tree
-  by_sig: dict[tuple, list[int]] = {}
-  for n, i in enumerate(idx):
-    ad = leaves[i]
-    sig = tuple((jnp.shape(x)[-2:], jnp.result_type(x)) for x in (ad.a, ad.b, ad.qa, ad.qb))
-    by_sig.setdefault(sig + (jnp.result_type(ad.sds_on),), []).append(n)
-  plan = tuple(tuple(g) for g in by_sig.values())
   arrays = tuple(tuple(getattr(leaves[i], f) for f in _ARRAYS) for i in idx)
+  plan = tuple(tuple(g) for g in _batching.group(
+      [(n, _batching.signature(arrays[n], _TAILS)) for n in range(len(idx))]))
   arrays = _guarded_tree(plan, arrays)
   for i, (a, b, qa, qb, sds_on, _) in zip(idx, arrays):
     leaves[i] = dataclasses.replace(leaves[i], a=a, b=b, qa=qa, qb=qb, sds_on=sds_on, stamp=None)
@@ -427,7 +421,7 @@ def matrix_delta(adapter: Adapter) -> jax.Array:
   if adapter.method == "lora":
     return lora_delta(a, b, scale=adapter.scale)
   sds = sds_delta(a, b, scale=adapter.scale, qa=adapter.qa, qb=adapter.qb)
-  return jnp.where(adapter.sds_on > 0.5, sds, lora_delta(a, b, scale=adapter.scale))
+  return jnp.where(in_sds_phase(adapter.sds_on), sds, lora_delta(a, b, scale=adapter.scale))
 
 
 def layer_view(adapter: Adapter) -> Adapter:

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 
 from sdslora_jax import _checks
 from sdslora_jax.adapter import Adapter, is_adapter, layer_view
+from sdslora_jax.ops import in_sds_phase
 from sdslora_jax.targets import path_str
 
 __all__ = [
@@ -208,7 +209,7 @@ def _direction_factors(adapter: Adapter) -> tuple[jax.Array, jax.Array]:
   bt = jnp.asarray(adapter.b, _F32).T
   if adapter.method == "lora":
     return a, bt
-  on = jnp.asarray(adapter.sds_on, _F32) > 0.5
+  on = in_sds_phase(adapter.sds_on)
   return (jnp.where(on, jnp.asarray(adapter.qa, _F32), a),
           jnp.where(on, jnp.asarray(adapter.qb, _F32), bt))
 

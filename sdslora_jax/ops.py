@@ -225,13 +225,22 @@ def warmup_sds_matmul(
   return _sds_or_warmup(x, a, b, qa, qb, sds_on, scale, bool(fresh))
 
 
+def in_sds_phase(sds_on: jax.Array) -> jax.Array:
+  """The phase switch, written once: ``True`` where ``sds_on`` marks the SDS-LoRA phase.
+
+  ``sds_on`` is 0. during the plain-LoRA warm-up and 1. after the switch (any
+  shape: a stacked adapter has one flag per layer). No gradient flows into it.
+  """
+  return jax.lax.stop_gradient(jnp.asarray(sds_on, _F32)) > 0.5
+
+
 def _sds_or_warmup(x, a, b, qa, qb, sds_on, scale, fresh):
   """The SDS-LoRA op for data ``sds_on``: LoRA during the warm-up, SDS-LoRA after.
 
   ``fresh`` (static) promises that the bases span the factors whenever ``sds_on``:
   one rank-r op then serves both phases. Otherwise the exact two-branch op runs.
   """
-  on = jax.lax.stop_gradient(jnp.asarray(sds_on, _F32)) > 0.5
+  on = in_sds_phase(sds_on)
   qa, qb = (jax.lax.stop_gradient(jnp.asarray(v, _F32)) for v in (qa, qb))
   a32, b32 = (jax.lax.stop_gradient(jnp.asarray(v, _F32)) for v in (a, b))
   if fresh:

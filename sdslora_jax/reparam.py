@@ -15,10 +15,13 @@ unchanged, and ``qa = orth(a')``, ``qb = orth(b'.T)`` wherever ``S > 0``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-from sdslora_jax import _checks, _linalg
+from sdslora_jax import _batching, _checks, _linalg
 from sdslora_jax.basis import BASIS_METHODS, orthonormal_basis
 from sdslora_jax.gram_basis import gram_qr
 
@@ -84,9 +87,25 @@ def activated_factors(
   batch axes. The bases are ``orth(a')`` and ``orth(b'.T)`` (see
   ``activate_sds_batch``).
   """
-  q_a, r_a = thin_qr(a, method)
-  q_b, r_b = thin_qr(jnp.swapaxes(b, -1, -2), method)
-  return factors_from_qr(q_a, r_a, q_b, r_b, scale)
+  return activated_factors_of_groups([(a, b, scale)], method=method)[0]
+
+
+def activated_factors_of_groups(
+    groups: Sequence[tuple[jax.Array, jax.Array, Any]], *, method: str = "gram"
+) -> list[tuple[jax.Array, jax.Array]]:
+  """``activated_factors`` of several batches ``(a, b, scale)`` at once.
+
+  The QRs of all factors alike in shape (``a`` of one batch and ``b.T`` of
+  another included) run as one batched QR: the switch of a whole model holds
+  one QR per factor shape, whatever its number of adapters.
+  """
+  mats = {}
+  for k, (a, b, _) in enumerate(groups):
+    mats[k, "a"] = (jnp.asarray(a, jnp.float32),)
+    mats[k, "b"] = (jnp.swapaxes(jnp.asarray(b, jnp.float32), -1, -2),)
+  qrs = _batching.map_groups(lambda m: thin_qr(m, method), mats, tails=(2,))
+  return [factors_from_qr(*qrs[k, "a"], *qrs[k, "b"], jnp.asarray(scale, jnp.float32))
+          for k, (_, _, scale) in enumerate(groups)]
 
 
 def thin_qr(m: jax.Array, method: str = "gram") -> tuple[jax.Array, jax.Array]:

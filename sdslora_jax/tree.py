@@ -34,6 +34,7 @@ from sdslora_jax.adapter import (
     kernel_delta,
     layer_view,
 )
+from sdslora_jax.ops import in_sds_phase
 from sdslora_jax.targets import (
     KernelLayout,
     Rule,
@@ -261,7 +262,7 @@ def lookup_embedding(ids: jax.Array, adapter: Adapter) -> jax.Array:
   qa = jax.lax.stop_gradient(adapter.qa.astype(jnp.float32))
   qb = jax.lax.stop_gradient(adapter.qb.astype(jnp.float32))
   sds = s * (jnp.take(qa, ids, axis=0) @ b + a_rows @ qb.T)
-  return jnp.where(jax.lax.stop_gradient(adapter.sds_on) > 0.5, sds, lora)
+  return jnp.where(in_sds_phase(adapter.sds_on), sds, lora)
 
 
 def attend_embedding(query: jax.Array, adapter: Adapter) -> jax.Array:

@@ -5,6 +5,7 @@ tensor) = (2, 2, 2)``; base kernels and adapters sharded along their feature
 axes, the batch along ``data``; adapters and optimizer state donated.
 """
 
+import dataclasses
 import re
 
 import jax
@@ -66,9 +67,7 @@ def _adapter_specs(ads, kernel_specs):
     fields = dict(a=P(k_in, None), b=P(None, k_out))
     if ad.method == "sds":
       fields.update(qa=P(k_in, None), qb=P(k_out, None), sds_on=P(), stamp=P())
-    out[name] = ad.__class__(**{**{f: getattr(ad, f) for f in ("qa", "qb", "sds_on", "stamp")},
-                                **fields}, method=ad.method, scale=ad.scale,
-                                fresh_bases=ad.fresh_bases)
+    out[name] = dataclasses.replace(ad, **fields)  # the adapter's static fields kept
   return out
 
 

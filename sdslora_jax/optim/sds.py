@@ -40,49 +40,19 @@ optimizer initialised by ``nnx.Optimizer`` on ``AdapterVariable`` state holds
 the ``Adapter`` inside NNX's ``OptVariable`` and fails on its second update;
 wrap it in ``sds_lora``, which passes LoRA adapters through unchanged.)
 
-Moment reset rule (structural). A subtree of the inner state "mirrors" the
-parameters when it has the containers of the tree the inner optimizer sees,
-with an ``Adapter`` wherever that tree has one (``optax.MaskedNode`` may stand
-for any subtree): Adam's ``mu`` and ``nu``, the masked copies inside
-``optax.partition``, factored second moments, stored parameter copies, ... In
-such a subtree, the ``a`` and ``b`` entries of every adapter that switches are
-replaced by their values in a freshly initialised inner state, ``inner.init``
-of the switched parameters, with one exception below. The state of every other
-leaf carries on unchanged.
-
-Step counts. A state node whose direct children include both mirroring
-subtrees and an integer scalar (``ScaleByAdamState(count, mu, nu)``, Lion,
-AMSGrad, Novograd, ...) keeps that scalar as its per-parameter statistics'
-step count (Adam's bias correction). Such a count is restarted (set to its
-fresh value) together with the moments iff every trainable leaf its mirroring
-subtrees cover (``MaskedNode`` entries excluded) is a factor of an SDS adapter
-that switches at this update: the factors then restart exactly like a fresh
-optimizer, with no post-switch step-size spike. Otherwise (the node also
-covers, e.g., a head, a LoRA adapter, or an SDS adapter that is not switching
-now) the count continues for the other leaves and, for the switching factors,
-only the non-second-moment entries are reset: the second moments (fields
-``nu``, ``nu_max``) are kept, so that bias correction at the continued count
-is not applied to freshly zeroed second moments (which would scale the first
-post-switch updates up to ``~5 x`` the learning rate after a 1000-step warm-up;
-kept second moments only enlarge Adam's denominator, so the steps are never
-larger than with zeroed ones for the same gradients).
-Counts that do not sit next to mirroring subtrees (``ScaleByScheduleState``,
-``inject_hyperparams``' count, ``sds_lora``'s own count, ...) always continue,
-so learning-rate schedules run on across the switch. An optimizer that stores
-per-parameter state in another layout (e.g. a flat list) is not reset.
+Moment reset. At the switch, the inner optimizer's per-parameter state of the switching
+factors is reset by a structural rule (``state_reset.py``), so that the factors restart
+like a fresh optimizer's where that is exact, and never take a larger step than one.
 
 Composition. ``optax.MultiSteps`` and ``optax.apply_if_finite`` must wrap
 ``sds_lora``, not sit inside it (inside, the warm-up would count micro-steps
 and the switch could land mid-accumulation); ``init`` raises a ``ValueError``
 when it finds their state in the inner optimizer.
 
-Cost. SDS adapters alike in factor shapes, dtypes and scale are stacked into
-groups inside ``update``: the switch (QR, SVD), the basis refresh and the
-stamps run once per group, and the QRs and bases once per factor shape (with
-``basis="gram"``, a batched Cholesky-QR whose safe path runs only when some
-matrix of the batch needs it). A model's update therefore holds a few
-factorisations whatever its number of adapters; what grows per adapter is the
-inner optimizer's per-leaf work and the stacking and slicing of its arrays.
+Cost. SDS adapters alike in factor shapes, dtypes and scale are stacked into groups
+(``grouping.py``): the switch, the refresh and the stamps run once per group, and the QRs
+once per factor shape, so a model's update holds a few factorisations whatever its number
+of adapters.
 
 References:
   Oh, Baik & Lee, "SDS-LoRA: Overcoming Anisotropic Gradient Scaling in
@@ -96,15 +66,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from sdslora_jax import _trees
+from sdslora_jax import _batching, _trees
 from sdslora_jax.adapter import adapter_stamp, is_adapter
-from sdslora_jax.basis import BASIS_METHODS, align_signs
-from sdslora_jax.basis import orthonormal_basis
+from sdslora_jax.basis import BASIS_METHODS, align_signs, orthonormal_basis
+from sdslora_jax.ops import in_sds_phase
+from sdslora_jax.optim.grouping import stack_groups
 from sdslora_jax.optim.schedules import RefreshSchedule, make_refresh_schedule
-from sdslora_jax.reparam import factors_from_qr, thin_qr
+from sdslora_jax.optim.state_reset import reset_switched
+from sdslora_jax.reparam import activated_factors_of_groups
 
 _F32 = jnp.float32
 SWITCH_STATES = ("reset", "keep")
@@ -148,12 +119,6 @@ def trainable_params(tree: Any) -> Any:
   return jax.tree.map(_strip, _trees.unwrap_variables(tree), is_leaf=is_adapter)
 
 
-def _bcast(flag: jax.Array, x: jax.Array) -> jax.Array:
-  """A per-layer flag (shape ``L``) broadcast against a per-layer array (``(*L, ...)``)."""
-  flag = jnp.asarray(flag)
-  return flag.reshape(flag.shape + (1,) * (jnp.ndim(x) - flag.ndim))
-
-
 def _update_dtype(p: jax.Array, u: jax.Array) -> Any:
   """Factor updates of low-precision factors are float32 (the switch stays exact)."""
   return jnp.promote_types(jnp.asarray(u).dtype, _F32) if jnp.finfo(
@@ -164,12 +129,6 @@ def _apply(p: jax.Array, u: jax.Array) -> jax.Array:
   """``optax.apply_updates`` for one leaf."""
   return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
 
-
-
-
-# Per-parameter fields kept (not zeroed) for switching factors when the step
-# count next to them cannot be restarted: second-moment estimates.
-_SECOND_MOMENTS = frozenset({"nu", "nu_max"})
 
 # Wrappers that must sit outside ``sds_lora``.
 _OUTER_ONLY = (
@@ -189,184 +148,6 @@ def _check_inner_state(inner_state: Any) -> None:
             f"({name}(sds_lora(...)), not sds_lora({name}(...))) so that the warm-up "
             "counts real updates and the switch never lands mid-step"
         )
-
-
-def _reset_mirror(ref: Any, old: Any, fresh: Any, flags: dict[int, jax.Array]) -> Any:
-  """Resets the factors of flagged adapters inside a per-parameter subtree."""
-  if isinstance(old, optax.MaskedNode):
-    return old
-  if is_adapter(ref):
-    flag = flags.get(id(ref))
-    if flag is None:
-      return old
-
-    def select(f, o):
-      return jax.tree.map(lambda fl, ol: jnp.where(_bcast(flag, ol), fl, ol).astype(ol.dtype),
-                          f, o)
-
-    return dataclasses.replace(old, a=select(fresh.a, old.a), b=select(fresh.b, old.b))
-  ref_children, ref_def = _trees.children(ref)
-  if _trees.is_leaf_def(ref_def):
-    return old
-  old_children, old_def = _trees.children(old)
-  fresh_children, _ = _trees.children(fresh)
-  return old_def.unflatten(
-      [_reset_mirror(r, o, f, flags) for r, o, f in zip(ref_children, old_children, fresh_children)]
-  )
-
-
-def _coverage(ref: Any, node: Any, flags: dict[int, jax.Array], sw: list[jax.Array]) -> bool:
-  """Appends the switch flags of covered SDS factors; whether other leaves are covered."""
-  if isinstance(node, optax.MaskedNode):
-    return False
-  if is_adapter(ref):
-    covered = [not isinstance(x, optax.MaskedNode) for x in (node.a, node.b)]
-    if id(ref) not in flags:
-      return any(covered)
-    sw.extend(flags[id(ref)] for c in covered if c)
-    return False
-  ref_children, ref_def = _trees.children(ref)
-  if _trees.is_leaf_def(ref_def):
-    return True
-  node_children, _ = _trees.children(node)
-  other = [_coverage(r, n, flags, sw) for r, n in zip(ref_children, node_children)]
-  return any(other)
-
-
-def _is_count(x: Any) -> bool:
-  dtype = getattr(x, "dtype", None)
-  return dtype is not None and jnp.ndim(x) == 0 and jnp.issubdtype(dtype, jnp.integer)
-
-
-def _key_name(path: tuple[Any, ...]) -> Any:
-  key = path[-1]
-  return getattr(key, "name", getattr(key, "key", None))
-
-
-def _reset_state(ref: Any, old: Any, fresh: Any, flags: dict[int, jax.Array]) -> Any:
-  """Walks the inner state; applies the moment-reset rule (see the module docs)."""
-  if _trees.mirrors(ref, old):
-    return _reset_mirror(ref, old, fresh, flags)
-  with_path, old_def = jax.tree_util.tree_flatten_with_path(old, is_leaf=lambda y: y is not old)
-  if not with_path or _trees.is_leaf_def(old_def):
-    return old
-  names = [_key_name(path) for path, _ in with_path]
-  old_children = [c for _, c in with_path]
-  fresh_children, _ = _trees.children(fresh)
-  mirror = [not isinstance(c, optax.MaskedNode) and _trees.mirrors(ref, c) for c in old_children]
-  count = [_is_count(c) for c in old_children]
-  restart = None  # None: no count next to mirrors; else a bool (array): restart it
-  if any(mirror) and any(count):
-    sw = []  # every covered leaf visited (no short-circuit): it collects all flags
-    other = [_coverage(ref, c, flags, sw) for c, m in zip(old_children, mirror) if m]
-    restart = False if any(other) or not sw else jnp.all(jnp.stack([jnp.all(f) for f in sw]))
-  kept_flags = flags
-  if restart is not None:
-    kept_flags = {} if restart is False else {k: v & restart for k, v in flags.items()}
-  out = []
-  for name, o, f, m, c in zip(names, old_children, fresh_children, mirror, count):
-    if m:
-      out.append(_reset_mirror(ref, o, f, kept_flags if name in _SECOND_MOMENTS else flags))
-    elif c and restart is not None and restart is not False:  # a traced restart flag
-      out.append(jnp.where(restart, f, o).astype(o.dtype))
-    else:
-      out.append(_reset_state(ref, o, f, flags))
-  return old_def.unflatten(out)
-
-
-@dataclasses.dataclass
-class _Group:
-  """SDS adapters alike in shapes, dtypes and scale, stacked along one leading axis.
-
-  Each member's layer axes (a stacked adapter's) are flattened into the group
-  axis; ``members`` records ``(leaf index, layer shape, offset, size)``.
-  ``ua``, ``ub`` are the inner optimizer's updates of the factors.
-  """
-
-  members: list
-  scale: float
-  a: jax.Array
-  b: jax.Array
-  qa: jax.Array
-  qb: jax.Array
-  sds_on: jax.Array
-  stamp: jax.Array | None
-  ua: jax.Array
-  ub: jax.Array
-
-  @property
-  def n(self) -> int:
-    return self.a.shape[0]
-
-  def unstack(self, *arrays: jax.Array) -> dict[int, tuple]:
-    """``{leaf index: (member's slice of each array, layer axes restored)}``."""
-    return {
-        i: tuple(jnp.reshape(x[off:off + size], (*lead, *x.shape[1:])) for x in arrays)
-        for i, lead, off, size in self.members
-    }
-
-
-def _stack_groups(adapters: dict[int, Any], updates: dict[int, tuple]) -> list[_Group]:
-  """Stacks SDS adapters (and their factor updates) into ``_Group``s, in a fixed order."""
-  by_sig: dict[tuple, list[int]] = {}
-  for i, p in adapters.items():
-    sig = tuple((x.shape[-2:], jnp.dtype(x.dtype)) for x in (p.a, p.b, p.qa, p.qb))
-    sig += (jnp.dtype(jnp.asarray(p.sds_on).dtype), p.scale, p.stamp is None,
-            jnp.dtype(updates[i][0].dtype), jnp.dtype(updates[i][1].dtype))
-    by_sig.setdefault(sig, []).append(i)
-  groups = []
-  for idx in by_sig.values():
-    members, offset = [], 0
-    for i in idx:
-      lead = tuple(adapters[i].a.shape[:-2])
-      size = int(np.prod(lead, dtype=np.int64))
-      members.append((i, lead, offset, size))
-      offset += size
-
-    def stack(get, tail, idx=idx):
-      return jnp.concatenate([jnp.reshape(jnp.asarray(get(i)), (-1, *jnp.shape(get(i))[
-          jnp.ndim(get(i)) - tail:])) for i in idx])
-
-    first = adapters[idx[0]]
-    groups.append(_Group(
-        members=members, scale=first.scale,
-        a=stack(lambda i: adapters[i].a, 2), b=stack(lambda i: adapters[i].b, 2),
-        qa=stack(lambda i: adapters[i].qa, 2), qb=stack(lambda i: adapters[i].qb, 2),
-        sds_on=stack(lambda i: adapters[i].sds_on, 0),
-        stamp=None if first.stamp is None else stack(lambda i: adapters[i].stamp, 0),
-        ua=stack(lambda i: updates[i][0], 2), ub=stack(lambda i: updates[i][1], 2),
-    ))
-  return groups
-
-
-def _grouped(fn, items: dict, tails: tuple[int, ...]) -> dict:
-  """``fn`` applied to every item, one batched call per group of alike items.
-
-  ``items`` maps a key to a tuple of arrays; array ``k`` of an item has
-  leading axes and ``tails[k]`` trailing axes, the same leading axes for all
-  arrays of an item. Items whose arrays have the same trailing shapes and
-  dtypes form a group: their arrays are flattened to one batch axis and
-  concatenated, ``fn`` runs once on the group (it must accept a leading batch
-  axis and return a tuple of arrays with one), and the results are split back.
-  """
-  groups: dict[tuple, list] = {}
-  for key, arrays in items.items():
-    sig = tuple((x.shape[x.ndim - t:], jnp.dtype(x.dtype)) for x, t in zip(arrays, tails))
-    groups.setdefault(sig, []).append(key)
-
-  def flat(x, t):  # (*leading, *tail) -> (n, *tail)
-    return jnp.reshape(x, (-1, *x.shape[x.ndim - t:]))
-
-  out = {}
-  for keys in groups.values():
-    lead = [items[k][0].shape[: items[k][0].ndim - tails[0]] for k in keys]
-    results = fn(*[jnp.concatenate([flat(items[k][j], t) for k in keys])
-                   for j, t in enumerate(tails)])
-    offsets = np.cumsum([0] + [int(np.prod(shape, dtype=np.int64)) for shape in lead])
-    for n, k in enumerate(keys):
-      out[k] = tuple(jnp.reshape(r[offsets[n]:offsets[n + 1]], (*lead[n], *r.shape[1:]))
-                     for r in results)
-  return out
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -518,30 +299,28 @@ def sds_lora(
       ramp = jnp.clip((count - warmup_steps) / rewarmup_steps, 0.0, 1.0)
       for i in sds_idx:
         u = upd_leaves[i]
-        f = jnp.where(jnp.asarray(leaves[i].sds_on) > 0.5, ramp, 1.0)
+        f = jnp.where(in_sds_phase(leaves[i].sds_on), ramp, 1.0)
         upd_leaves[i] = dataclasses.replace(
             u, a=(u.a * f).astype(u.a.dtype), b=(u.b * f).astype(u.b.dtype))
     # SDS adapters alike in shapes, dtypes and scale are stacked into groups: the
     # switch, the refresh and the stamps then run once per group (and the QRs once
     # per factor shape), so the program does not grow with the number of adapters.
-    groups = _stack_groups({i: leaves[i] for i in sds_idx},
+    groups = stack_groups({i: leaves[i] for i in sds_idx},
                            {i: (upd_leaves[i].a, upd_leaves[i].b) for i in sds_idx})
-    was_on = [jnp.asarray(g.sds_on) > 0.5 for g in groups]
+    was_on = [in_sds_phase(g.sds_on) for g in groups]
     switch = [(count >= warmup_steps) & ~on for on in was_on]
 
     # Switch: the updated factors re-expressed in SDS form (activate_sds), moments reset.
     def do_switch(istate):
       new_factors = [(_apply(g.a, g.ua), _apply(g.b, g.ub)) for g in groups]
-      mats = {}
-      for k, (a1, b1) in enumerate(new_factors):
-        mats[k, "a"] = (a1.astype(_F32),)
-        mats[k, "b"] = (jnp.swapaxes(b1, -1, -2).astype(_F32),)
-      qrs = _grouped(lambda m: thin_qr(m, basis), mats, tails=(2,))
+      # float32, unrounded: the switch's bases are computed from these.
+      switched = activated_factors_of_groups(
+          [(a1, b1, jnp.full(g.n, g.scale, _F32)) for (a1, b1), g in zip(new_factors, groups)],
+          method=basis)
       out = []
       for k, g in enumerate(groups):
         a1, b1 = new_factors[k]
-        # float32, unrounded: the switch's bases are computed from these.
-        a2, b2 = factors_from_qr(*qrs[k, "a"], *qrs[k, "b"], jnp.full(g.n, g.scale, _F32))
+        a2, b2 = switched[k]
         sw = switch[k][:, None, None]
         # float32 differences of values rounded once: p + u is exactly a2 in
         # float32, so apply_updates rounds it back to a2 (no second rounding
@@ -566,7 +345,7 @@ def sds_lora(
         return out, istate
       fresh = inner.init(plain_def.unflatten([new_view.get(i, v)
                                               for i, v in enumerate(view_leaves)]))
-      return out, _reset_state(view, istate, fresh, flags)
+      return out, reset_switched(view, istate, fresh, flags)
 
     def no_switch(istate):
       out = []
@@ -590,7 +369,8 @@ def sds_lora(
       for k in range(len(groups)):
         mats[k, "a"] = (out[k][3],)
         mats[k, "b"] = (jnp.swapaxes(out[k][4], -1, -2),)
-      fresh = _grouped(lambda m: (orthonormal_basis(m, method=basis),), mats, tails=(2,))
+      fresh = _batching.map_groups(lambda m: (orthonormal_basis(m, method=basis),), mats,
+                                   tails=(2,))
       bases = []
       for k, g in enumerate(groups):
         pair = []
