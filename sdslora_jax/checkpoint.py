@@ -402,11 +402,17 @@ def _rebuild(spec: Mapping, keys: tuple, meta: Mapping, leaf) -> Any:
     return out
   if t == "variable":
     from flax import nnx  # pylint: disable=g-import-not-at-top
-    import sdslora_jax.nnx as snnx  # pylint: disable=g-import-not-at-top
-    cls = getattr(nnx, spec["class"], None) or getattr(snnx, spec["class"], None)
-    if not (isinstance(cls, type) and issubclass(cls, nnx.Variable)):
-      raise CheckpointMismatchError(f"cannot rebuild the NNX variable {spec['class']} at "
-                                    f"{path_str(keys)!r} without a target; pass one")
+    # Found among the loaded subclasses of nnx.Variable (flax's own, and the frontend's
+    # AdapterVariable once sdslora_jax.nnx is imported: this layer does not import it).
+    cls, todo = None, [nnx.Variable]
+    while todo and cls is None:
+      c = todo.pop()
+      cls = c if c.__name__ == spec["class"] else None
+      todo.extend(c.__subclasses__())
+    if cls is None:
+      raise CheckpointMismatchError(
+          f"cannot rebuild the NNX variable {spec['class']} at {path_str(keys)!r} without a "
+          "target: pass one (for AdapterVariable, importing sdslora_jax.nnx first is enough)")
     return cls(down(["value"])[0])
   raise KeyError(f"node type {t!r}")
 

@@ -68,6 +68,16 @@ from sdslora_jax.tree import _set, adapter_items
 
 __all__ = ["export_peft", "import_peft"]
 
+def _safetensors():
+  """``safetensors.numpy``, or an ImportError that names the extra to install."""
+  try:
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("PEFT export and import need safetensors: pip install "
+                      "'sdslora-jax[export]' (the [flax] extra includes it)") from e
+  return safetensors.numpy
+
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -263,7 +273,7 @@ def export_peft(
       convolution.
     All of these are checked before anything is written.
   """
-  from safetensors.numpy import save_file
+  save_file = _safetensors().save_file
 
   directory = os.fspath(directory)
   cfg_path = os.path.join(directory, CONFIG_NAME)
@@ -344,7 +354,7 @@ def _check_positive(cfg_path: str, field: str, value: Any) -> None:
 
 
 def _read(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
-  from safetensors.numpy import load_file
+  load_file = _safetensors().load_file
 
   cfg_path = os.path.join(directory, CONFIG_NAME)
   w_path = os.path.join(directory, WEIGHTS_NAME)

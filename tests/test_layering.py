@@ -7,7 +7,8 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "sdslora_jax"
 # The functional core: pure functions and the adapter pytree, no Flax (README, "Layout").
-CORE = ("sdslora_jax._checks", "sdslora_jax._linalg", "sdslora_jax.basis",
+CORE = ("sdslora_jax._checks", "sdslora_jax._linalg", "sdslora_jax._batching",
+        "sdslora_jax._trees", "sdslora_jax.basis",
         "sdslora_jax.gram_basis", "sdslora_jax.ops", "sdslora_jax.reparam",
         "sdslora_jax.adapter")
 
@@ -84,3 +85,28 @@ def test_no_import_cycles():
     if m not in state:
       visit(m, [m])
   assert not cycles, cycles
+
+
+# The layers, lowest first (README, "Layout"): a module may import its own layer and the
+# ones below, never one above, not even inside a function.
+LAYERS = (
+    CORE,
+    ("sdslora_jax.targets", "sdslora_jax.quantized", "sdslora_jax.tree", "sdslora_jax.intercept",
+     "sdslora_jax.peft", "sdslora_jax.sharding", "sdslora_jax.checkpoint",
+     "sdslora_jax.diagnostics"),
+    ("sdslora_jax.optim.schedules", "sdslora_jax.optim.grouping", "sdslora_jax.optim.state_reset",
+     "sdslora_jax.optim.sds", "sdslora_jax.optim.baselines", "sdslora_jax.optim"),
+    ("sdslora_jax.linen", "sdslora_jax.nnx"),
+    ("sdslora_jax",),
+)
+
+
+def test_every_module_has_a_layer():
+  assert set(_modules()) == {m for layer in LAYERS for m in layer}
+
+
+def test_no_import_reaches_a_higher_layer():
+  level = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+  upward = {m: sorted(i for i in imps if i in level and level[i] > level[m])
+            for m, imps in _all_imports().items()}
+  assert not {m: v for m, v in upward.items() if v}

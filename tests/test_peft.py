@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import sdslora_jax as sl
 from sdslora_jax import peft
 from sdslora_jax.adapter import kernel_delta
 from sdslora_jax.targets import KernelLayout
@@ -343,3 +344,13 @@ def test_export_patterns_survive_peft_matching(tmp_path):
   peft.export_peft(tmp_path, ads, module_names=NAMES, overwrite=True)
   cfg = json.loads((tmp_path / peft.CONFIG_NAME).read_text())
   assert cfg["rank_pattern"] == {"m.attn.o": 2, "m.dense": 3}
+
+
+def test_a_missing_safetensors_names_the_extra(tmp_path, monkeypatch):
+  import sys
+  ad = {"w": sl.init_adapter(jax.random.key(0), 4, 3, rank=2, scale=1.0, method="lora")}
+  monkeypatch.setitem(sys.modules, "safetensors", None)
+  monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+  with pytest.raises(ImportError, match=r"sdslora-jax\[export\]"):
+    sl.export_peft(tmp_path / "out", ad, module_names=lambda p: p)
+  assert not (tmp_path / "out").exists()  # nothing written
