@@ -87,8 +87,12 @@ def _abstract(tree):
 
 
 def _data_files(directory):
+  """Orbax's array data files (OCDBT keeps them in ``d/``): the one place the tests rely on
+  orbax's on-disk layout, to damage a checkpoint; it fails loudly if the layout changes."""
   files = [p for p in pathlib.Path(directory, ckpt.ARRAYS).rglob("*") if p.is_file()]
-  return sorted((p for p in files if p.parent.name == "d"), key=lambda p: p.stat().st_size)
+  data = sorted((p for p in files if p.parent.name == "d"), key=lambda p: p.stat().st_size)
+  assert data, f"no orbax data files in a d/ folder: the on-disk layout changed ({files[:5]})"
+  return data
 
 
 # ------------------------------------------------------------------------------------------------
