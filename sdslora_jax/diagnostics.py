@@ -48,11 +48,13 @@ import jax.numpy as jnp
 
 from sdslora_jax import _checks
 from sdslora_jax.adapter import Adapter, is_adapter, layer_view
+from sdslora_jax.basis import orthonormal_basis
 from sdslora_jax.ops import in_sds_phase
 from sdslora_jax.targets import path_str
 
 __all__ = [
     "tree_diagnostics",
+    "tree_step_metrics",
     "update_alignment",
     "update_alignment_from_activations",
 ]
@@ -138,7 +140,7 @@ def _check_adapter(adapter: Any, name: str = "adapter") -> Adapter:
     raise ValueError(
         f"{name} is stacked (factors a {tuple(jnp.shape(adapter.a))}, b "
         f"{tuple(jnp.shape(adapter.b))}); diagnostics take one layer's 2-D adapter: slice "
-        "stacked adapters with sdslora_jax.take_layer(adapter, index) first"
+        "stacked adapters with sdslora_jax.adapter.take_layer(adapter, index) first"
     )
   _checks.check_factors(
       jnp.shape(adapter.a),
@@ -181,7 +183,7 @@ def factor_diagnostics(adapter: Adapter, grads: Adapter) -> dict[str, jax.Array]
     if tuple(jnp.shape(g)) != tuple(jnp.shape(f)):
       raise ValueError(
           f"grads.{field} has shape {tuple(jnp.shape(g))}, but the adapter's {field} has shape "
-          f"{tuple(jnp.shape(f))}; stacked gradients must be sliced with sdslora_jax.take_layer "
+          f"{tuple(jnp.shape(f))}; stacked gradients must be sliced with sdslora_jax.adapter.take_layer "
           "like their adapter"
       )
   s_ga = _singular_values(g_a, "grads.a")
@@ -331,7 +333,7 @@ def tree_diagnostics(adapters: Any, grads: Any) -> dict[str, jax.Array]:
   Keys are ``"<path>/<metric>"`` with the "/"-joined key path of the adapter
   (just ``"<metric>"`` for an adapter at the root), static strings, so the dict
   can be returned as metrics from a jitted training step. Stacked adapters
-  (``a.ndim > 2``) are skipped: slice them with ``sdslora_jax.take_layer`` and
+  (``a.ndim > 2``) are skipped: slice them with ``sdslora_jax.adapter.take_layer`` and
   call ``factor_diagnostics``.
 
   Args:
@@ -356,5 +358,106 @@ def tree_diagnostics(adapters: Any, grads: Any) -> dict[str, jax.Array]:
           "the adapter tree itself (jax.grad with respect to it)")
     prefix = f"{path}/" if path else ""
     for name, value in factor_diagnostics(leaf, by_path[path]).items():
+      out[prefix + name] = value
+  return out
+
+
+# ------------------------------------------------------------------------------------------
+# What one optimizer step did to an adapter: the factors' move, the subspaces' rotation,
+# and, for SDS-LoRA, how much of the change of the layer's update came from the basis
+# refresh rather than from the step itself.
+
+
+def _factored_norm(u: jax.Array, v: jax.Array) -> jax.Array:
+  """``||u @ v.T||_F`` from ``k x k`` Gram matrices (never the ``d_in x d_out`` product)."""
+  return jnp.sqrt(jnp.maximum(jnp.sum(_mm(u.T, u) * _mm(v.T, v)), 0.0))
+
+
+def _largest_angle(x: jax.Array, y: jax.Array) -> jax.Array:
+  """The largest principal angle (radians) between the column spans of ``x`` and ``y``."""
+  qx = orthonormal_basis(x, method="householder")
+  qy = orthonormal_basis(y, method="householder")
+  cosines = jnp.linalg.svd(_mm(qx.T, qy), compute_uv=False)
+  return jnp.arccos(jnp.clip(jnp.min(cosines), -1.0, 1.0))
+
+
+def step_metrics(before: Adapter, after: Adapter) -> dict[str, jax.Array]:
+  """How one optimizer update moved one adapter (``before`` -> ``after``).
+
+  Metrics (float32 scalars):
+
+  * ``a_norm``, ``b_norm``: Frobenius norms of the factors before the update;
+    ``a_step``, ``b_step``: norms of the factors' changes. Adam moves each entry
+    by about the learning rate, so ``a_step / a_norm`` is large for small factors.
+  * ``a_angle``, ``b_angle``: the largest principal angle (radians) between the
+    column spans of ``a`` and ``a'`` (rows of ``b`` and ``b'``): how far the
+    subspaces, hence SDS-LoRA's bases, turned in this update.
+  * ``step_change``: ``||dW_step||_F``, the change of the layer's update ``W``
+    that the factor update makes with the bases held fixed (LoRA:
+    ``s (a' b' - a b)``; SDS-LoRA: ``s (qa db + da qb.T)``).
+  * ``refresh_change``: ``||dW_refresh||_F``, the change the basis refresh
+    adds after it (``s ((qa' - qa) b' + a' (qb' - qb).T)``; 0 for LoRA and
+    during the warm-up). The SDS gradient does not see this part: the bases are
+    constants of the backward pass.
+  * ``refresh_to_step``: their ratio.
+  * ``switched``: 1 at the update that switches the adapter to SDS-LoRA, where
+    ``step_change`` and ``refresh_change`` are NaN (the switch re-expresses the
+    factors; the function is unchanged by it).
+
+  Everything is computed from factor-sized arrays and ``r x r`` (``2r x 2r``)
+  Gram matrices; no kernel-sized array is formed.
+  """
+  b4, af = _check_adapter(before, "before"), _check_adapter(after, "after")
+  if (b4.method, b4.scale, b4.shape, b4.rank) != (af.method, af.scale, af.shape, af.rank):
+    raise ValueError(
+        f"before and after must be the same adapter at two steps, got method/scale/shape/rank "
+        f"{(b4.method, b4.scale, b4.shape, b4.rank)} and {(af.method, af.scale, af.shape, af.rank)}")
+  s = jnp.float32(b4.scale)
+  a, b = jnp.asarray(b4.a, _F32), jnp.asarray(b4.b, _F32)
+  a1, b1 = jnp.asarray(af.a, _F32), jnp.asarray(af.b, _F32)
+  da, db = a1 - a, b1 - b
+  out = {
+      "a_norm": jnp.linalg.norm(a), "b_norm": jnp.linalg.norm(b),
+      "a_step": jnp.linalg.norm(da), "b_step": jnp.linalg.norm(db),
+      "a_angle": _largest_angle(a, a1), "b_angle": _largest_angle(b.T, b1.T),
+  }
+  # s (a' b' - a b) = s (da b' + a db)
+  lora_change = _factored_norm(jnp.concatenate([da, a], 1), s * jnp.concatenate([b1.T, db.T], 1))
+  if b4.method == "lora":
+    step, refresh, switched = lora_change, jnp.float32(0.0), jnp.float32(0.0)
+  else:
+    qa, qb = jnp.asarray(b4.qa, _F32), jnp.asarray(b4.qb, _F32)
+    qa1, qb1 = jnp.asarray(af.qa, _F32), jnp.asarray(af.qb, _F32)
+    on0, on1 = in_sds_phase(b4.sds_on), in_sds_phase(af.sds_on)
+    sds_step = _factored_norm(jnp.concatenate([qa, da], 1), s * jnp.concatenate([db.T, qb], 1))
+    sds_refresh = _factored_norm(jnp.concatenate([qa1 - qa, a1], 1),
+                                 s * jnp.concatenate([b1.T, qb1 - qb], 1))
+    same = on0 == on1
+    step = jnp.where(same, jnp.where(on0, sds_step, lora_change), jnp.nan)
+    refresh = jnp.where(same, jnp.where(on0, sds_refresh, 0.0), jnp.nan)
+    switched = (on1 & ~on0).astype(_F32)
+  out.update(step_change=step, refresh_change=refresh, switched=switched,
+             refresh_to_step=refresh / jnp.where(step > 0, step, jnp.nan))
+  return {k: jnp.asarray(v, _F32) for k, v in out.items()}
+
+
+def tree_step_metrics(before: Any, after: Any) -> dict[str, jax.Array]:
+  """``step_metrics`` of every 2-D adapter of a tree, as one flat dict (keys as
+  ``tree_diagnostics``). ``before`` is the tree an optimizer update started from,
+  ``after`` the tree ``optax.apply_updates`` returned (copy ``before`` first when
+  the step donates its arguments).
+  """
+  found, _ = jax.tree_util.tree_flatten_with_path(before, is_leaf=is_adapter)
+  later, _ = jax.tree_util.tree_flatten_with_path(after, is_leaf=is_adapter)
+  by_path = {path_str(p): leaf for p, leaf in later if is_adapter(leaf)}
+  out: dict[str, jax.Array] = {}
+  for key_path, leaf in found:
+    if not is_adapter(leaf) or jnp.ndim(leaf.a) != 2:
+      continue
+    path = path_str(key_path)
+    if path not in by_path:
+      raise ValueError(f"after has no Adapter at {path!r}, where before has one")
+    prefix = f"{path}/" if path else ""
+    for name, value in step_metrics(leaf, by_path[path]).items():
       out[prefix + name] = value
   return out

@@ -259,3 +259,84 @@ def test_bad_inputs_raise():
     diag.effective_rank(jnp.zeros((2, 3, 4)))
   with pytest.raises(ValueError, match="floating"):
     diag.stable_rank(jnp.zeros((3, 3), jnp.int32))
+
+
+# ------------------------------------------------------------------------------------------
+# step_metrics: what one update did, against dense references.
+
+
+def _moved(ad, seed, scale=0.05, refresh=True):
+  """``ad`` after a small random factor update; SDS bases refreshed from the new factors."""
+  a1 = ad.a + scale * _rand(seed, ad.a.shape)
+  b1 = ad.b + scale * _rand(seed + 1, ad.b.shape)
+  out = dataclasses.replace(ad, a=a1, b=b1)
+  if ad.method == "sds" and refresh:
+    qa1, qb1 = factor_bases(a1, b1)
+    out = dataclasses.replace(out, qa=qa1, qb=qb1)
+  return out
+
+
+def _dense_norm(m):
+  return float(np.linalg.norm(np.asarray(m, np.float64)))
+
+
+@pytest.mark.parametrize("method", ["lora", "sds"])
+def test_step_metrics_match_dense_references(method):
+  import scipy.linalg
+
+  before = _adapter(method, seed=3, sds_on=1.0)
+  after = _moved(before, seed=11)
+  m = jax.jit(diag.step_metrics)(before, after)
+  old_bases = dataclasses.replace(after, qa=before.qa, qb=before.qb) if method == "sds" else after
+  want_step = _dense_norm(sds.kernel_delta(old_bases) - sds.kernel_delta(before))
+  want_refresh = _dense_norm(sds.kernel_delta(after) - sds.kernel_delta(old_bases))
+  np.testing.assert_allclose(float(m["step_change"]), want_step, rtol=1e-4)
+  np.testing.assert_allclose(float(m["refresh_change"]), want_refresh, rtol=1e-3, atol=1e-7)
+  if method == "lora":
+    assert float(m["refresh_change"]) == 0.0
+  else:
+    assert float(m["refresh_change"]) > 0.0
+    np.testing.assert_allclose(float(m["refresh_to_step"]), want_refresh / want_step, rtol=1e-3)
+  a0, a1 = (np.asarray(x.a, np.float64) for x in (before, after))
+  b0, b1 = (np.asarray(x.b, np.float64).T for x in (before, after))
+  np.testing.assert_allclose(float(m["a_angle"]), scipy.linalg.subspace_angles(a0, a1).max(),
+                             rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(float(m["b_angle"]), scipy.linalg.subspace_angles(b0, b1).max(),
+                             rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(float(m["a_step"]), np.linalg.norm(a1 - a0), rtol=1e-5)
+  np.testing.assert_allclose(float(m["b_norm"]), np.linalg.norm(b0), rtol=1e-5)
+
+
+def test_step_metrics_across_the_switch():
+  """With sds_lora: warm-up updates have no refresh part, the switch is flagged (NaN
+  changes), the SDS-phase updates have one; the keys name every adapter."""
+  import optax
+
+  params = {"w": sds.init_adapter(jax.random.key(0), 12, 10, rank=3, scale=2.0),
+            "v": sds.init_adapter(jax.random.key(1), 12, 10, rank=3, scale=2.0, method="lora")}
+  x = _rand(5, (32, 12))
+  y = _rand(6, (32, 10))
+  tx = sds.sds_lora(optax.adam(1e-2), warmup_steps=2)
+  state = tx.init(params)
+  loss = lambda p: jnp.mean((sds.adapter_matmul(x, p["w"]) + sds.adapter_matmul(x, p["v"]) - y) ** 2)
+  rows = []
+  for _ in range(4):
+    g = jax.grad(loss)(params)
+    updates, state = tx.update(g, state, params)
+    after = optax.apply_updates(params, updates)
+    rows.append(diag.tree_step_metrics(params, after))
+    params = after
+  assert set(rows[0]) == {f"{k}/{n}" for k in ("w", "v") for n in (
+      "a_norm", "b_norm", "a_step", "b_step", "a_angle", "b_angle", "step_change",
+      "refresh_change", "refresh_to_step", "switched")}
+  switched = [float(r["w/switched"]) for r in rows]
+  assert switched == [0.0, 1.0, 0.0, 0.0]
+  assert np.isnan(float(rows[1]["w/step_change"])) and np.isnan(float(rows[1]["w/refresh_change"]))
+  assert float(rows[0]["w/refresh_change"]) == 0.0 and float(rows[0]["w/step_change"]) > 0
+  assert all(float(r["w/refresh_change"]) > 0 for r in rows[2:])
+  assert all(float(r["v/refresh_change"]) == 0.0 and float(r["v/switched"]) == 0.0 for r in rows)
+
+
+def test_step_metrics_refuse_two_different_adapters():
+  with pytest.raises(ValueError, match="same adapter"):
+    diag.step_metrics(_adapter("lora", seed=0), _adapter("sds", seed=0))
