@@ -115,6 +115,11 @@ def check_config(config) -> None:
        f"must be an int >= 0, got {every!r}")
   need(every == 0 or config.method != "full", "diagnostics.every",
        "diagnostics are of adapters; method 'full' has none")
+  until = config.diagnostics.get("step_metrics_until", 0)
+  need(isinstance(until, int) and not isinstance(until, bool) and until >= 0,
+       "diagnostics.step_metrics_until", f"must be an int >= 0, got {until!r}")
+  need(until == 0 or config.method != "full", "diagnostics.step_metrics_until",
+       "step metrics are of adapters; method 'full' has none")
   lr = config.optim.learning_rate
   need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "optim.learning_rate",
        f"must be finite and positive, got {lr!r}")
@@ -721,6 +726,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path, resume: bool) -> dict:
       functools.partial(run.diagnostics_step, alignment=bool(config.diagnostics.alignment)),
       in_shardings=(trainable_sh, base_sh, None)) if diag_every else None
 
+  metrics_until = config.diagnostics.get("step_metrics_until", 0)
+  copy_trainable = jax.jit(lambda t: jax.tree.map(jnp.copy, t))  # kept: the step donates
+  step_metrics = jax.jit(sl_diagnostics.tree_step_metrics)
+
   writer = reporting.MetricWriter(workdir, enabled=lead)
   writer.write_hparams(meta)
   if lead:
@@ -795,8 +804,16 @@ def _train_and_evaluate(config, workdir: pathlib.Path, resume: bool) -> dict:
       batch = _global_batch(local, mesh, run.batch_spec)
       if diagnostics:  # before the step, which donates the state
         diagnostics(step, batch=batch)
+      before = None
+      if step < metrics_until:
+        with not_step_time("step_metrics", state):
+          before = copy_trainable(state["trainable"])
       state, metrics = train_step(state, base, batch)
       step += 1
+      if before is not None:
+        with not_step_time("step_metrics", state):
+          moved = jax.device_get(step_metrics(before, state["trainable"]))
+        writer.write("step_metrics", step, {k: float(v) for k, v in moved.items()})
       window_units += task.units(local) * jax.process_count()
       if log_due(step):  # the steps ReportProgress reports at
         m = jax.device_get(metrics)  # waits for the window's steps

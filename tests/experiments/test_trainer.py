@@ -687,3 +687,17 @@ def test_sds_init_zero_starts_adapters_in_the_sds_phase():
     for q in qa:
       np.testing.assert_allclose(q.T @ q, np.eye(q.shape[1]), atol=1e-5)
   assert not T._sds_on_at_init(smoke())  # the default starts in the LoRA warm-up
+
+
+def test_step_metrics_are_logged_around_the_switch(tmp_path):
+  T.train_and_evaluate(smoke(method="sds", export=False, num_steps=5, optim__sds_warmup_steps=2,
+                             diagnostics__step_metrics_until=4), tmp_path)
+  rows = records(tmp_path, "step_metrics")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  [q] = [k[:-len("/switched")] for k in rows[0]
+         if k.endswith("layer_0/attention/query/kernel/switched")]
+  assert [r[f"{q}/switched"] for r in rows] == [0.0, 1.0, 0.0, 0.0]
+  assert rows[0][f"{q}/refresh_change"] == 0.0  # the warm-up: plain LoRA, no bases
+  assert all(r[f"{q}/refresh_change"] > 0.0 and r[f"{q}/step_change"] > 0.0 for r in rows[2:])
+  with pytest.raises(ValueError, match="step_metrics_until"):
+    T.check_config(smoke(method="full", diagnostics__step_metrics_until=3))

@@ -89,6 +89,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.diagnostics = ml_collections.ConfigDict()
   c.diagnostics.every = 0
   c.diagnostics.alignment = False
+  # What each update does to the adapters (sdslora_jax.diagnostics.tree_step_metrics: factor
+  # norms and steps, subspace rotation, the change of each layer's update from the step and
+  # from SDS-LoRA's basis refresh), logged as split "step_metrics" after every update up to
+  # this step (0: off): around the switch, e.g. 3 x optim.sds_warmup_steps.
+  c.diagnostics.step_metrics_until = 0
 
   # Device mesh: sizes of the ("data", "fsdp", "tensor") axes; -1 takes the devices left.
   c.mesh = ml_collections.ConfigDict()
