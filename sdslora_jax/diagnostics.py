@@ -344,20 +344,25 @@ def tree_diagnostics(adapters: Any, grads: Any) -> dict[str, jax.Array]:
   Raises:
     ValueError: an adapter without a gradient ``Adapter`` at the same path.
   """
-  found, _ = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=is_adapter)
-  grad_leaves, _ = jax.tree_util.tree_flatten_with_path(grads, is_leaf=is_adapter)
-  by_path = {path_str(p): leaf for p, leaf in grad_leaves if is_adapter(leaf)}
+  return _per_adapter(factor_diagnostics, adapters, grads, "grads", "adapters",
+                      "; pass the gradient of the adapter tree itself (jax.grad with respect to it)")
+
+
+def _per_adapter(fn, tree: Any, other: Any, other_name: str, tree_name: str,
+                 hint: str = "") -> dict[str, jax.Array]:
+  """``fn(adapter, its counterpart in other)`` for every 2-D adapter of ``tree``, flat."""
+  found, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapter)
+  counterparts, _ = jax.tree_util.tree_flatten_with_path(other, is_leaf=is_adapter)
+  by_path = {path_str(p): leaf for p, leaf in counterparts if is_adapter(leaf)}
   out: dict[str, jax.Array] = {}
   for key_path, leaf in found:
     if not is_adapter(leaf) or jnp.ndim(leaf.a) != 2:
       continue
     path = path_str(key_path)
     if path not in by_path:
-      raise ValueError(
-          f"grads has no Adapter at {path!r}, where adapters has one; pass the gradient of "
-          "the adapter tree itself (jax.grad with respect to it)")
+      raise ValueError(f"{other_name} has no Adapter at {path!r}, where {tree_name} has one{hint}")
     prefix = f"{path}/" if path else ""
-    for name, value in factor_diagnostics(leaf, by_path[path]).items():
+    for name, value in fn(leaf, by_path[path]).items():
       out[prefix + name] = value
   return out
 
@@ -447,17 +452,4 @@ def tree_step_metrics(before: Any, after: Any) -> dict[str, jax.Array]:
   ``after`` the tree ``optax.apply_updates`` returned (copy ``before`` first when
   the step donates its arguments).
   """
-  found, _ = jax.tree_util.tree_flatten_with_path(before, is_leaf=is_adapter)
-  later, _ = jax.tree_util.tree_flatten_with_path(after, is_leaf=is_adapter)
-  by_path = {path_str(p): leaf for p, leaf in later if is_adapter(leaf)}
-  out: dict[str, jax.Array] = {}
-  for key_path, leaf in found:
-    if not is_adapter(leaf) or jnp.ndim(leaf.a) != 2:
-      continue
-    path = path_str(key_path)
-    if path not in by_path:
-      raise ValueError(f"after has no Adapter at {path!r}, where before has one")
-    prefix = f"{path}/" if path else ""
-    for name, value in step_metrics(leaf, by_path[path]).items():
-      out[prefix + name] = value
-  return out
+  return _per_adapter(step_metrics, before, after, "after", "before")
