@@ -430,7 +430,7 @@ def _readable(where: str):
 
 def _abstract(entry: Mapping, like: Any = None) -> jax.ShapeDtypeStruct:
   """How to read a stored array: as the target's leaf ``like`` if it is an array."""
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
   if like is None or _is_scalar(like):
     return jax.ShapeDtypeStruct(tuple(entry["shape"]), np.dtype(entry["dtype"]), sharding=device)
   sharding = None if isinstance(like, np.ndarray) else getattr(like, "sharding", None)

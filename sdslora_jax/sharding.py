@@ -47,8 +47,8 @@ with a ``sharding``; Flax Linen ``nn.Partitioned`` boxes (mesh axis names) and
 ``nn.LogicallyPartitioned`` boxes (logical names, as left by
 ``nn.with_logical_partitioning`` in ``model.init`` / ``jax.eval_shape``); or an
 NNX ``State`` (or a module) whose ``Variable`` metadata carries
-``out_sharding`` (``nnx.with_partitioning``; older ``sharding_names`` are
-renamed by Flax), else a sharded value. No mesh axis may appear twice in a
+``out_sharding`` (``nnx.with_partitioning``; flax >= 0.12.4, before which Flax
+called it ``sharding_names``), else a sharded value. No mesh axis may appear twice in a
 kernel's spec, and, where the mesh is known, every one must be an axis of it.
 
 No Flax import at module level: Flax is imported only when Flax metadata is met.
@@ -66,7 +66,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from sdslora_jax import _trees, quantized
 from sdslora_jax.adapter import Adapter, is_adapter
@@ -234,9 +234,17 @@ def _variable_spec(var: Any, rules: Rules | None) -> tuple[PartitionSpec, Any] |
   return spec, meta.get("mesh")
 
 
+def _single_device(x: Any) -> bool:
+  """A sharding onto one device, not a ``NamedSharding`` (read as replicated).
+
+  Duck-typed: jax 0.12.1 deprecates the ``SingleDeviceSharding`` class name."""
+  return (isinstance(x, Sharding) and not isinstance(x, NamedSharding)
+          and len(x.device_set) == 1)
+
+
 def _read(leaf: Any, rules: Rules | None, where: str) -> tuple[PartitionSpec, Any, Any]:
   """``(spec in mesh axes, mesh or None, kernel shape or None)`` of one base entry."""
-  if leaf is None or isinstance(leaf, SingleDeviceSharding):
+  if leaf is None or _single_device(leaf):
     return PartitionSpec(), None, None
   if isinstance(leaf, PartitionSpec):
     return leaf, None, None
@@ -257,7 +265,7 @@ def _read(leaf: Any, rules: Rules | None, where: str) -> tuple[PartitionSpec, An
     return spec, mesh, np.shape(value)
   shape = tuple(leaf.shape) if hasattr(leaf, "shape") else None
   sharding = getattr(leaf, "sharding", None)
-  if sharding is None or isinstance(sharding, SingleDeviceSharding):
+  if sharding is None or _single_device(sharding):
     return PartitionSpec(), None, shape
   if isinstance(sharding, NamedSharding):
     return sharding.spec, sharding.mesh, shape
