@@ -46,7 +46,7 @@ test: $(DATA)
 
 # The library's tests only (no experiments' models, trainer or benchmarks; no data needed).
 test-library: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow and not peft_torch and not experiments"
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow and not peft_torch and not experiments and not llm"
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR)

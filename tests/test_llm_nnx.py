@@ -21,6 +21,9 @@ from sdslora_jax.optim import sds_lora
 from sdslora_jax.targets import rule
 from testing_utils import adapter_kernel_shapes, kernel_shaped_arithmetic
 
+# The outside-LLM tests: in `make test` (CI), left out of `make test-library`.
+pytestmark = pytest.mark.llm
+
 RULES = [rule(r"layers/(\d+/)?attn/(q|k|v|o)_proj/w", method="sds", rank=4),
          rule(r"layers/(\d+/)?mlp/(gate|up|down)_proj/kernel", method="sds", rank=4),
          rule("embedder/input_embedding", method="lora", rank=4)]

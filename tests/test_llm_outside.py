@@ -26,6 +26,9 @@ from sdslora_jax import intercept, sharding, tree
 from sdslora_jax.targets import rule
 from testing_utils import adapter_kernel_shapes, kernel_shaped_arithmetic, train_adapters
 
+# The outside-LLM tests: in `make test` (CI), left out of `make test-library`.
+pytestmark = pytest.mark.llm
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
