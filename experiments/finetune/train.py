@@ -53,6 +53,7 @@ from sdslora_jax import diagnostics as sl_diagnostics
 from sdslora_jax.adapter import is_adapter
 from sdslora_jax import sharding as sl_sharding
 from sdslora_jax.optim import sds_lora
+from sdslora_jax.optim.schedules import refreshes_every_update
 from sdslora_jax.optim.sds import SWITCH_STATES
 from sdslora_jax.optim.baselines import scale_by_riemannian_lora
 from sdslora_jax.targets import path_keys, path_str, rule
@@ -232,10 +233,7 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
   adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
   tx = optax.chain(*clip, adamw)
   if config.method == "sds":
-    refresh = o.sds_refresh
-    if isinstance(refresh, str) and refresh.isdigit():
-      refresh = int(refresh)
-    tx = sds_lora(tx, warmup_steps=o.sds_warmup_steps, refresh=refresh,
+    tx = sds_lora(tx, warmup_steps=o.sds_warmup_steps, refresh=_sds_refresh(config),
                   total_steps=config.num_steps, switch_state=o.sds_switch_state,
                   rewarmup_steps=o.sds_rewarmup_steps)
   return tx, schedule
@@ -245,12 +243,18 @@ def _sds_on_at_init(config) -> bool:
   return config.method == "sds" and config.adapter.sds_init == "zero"
 
 
+def _sds_refresh(config):
+  """``optim.sds_refresh`` as ``sds_lora`` takes it (a digit string is an int)."""
+  refresh = config.optim.sds_refresh
+  return int(refresh) if isinstance(refresh, str) and refresh.isdigit() else refresh
+
+
 def adapter_rules(config) -> list:
   a = config.adapter
   method = "sds" if config.method == "sds" else "lora"
   sqrt_scale = config.method == "rslora" or a.sqrt_rank_scaling
   # Bases refreshed after every update let SDS adapters run at rank r (Adapter.fresh_bases).
-  fresh = str(config.optim.sds_refresh) in ("every_step", "1")
+  fresh = refreshes_every_update(_sds_refresh(config))
   return [rule(t, method=method, rank=a.rank, alpha=a.alpha, rslora=sqrt_scale, fresh_bases=fresh)
           for t in a.targets]
 

@@ -18,6 +18,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,15 @@ def make_refresh_schedule(
       f"refresh must be one of {REFRESH_MODES}, a positive int or a callable, "
       f"got {refresh!r}"
   )
+
+
+def refreshes_every_update(refresh: Any) -> bool:
+  """Whether the ``refresh`` argument of ``sds_lora`` is its default, every update.
+
+  Only then do the bases span the factors after every update, so that SDS
+  adapters may keep ``fresh_bases=True`` (the rank-r op).
+  """
+  return refresh in ("every_step", 1) and not isinstance(refresh, bool)
 
 
 def refresh_steps(schedule: RefreshSchedule, num_steps: int) -> list[int]:

@@ -73,7 +73,11 @@ from sdslora_jax.adapter import adapter_stamp, is_adapter
 from sdslora_jax.basis import BASIS_METHODS, align_signs, orthonormal_basis
 from sdslora_jax.ops import in_sds_phase
 from sdslora_jax.optim.grouping import stack_groups
-from sdslora_jax.optim.schedules import RefreshSchedule, make_refresh_schedule
+from sdslora_jax.optim.schedules import (
+    RefreshSchedule,
+    make_refresh_schedule,
+    refreshes_every_update,
+)
 from sdslora_jax.optim.state_reset import reset_switched
 from sdslora_jax.reparam import activated_factors_of_groups
 
@@ -245,7 +249,7 @@ def sds_lora(
       refresh, warmup_steps=warmup_steps, phases=phases, total_steps=total_steps
   )
   inner = optax.with_extra_args_support(inner)
-  every_update = refresh in ("every_step", 1) and not isinstance(refresh, bool)
+  every_update = refreshes_every_update(refresh)
 
   def check_fresh(params):
     if every_update:
