@@ -9,6 +9,9 @@ warm-up and cosine decay) at learning rate ``LR`` = 2e-3, where the switch after
 variant (``VARIANTS``). Training losses are logged every step, so the jump after the
 switch is measured on the same batches for every variant: ``jump`` is the largest loss of
 the 5 updates after the switch minus the mean of the 5 before it (LoRA: the same steps).
+The ablations predate ``sds_lora``'s ``step_scale``: every variant trains with unscaled
+factor steps (``step_scale=1``) unless it says otherwise. The last two variants ran after
+the trainer's data order changed (grain), on other batches than the rows above.
 
 Runs are resumable trainer workdirs, and ``ablations.json`` is rewritten after every run
 (its records are taken, not retrained). Writes ``experiments/results/ablations.{json,md,
@@ -42,6 +45,12 @@ VARIANTS = {
     "sds_refresh10": ("sds", {"optim.sds_refresh": "10"}, "bases refreshed every 10 steps"),
     "sds_phases": ("sds", {"optim.sds_refresh": "phases"}, "refresh in 5 growing phases"),
     "sds_sqrt_scale": ("sds", {"adapter.sqrt_rank_scaling": True}, "scale alpha / sqrt(r)"),
+    # Run later than the rows above, on grain's data order (other batches).
+    "sds_retract": ("sds", {"optim.sds_refresh_rule": "retract"},
+                    "refresh by the rank-r retraction (bases from the update); later data order"),
+    "sds_step04": ("sds", {"optim.sds_step_scale": 0.408},
+                   "factor steps x 0.408 (about 1/sqrt(6), the default now) after the switch; "
+                   "later data order"),
 }
 
 
@@ -49,6 +58,7 @@ def config_for(name: str, seed: int):
   method, overrides, _ = VARIANTS[name]
   c = grid.config_for("minilm", method, RANK, LR, seed)
   c.log_every = 1
+  c.optim.sds_step_scale = 1.0  # the ablations predate the step scale: unscaled unless stated
   for key, value in overrides.items():
     node, field = key.split(".")
     setattr(c[node], field, value)

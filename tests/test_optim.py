@@ -273,7 +273,7 @@ def test_sds_only_tree_restarts_adam_exactly():
   """Without other leaves, post-switch updates are a fresh Adam's on the same gradients."""
   lr, warm = 1e-2, 200
   params = _sds_only()
-  tx = sds_lora(optax.adamw(lr, weight_decay=0.0), warmup_steps=warm)
+  tx = sds_lora(optax.adamw(lr, weight_decay=0.0), warmup_steps=warm, step_scale=1.0)
   x = jax.random.normal(jax.random.key(3), (16, D_IN))
   y = jax.random.normal(jax.random.key(4), (16, 6))
 
@@ -306,7 +306,7 @@ def test_sds_only_tree_restarts_adam_exactly():
 def test_schedule_continues_when_adam_count_restarts():
   warm, lr = 5, 1e-2
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, 3, 40, end_value=1e-4)
-  tx = sds_lora(optax.adamw(sched, weight_decay=0.0), warmup_steps=warm)
+  tx = sds_lora(optax.adamw(sched, weight_decay=0.0), warmup_steps=warm, step_scale=1.0)
   params = _sds_only()
   update = jax.jit(tx.update)
   state = tx.init(params)
@@ -395,7 +395,7 @@ def _updates_and_inner_reference(tx, inner, num_steps):
 def test_factor_updates_bit_exact_between_events():
   """After the switch, factors move by exactly the inner optimizer's updates."""
   inner = optax.sgd(0.05, momentum=0.9)
-  tx = sds_lora(inner, warmup_steps=1, refresh=4)
+  tx = sds_lora(inner, warmup_steps=1, refresh=4, step_scale=1.0)
   seen = 0
   for _, updates, want in _updates_and_inner_reference(tx, inner, 3):
     seen += 1
@@ -490,7 +490,7 @@ def test_sgd_matches_hand_written_loop(kappa):
   cfg = teacher.Teacher(kappa=kappa, scale=0.5)
   steps, warm, lr = 60, 10, 1.0
   target = teacher.make_target(cfg)
-  tx = sds_lora(optax.sgd(lr), warmup_steps=warm)
+  tx = sds_lora(optax.sgd(lr), warmup_steps=warm, step_scale=1.0)
   loss = lambda p: 0.5 * jnp.sum((sl.kernel_delta(p) - target) ** 2)
 
   def body(carry, _):
@@ -639,7 +639,7 @@ def test_switch_state_keep_carries_the_moments_on():
 def test_rewarmup_ramps_the_sds_factor_updates_only():
   """``rewarmup_steps=k``: post-switch update j of SDS factors is min(1, j/k) x the inner's."""
   inner, k = optax.sgd(0.05, momentum=0.9), 3
-  tx = sds_lora(inner, warmup_steps=1, refresh=100, rewarmup_steps=k)
+  tx = sds_lora(inner, warmup_steps=1, refresh=100, rewarmup_steps=k, step_scale=1.0)
   seen = []
   for j, updates, want in _updates_and_inner_reference(tx, inner, 6):
     seen.append(j)
@@ -651,9 +651,68 @@ def test_rewarmup_ramps_the_sds_factor_updates_only():
   assert seen == [1, 2, 3, 4, 5]
 
 
+def test_step_scale_scales_the_sds_factor_updates_only():
+  """``step_scale=c``: after the switch SDS factors move by c x the inner update."""
+  inner, c = optax.sgd(0.05, momentum=0.9), 0.4
+  tx = sds_lora(inner, warmup_steps=1, refresh=100, step_scale=c)
+  seen = 0
+  for _, updates, want in _updates_and_inner_reference(tx, inner, 4):
+    seen += 1
+    for got, ref in zip(_sds_adapters(updates), _sds_adapters(want)):
+      chex.assert_trees_all_close((got.a, got.b), (c * ref.a, c * ref.b), rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(updates["head"], want["head"], rtol=1e-6)  # not scaled
+    chex.assert_trees_all_close(updates["lora"].b, want["lora"].b, rtol=1e-6)
+  assert seen == 3
+
+
+def _dense_sds(ad):
+  """The update of an SDS adapter with its stored bases (two branches), in numpy."""
+  a, b, qa, qb = (np.asarray(v, np.float64) for v in (ad.a, ad.b, ad.qa, ad.qb))
+  return ad.scale * (qa @ b + a @ qb.T)
+
+
+def test_retract_refresh_moves_to_the_best_rank_r_update():
+  """``refresh_rule="retract"``: the switch keeps the function; each refresh lands on the
+  best rank-r approximation (dense SVD) of the update the step produced with the old bases."""
+  params = _tree()
+  x, y = _data()
+  inner = optax.adam(3e-2)
+  retracting = sds_lora(inner, warmup_steps=2, refresh_rule="retract",
+                        step_scale=1.0)
+  grad, update = jax.jit(jax.grad(_loss)), jax.jit(retracting.update)
+  inner_update = jax.jit(lambda g, s, p: inner.update(trainable_params(g), s, trainable_params(p)))
+  state = retracting.init(params)
+  discarded = []
+  for step in range(8):
+    g = grad(params, x, y)
+    updates, new_state = update(g, state, params)
+    new = optax.apply_updates(params, updates)
+    # The inner optimizer's own step, before the switch or the refresh acts on it.
+    plain, _ = inner_update(g, state.inner_state, params)
+    for old, ad, pl in zip(_sds_adapters(params), _sds_adapters(new), _sds_adapters(plain)):
+      r = ad.a.shape[1]
+      if step == 1:  # the switch: LoRA's update, exactly
+        want = old.scale * (np.asarray(old.a + pl.a, np.float64) @ np.asarray(old.b + pl.b))
+        np.testing.assert_allclose(_dense_sds(ad), want, atol=1e-5)
+      elif step >= 2:
+        moved = dataclasses.replace(old, a=old.a + pl.a, b=old.b + pl.b)
+        u, sv, vt = np.linalg.svd(_dense_sds(moved))
+        np.testing.assert_allclose(_dense_sds(ad), (u[:, :r] * sv[:r]) @ vt[:r], atol=2e-5)
+        discarded.append(sv[r] / sv[0])
+        _assert_bases_consistent(ad)
+        # The adapter's own (rank-r) forward agrees with the two branches.
+        np.testing.assert_allclose(sl.kernel_delta(ad), _dense_sds(ad), atol=2e-5)
+    params, state = new, new_state
+  assert max(discarded) > 1e-3  # the steps left the rank-r matrices: truncation was exercised
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"switch_state": "rescale"}, "unknown switch_state"),
     ({"rewarmup_steps": -1}, "rewarmup_steps"),
+    ({"refresh_rule": "qr"}, "unknown refresh_rule"),
+    ({"step_scale": 0.0}, "step_scale"),
+    ({"step_scale": float("nan")}, "step_scale"),
+    ({"step_scale": True}, "step_scale"),
 ])
 def test_switch_options_are_checked(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -156,6 +156,27 @@ def test_scanned_trains_with_sds_lora_one_trace(setup):
     np.testing.assert_allclose(qa @ (qa.T @ a), a, atol=1e-5)
 
 
+@pytest.mark.parametrize("rewarmup", [0, 4])
+def test_step_scale_and_rewarmup_act_per_layer_of_a_stack(setup, rewarmup):
+  """Layers of one stacked adapter in different phases: only those in SDS mode are scaled."""
+  _, _, _, ads = setup
+  ads = sds.with_fresh_bases(ads, False)
+  q = ads["layers"]["query"]["kernel"]
+  on = jnp.zeros(L).at[0].set(1.0)  # layer 0 already in SDS mode, the others warming up
+  ads["layers"]["query"]["kernel"] = sds.restamp(dataclasses.replace(q, sds_on=on))
+  tx = sds_lora(optax.sgd(0.1), warmup_steps=3, refresh=100, step_scale=0.5,
+                rewarmup_steps=rewarmup)
+  state = tx.init(ads)
+  grads = jax.tree.map(jnp.ones_like, ads)
+  for count in range(2):  # before the switch at update 3: the ramp is 0 (rewarmup) or 1
+    updates, state = jax.jit(tx.update)(grads, state, ads)
+    ua = updates["layers"]["query"]["kernel"].a
+    layer0 = 0.0 if rewarmup else -0.05
+    np.testing.assert_allclose(ua[0], jnp.full_like(ua[0], layer0), atol=1e-7)
+    np.testing.assert_allclose(ua[1:], jnp.full_like(ua[1:], -0.1), atol=1e-7)
+    ads = optax.apply_updates(ads, updates)
+
+
 def test_layer_axes_rule_without_example_inputs(setup):
   model, x, params, _ = setup
   ads = slinen.init_adapters(jax.random.key(2), model, params,

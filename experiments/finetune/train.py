@@ -54,7 +54,7 @@ from sdslora_jax.adapter import is_adapter
 from sdslora_jax import sharding as sl_sharding
 from sdslora_jax.optim import sds_lora
 from sdslora_jax.optim.schedules import refreshes_every_update
-from sdslora_jax.optim.sds import SWITCH_STATES
+from sdslora_jax.optim.sds import REFRESH_RULES, STEP_SCALE, SWITCH_STATES
 from sdslora_jax.optim.baselines import scale_by_riemannian_lora
 from sdslora_jax.targets import path_keys, path_str, rule
 from experiments.finetune import input_pipeline as ip
@@ -108,6 +108,12 @@ def check_config(config) -> None:
        f"'zero' starts SDS-LoRA adapters in the SDS phase; method is {config.method!r}")
   need(config.optim.sds_switch_state in SWITCH_STATES, "optim.sds_switch_state",
        f"{config.optim.sds_switch_state!r} is not one of {SWITCH_STATES}")
+  need(config.optim.get("sds_refresh_rule", "orth") in REFRESH_RULES, "optim.sds_refresh_rule",
+       f"{config.optim.get('sds_refresh_rule')!r} is not one of {REFRESH_RULES}")
+  step_scale = config.optim.get("sds_step_scale", STEP_SCALE)
+  need(isinstance(step_scale, (int, float)) and not isinstance(step_scale, bool)
+       and math.isfinite(step_scale) and step_scale > 0, "optim.sds_step_scale",
+       f"must be a positive number, got {step_scale!r}")
   rewarm = config.optim.sds_rewarmup_steps
   need(isinstance(rewarm, int) and rewarm >= 0, "optim.sds_rewarmup_steps",
        f"must be an int >= 0, got {rewarm!r}")
@@ -235,7 +241,9 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
   if config.method == "sds":
     tx = sds_lora(tx, warmup_steps=o.sds_warmup_steps, refresh=_sds_refresh(config),
                   total_steps=config.num_steps, switch_state=o.sds_switch_state,
-                  rewarmup_steps=o.sds_rewarmup_steps)
+                  rewarmup_steps=o.sds_rewarmup_steps,
+                  refresh_rule=o.get("sds_refresh_rule", "orth"),
+                  step_scale=float(o.get("sds_step_scale", STEP_SCALE)))
   return tx, schedule
 
 

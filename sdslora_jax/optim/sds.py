@@ -80,9 +80,13 @@ from sdslora_jax.optim.schedules import (
 )
 from sdslora_jax.optim.state_reset import reset_switched
 from sdslora_jax.reparam import activated_factors_of_groups
+from sdslora_jax.retraction import retract
 
 _F32 = jnp.float32
 SWITCH_STATES = ("reset", "keep")
+REFRESH_RULES = ("orth", "retract")
+STEP_SCALE = 6.0**-0.5
+"""``sds_lora``'s default ``step_scale``: SDS-LoRA's Adam steps the size of LoRA's."""
 
 
 class SdsLoraState(NamedTuple):
@@ -170,6 +174,8 @@ def sds_lora(
     basis: str = "gram",
     switch_state: str = "reset",
     rewarmup_steps: int = 0,
+    refresh_rule: str = "orth",
+    step_scale: float = STEP_SCALE,
 ) -> optax.GradientTransformationExtraArgs:
   """Trains a tree of ``Adapter`` nodes as SDS-LoRA with the optimizer ``inner``.
 
@@ -212,6 +218,22 @@ def sds_lora(
       ``min(1, j / k)`` on post-warm-up update ``j`` (a linear learning-rate
       re-warm-up of the factors after the switch; other leaves, and adapters
       that switch later than ``warmup_steps``, are not scaled). ``0``: none.
+    refresh_rule: what a refresh does: ``"orth"`` (default: ``qa = orth(a)``,
+      ``qb = orth(b.T)`` from the updated factors, signs aligned, factors
+      kept; the adapted function changes by about as much as the step) or
+      ``"retract"`` (bases and factors re-expressed from the update itself,
+      which moves only to its best rank-r approximation: see
+      ``retraction.py``).
+    step_scale: multiplies the inner updates of adapters in SDS mode (``1.0``:
+      the inner optimizer's step unchanged). An Adam step of about ``lr`` per
+      entry moves the SDS update ``s (qa b + a qb.T)`` along two orthonormal
+      bases, LoRA's ``s a b`` along ``a``, whose singular values are about
+      ``1/sqrt(3)`` at the PEFT initialisation: at one learning rate an
+      SDS-LoRA step is about ``sqrt(2) / (1/sqrt(3)) = sqrt(6)`` times LoRA's
+      early in training. The default ``1/sqrt(6)`` gives it LoRA's size, so a
+      rate tuned for LoRA carries over: at twice LoRA's best rate the unscaled
+      steps diverged or jumped at the switch, the scaled ones did not (README,
+      "SDS-LoRA at LoRA's learning rates").
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra arguments go to ``inner``.
@@ -245,6 +267,12 @@ def sds_lora(
   if switch_state not in SWITCH_STATES:
     raise ValueError(f"unknown switch_state {switch_state!r}; choose from {SWITCH_STATES}")
   rewarmup_steps = _check_int("rewarmup_steps", rewarmup_steps, 0)
+  if isinstance(step_scale, bool) or not isinstance(step_scale, (int, float)) or not (
+      0.0 < step_scale < float("inf")):
+    raise ValueError(f"step_scale must be a positive finite number, got {step_scale!r}")
+  step_scale = float(step_scale)
+  if refresh_rule not in REFRESH_RULES:
+    raise ValueError(f"unknown refresh_rule {refresh_rule!r}; choose from {REFRESH_RULES}")
   should_refresh = make_refresh_schedule(
       refresh, warmup_steps=warmup_steps, phases=phases, total_steps=total_steps
   )
@@ -299,18 +327,17 @@ def sds_lora(
       return treedef.unflatten(upd_leaves), SdsLoraState(count, state.num_refreshes, inner_state)
 
     view_leaves = plain_def.flatten_up_to(view)
-    if rewarmup_steps:
-      ramp = jnp.clip((count - warmup_steps) / rewarmup_steps, 0.0, 1.0)
-      for i in sds_idx:
-        u = upd_leaves[i]
-        f = jnp.where(in_sds_phase(leaves[i].sds_on), ramp, 1.0)
-        upd_leaves[i] = dataclasses.replace(
-            u, a=(u.a * f).astype(u.a.dtype), b=(u.b * f).astype(u.b.dtype))
     # SDS adapters alike in shapes, dtypes and scale are stacked into groups: the
     # switch, the refresh and the stamps then run once per group (and the QRs once
     # per factor shape), so the program does not grow with the number of adapters.
     groups = stack_groups({i: leaves[i] for i in sds_idx},
                            {i: (upd_leaves[i].a, upd_leaves[i].b) for i in sds_idx})
+    if rewarmup_steps or step_scale != 1.0:
+      # Factor steps of adapters already in SDS mode: x step_scale, and x the re-warm-up ramp.
+      ramp = jnp.clip((count - warmup_steps) / rewarmup_steps, 0.0, 1.0) if rewarmup_steps else 1.0
+      for g in groups:  # one factor per member (a scanned stack: per layer)
+        f = jnp.where(in_sds_phase(g.sds_on), ramp * step_scale, 1.0)[:, None, None]
+        g.ua, g.ub = (g.ua * f).astype(g.ua.dtype), (g.ub * f).astype(g.ub.dtype)
     was_on = [in_sds_phase(g.sds_on) for g in groups]
     switch = [(count >= warmup_steps) & ~on for on in was_on]
 
@@ -384,13 +411,42 @@ def sds_lora(
               (was_on[k] & refresh_now)[:, None, None], align_signs(q, prev), prev))
           pair.append(q.astype(prev.dtype))
         bases.append(tuple(pair))
-      return bases
+      return bases, [o[:2] for o in out]
 
-    bases = jax.lax.cond(any_refresh | any_switch, new_bases,
-                         lambda _: [(g.qa, g.qb) for g in groups], None)
+    def retracted(_):
+      # Groups alike in shapes retract as one batch (one QR per shape, as the switch).
+      items = {k: (out[k][3], out[k][4], g.qa, g.qb) for k, g in enumerate(groups)}
+      moved = _batching.map_groups(lambda *x: retract(*x, method=basis), items,
+                                   tails=(2, 2, 2, 2))
+      bases, factors = [], []
+      for k, g in enumerate(groups):
+        a2, b2, qa2, qb2 = moved[k]
+        now = (was_on[k] & refresh_now)[:, None, None]
+        a2r, b2r = a2.astype(g.a.dtype).astype(_F32), b2.astype(g.b.dtype).astype(_F32)
+        ua = jnp.where(now, a2r - g.a.astype(_F32), out[k][0].astype(_F32))
+        ub = jnp.where(now, b2r - g.b.astype(_F32), out[k][1].astype(_F32))
+        factors.append((ua.astype(out[k][0].dtype), ub.astype(out[k][1].dtype)))
+        bases.append((qa2, qb2))
+      return bases, factors
+
+    def kept(_):
+      return [(g.qa, g.qb) for g in groups], [o[:2] for o in out]
+
+    if refresh_rule == "orth":
+      bases, factors = jax.lax.cond(any_refresh | any_switch, new_bases, kept, None)
+    else:
+      # The switch sets its bases itself (activate_sds); a refresh retracts.
+      switch_bases, _ = jax.lax.cond(any_switch, new_bases, kept, None)
+      moved_bases, factors = jax.lax.cond(any_refresh, retracted, kept, None)
+      bases = []
+      for k, g in enumerate(groups):
+        now = (was_on[k] & refresh_now)[:, None, None]
+        bases.append(tuple(
+            jnp.where(now, moved.astype(prev.dtype), sw)
+            for moved, sw, prev in zip(moved_bases[k], switch_bases[k], (g.qa, g.qb))))
     result = list(upd_leaves)
     for k, g in enumerate(groups):
-      ua, ub, on = out[k][:3]
+      (ua, ub), on = factors[k], out[k][2]
       qa, qb = bases[k]
       stamp = None
       if g.stamp is not None:  # the stamps of the arrays exactly as apply_updates leaves them

@@ -434,6 +434,8 @@ def test_sigkill_mid_training_then_resume_ends_with_the_same_adapters(tmp_path):
   ({"method": "lora", "adapter__sds_init": "zero"}, "config.adapter.sds_init"),
   ({"optim__sds_switch_state": "rescale"}, "config.optim.sds_switch_state"),
   ({"optim__sds_rewarmup_steps": -2}, "config.optim.sds_rewarmup_steps"),
+  ({"optim__sds_refresh_rule": "qr"}, "config.optim.sds_refresh_rule"),
+  ({"optim__sds_step_scale": 0.0}, "config.optim.sds_step_scale"),
   ({"model__quantization": "fp4"}, "config.model.quantization"),
   ({"optim__grad_clip": -1.0}, "config.optim.grad_clip"),  # was gradient ascent
   ({"optim__b1": 1.5}, "config.optim.b1"),
