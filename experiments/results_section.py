@@ -2,10 +2,10 @@
 
 ``python -m experiments.results_section [--readme README.md]``
 
-Rebuilds, from ``experiments/results/{conditioning,geometry,finetune,ablations}.json`` alone, each
-experiment's Markdown table and PNG (through its module's own ``regenerate``), and
-rewrites the README between ``<!-- results:begin -->`` and ``<!-- results:end -->``
-with the tables and the plots. The readings and verdicts around that block are written
+Rebuilds, from ``experiments/results/{conditioning,geometry,finetune,ablations,
+stability}.json`` alone, each experiment's Markdown table and PNG (through its module's
+own ``regenerate``), and rewrites the README between ``<!-- results:begin -->`` and
+``<!-- results:end -->`` with the tables and the plots. The readings and verdicts around that block are written
 by hand from the numbers. A results file that does not exist yet is reported as such.
 """
 
@@ -63,6 +63,9 @@ BLOCKS = (
   ("ablations", "SDS-LoRA ablations (MiniLM, lr 2e-3)",
    "python -m experiments.ablations --seeds 0,1,2",
    _table_and_plot("experiments.ablations", "ablations"), "training loss per ablation"),
+  ("stability", "SDS-LoRA at twice LoRA's best learning rate, 5 seeds",
+   "python -m experiments.stability",
+   _table_and_plot("experiments.stability", "stability"), "training loss per seed and method"),
 )
 
 
