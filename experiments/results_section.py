@@ -5,8 +5,9 @@
 Rebuilds, from ``experiments/results/{conditioning,geometry,finetune,ablations,
 stability}.json`` alone, each experiment's Markdown table and PNG (through its module's
 own ``regenerate``), and rewrites the README between ``<!-- results:begin -->`` and
-``<!-- results:end -->`` with the tables and the plots. The readings and verdicts around that block are written
-by hand from the numbers. A results file that does not exist yet is reported as such.
+``<!-- results:end -->`` with the tables and the plots. The readings and verdicts around
+that block are written by hand from the numbers. A results file that does not exist yet
+is reported as such.
 """
 
 from __future__ import annotations
