@@ -48,8 +48,11 @@ SEEDS = (0, 1, 2)
 # preconditioner, which runs SGD + momentum on steps scaled by the inverse Gram matrices of
 # the factors (up to 1 / damping while b is near its zero start): its first sweep, 3e-2 to
 # 3e-1, diverged nearly everywhere, so it was extended down to 1e-3.
+# SDS-LoRA's rates are an octave above LoRA's: its default step scale (1/sqrt(6)) makes its
+# steps at a rate about those of unscaled steps at 0.4x that rate (its earlier sweep,
+# unscaled, was 5e-4, 1e-3, 2e-3; those records are in finetune_superseded.json).
 LRS = {"full": (3e-5, 1e-4, 3e-4), "lora": (5e-4, 1e-3, 2e-3), "rslora": (5e-4, 1e-3, 2e-3),
-       "sds": (5e-4, 1e-3, 2e-3), "riemannian": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)}
+       "sds": (1e-3, 2e-3, 4e-3), "riemannian": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)}
 GAP_NOISE = 0.01  # one point of test accuracy
 MINILM_STEPS = 120
 EFFNET_STEPS = 100
@@ -89,8 +92,24 @@ def config_for(task: str, method: str, rank: int, lr: float, seed: int, quick: b
   return c
 
 
+def _step_scale() -> float:
+  """SDS-LoRA's step scale in the trainer's default config: the one the grid trains with."""
+  from experiments.finetune.configs import default
+
+  return float(default.get_config().optim.sds_step_scale)
+
+
+def is_current(rec) -> bool:
+  """Whether a record was trained with today's SDS-LoRA defaults (other methods: always).
+
+  SDS records from before ``sds_step_scale`` existed carry none: their steps were unscaled.
+  """
+  return rec["method"] != "sds" or abs(rec.get("sds_step_scale", 1.0) - _step_scale()) < 1e-9
+
+
 def _run_dir(workdir: pathlib.Path, task, method, rank, lr, seed) -> pathlib.Path:
-  return workdir / task / f"{method}_r{rank}_lr{lr:g}_s{seed}"
+  tag = f"_step{_step_scale():.3g}" if method == "sds" else ""  # never an older default's run
+  return workdir / task / f"{method}{tag}_r{rank}_lr{lr:g}_s{seed}"
 
 
 def train_or_read_back(make_config, wd: pathlib.Path) -> dict:
@@ -112,8 +131,10 @@ def train_or_read_back(make_config, wd: pathlib.Path) -> dict:
 def train_one(workdir, task, method, rank, lr, seed, quick=False) -> dict:
   """Trains one run (or reads it back when finished); returns its record."""
   wd = _run_dir(workdir, task, method, rank, lr, seed)
-  summary = train_or_read_back(lambda: config_for(task, method, rank, lr, seed, quick), wd)
-  return {"task": task, "method": method, "rank": rank, "lr": lr, "seed": seed,
+  config = config_for(task, method, rank, lr, seed, quick)
+  summary = train_or_read_back(lambda: config, wd)
+  extra = {"sds_step_scale": float(config.optim.sds_step_scale)} if method == "sds" else {}
+  return {"task": task, "method": method, "rank": rank, "lr": lr, "seed": seed, **extra,
           "test_accuracy": summary["test_accuracy"],
           "validation_accuracy": summary["validation_accuracy"],
           "validation_loss": summary["validation_loss"],
@@ -148,7 +169,8 @@ def run(workdir: pathlib.Path, tasks, quick=False, log=print, known=(), save=Non
   """
   lrs, seeds = _lrs(quick), (SEEDS[:2] if quick else SEEDS)
   steps = {t: _steps(t, quick) for t in tasks}
-  known = {_key(r): r for r in known if r["task"] in steps and r["steps"] == steps[r["task"]]}
+  known = {_key(r): r for r in known
+           if r["task"] in steps and r["steps"] == steps[r["task"]] and is_current(r)}
   todo = [(c, lr) for c in cells(tasks) for lr in lrs[c[1]]]
   todo_total = len(todo) + sum(1 for _ in cells(tasks)) * (len(seeds) - 1)
   records, start = [], time.perf_counter()
@@ -305,6 +327,14 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     known = json.loads(path.read_text()) if path.exists() else []
     tasks = args.tasks.split(",")
+    # Records trained with older SDS-LoRA defaults move to finetune_superseded.json.
+    old = [r for r in known if not is_current(r)]
+    if old:
+      kept = results / "finetune_superseded.json"
+      prior = json.loads(kept.read_text()) if kept.exists() else []
+      _write_json(kept, prior + old)
+      known = [r for r in known if is_current(r)]
+      _write_json(path, known)
     # Records of tasks not run this time stay in the file, in every write (an
     # interrupted run of one task must not lose the other task's results).
     # (``run`` hands ``save`` annotated records; ``others`` are annotated in the file.)
