@@ -36,3 +36,10 @@ def test_table_counts_divergence_and_jumps_under_the_bar():
   assert rows["sds"].endswith("| 2 | 1 | 0.6500 ± 0.2121 | 0.5000 | +0.125 / +0.200 | "
                               "0.100 / 0.100 | 1 / 2 |")
   assert rows["lora"].split(" | ")[-1] == "- |"
+
+
+def test_diverged_means_the_loss_ended_near_where_it_started():
+  start = [0.69] * 5
+  assert st.diverged(start + [0.70] * 95)  # collapsed to one class: ln 2 again
+  assert st.diverged(start + [0.67] * 95)  # 97 % of the start
+  assert not st.diverged(start + [0.69] * 80 + [0.45] * 20)  # learned (a late drop counts)
