@@ -54,15 +54,20 @@ VARIANTS = {
 }
 
 
-def config_for(name: str, seed: int):
-  method, overrides, _ = VARIANTS[name]
-  c = grid.config_for("minilm", method, RANK, LR, seed)
+def with_overrides(c, overrides: dict):
+  """``c`` with ``{"node.field": value}`` overrides applied, losses logged every step."""
   c.log_every = 1
-  c.optim.sds_step_scale = 1.0  # the ablations predate the step scale: unscaled unless stated
   for key, value in overrides.items():
     node, field = key.split(".")
     setattr(c[node], field, value)
   return c
+
+
+def config_for(name: str, seed: int):
+  method, overrides, _ = VARIANTS[name]
+  c = grid.config_for("minilm", method, RANK, LR, seed)
+  c.optim.sds_step_scale = 1.0  # the ablations predate the step scale: unscaled unless stated
+  return with_overrides(c, overrides)
 
 
 def switch_step(name: str) -> int:
@@ -80,14 +85,37 @@ def _losses(wd: pathlib.Path) -> dict[int, float]:
   return out
 
 
+def switch_jump(losses: dict[int, float], t: int) -> float:
+  """The largest loss of the ``WINDOW`` updates after update ``t`` minus the mean before."""
+  before = [losses[s] for s in range(t - WINDOW + 1, t + 1) if s in losses]
+  after = [losses[s] for s in range(t + 1, t + WINDOW + 1) if s in losses]
+  return max(after) - float(np.mean(before)) if before and after else float("nan")
+
+
+def train_missing(path: pathlib.Path, records: list, keys: list, key_of, train, describe):
+  """Trains every key without a record (``train(*key)``), rewriting ``path`` after each run."""
+  known = {key_of(r): r for r in records}
+  for key in keys:
+    if key not in known:
+      known[key] = train(*key)
+      grid._write_json(path, list(known.values()))
+    print(describe(known[key]), file=sys.stderr, flush=True)
+  return list(known.values())
+
+
+def check_names(given: list[str], allowed, what: str) -> list[str]:
+  for name in given:
+    if name not in allowed:
+      raise SystemExit(f"unknown {what} {name!r}; choose from {', '.join(allowed)}")
+  return given
+
+
 def train_variant(workdir: pathlib.Path, name: str, seed: int) -> dict:
   wd = workdir / f"{name}_s{seed}"
   summary = grid.train_or_read_back(lambda: config_for(name, seed), wd)
   losses = _losses(wd)
   t = switch_step(name if name != "lora" else "sds")
-  before = [losses[s] for s in range(t - WINDOW + 1, t + 1) if s in losses]
-  after = [losses[s] for s in range(t + 1, t + WINDOW + 1) if s in losses]
-  jump = max(after) - float(np.mean(before)) if before and after else float("nan")
+  jump = switch_jump(losses, t)
   return {"variant": name, "method": VARIANTS[name][0], "settings": VARIANTS[name][1],
           "lr": LR, "rank": RANK, "seed": seed, "switch_step": t, "jump": jump,
           "test_accuracy": summary["test_accuracy"],
@@ -141,34 +169,40 @@ def plot(records, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-FLAGS = flags.FlagValues()
-flags.DEFINE_string("workdir", "runs/ablations", "Where the runs go.", flag_values=FLAGS)
-flags.DEFINE_string("seeds", "0", "Comma-separated seeds.", flag_values=FLAGS)
-flags.DEFINE_string("variants", ",".join(VARIANTS), "Comma-separated variants.",
-                    flag_values=FLAGS)
-flags.DEFINE_string("results", str(RESULTS), "Where the tables and plots go.", flag_values=FLAGS)
-flags.DEFINE_bool("regenerate", False, "Rebuild the outputs from the saved records only.",
-                  flag_values=FLAGS)
+def define_flags(workdir: str, seeds: str, variants) -> flags.FlagValues:
+  """The flags of a script that trains variants x seeds (this one and ``stability``)."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", workdir, "Where the runs go.", flag_values=fv)
+  flags.DEFINE_string("seeds", seeds, "Comma-separated seeds.", flag_values=fv)
+  flags.DEFINE_string("variants", ",".join(variants), "Comma-separated variants.",
+                      flag_values=fv)
+  flags.DEFINE_string("results", str(RESULTS), "Where the tables and plots go.", flag_values=fv)
+  flags.DEFINE_bool("regenerate", False, "Rebuild the outputs from the saved records only.",
+                    flag_values=fv)
+  return fv
+
+
+def read_records(results: str, stem: str) -> tuple[pathlib.Path, list]:
+  """``<results>/<stem>.json`` and its records (none yet: ``[]``)."""
+  path = pathlib.Path(results) / f"{stem}.json"
+  return path, json.loads(path.read_text()) if path.exists() else []
+
+
+FLAGS = define_flags("runs/ablations", "0", VARIANTS)
 
 
 def main(argv=None) -> int:
   args = cli.parse(FLAGS, argv)
   results = pathlib.Path(args.results)
-  path = results / "ablations.json"
-  records = json.loads(path.read_text()) if path.exists() else []
+  path, records = read_records(args.results, "ablations")
   if not args.regenerate:
-    known = {(r["variant"], r["seed"]): r for r in records}
-    for seed in (int(s) for s in args.seeds.split(",")):
-      for name in args.variants.split(","):
-        if name not in VARIANTS:
-          raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-        if (name, seed) not in known:
-          known[name, seed] = train_variant(pathlib.Path(args.workdir), name, seed)
-          records = list(known.values())
-          grid._write_json(path, records)
-        r = known[name, seed]
-        print(f"{name} seed {seed}: test {r['test_accuracy']:.4f} jump {r['jump']:+.3f}",
-              file=sys.stderr, flush=True)
+    names = check_names(args.variants.split(","), VARIANTS, "variant")
+    keys = [(n, int(seed)) for seed in args.seeds.split(",") for n in names]
+    records = train_missing(
+        path, records, keys, lambda r: (r["variant"], r["seed"]),
+        lambda n, seed: train_variant(pathlib.Path(args.workdir), n, seed),
+        lambda r: f"{r['variant']} seed {r['seed']}: test {r['test_accuracy']:.4f} "
+                  f"jump {r['jump']:+.3f}")
   grid.report(records, results / "ablations", table, plot)
   return 0
 

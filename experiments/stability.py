@@ -24,15 +24,15 @@ stability.{json,md,png}``; ``--regenerate`` rebuilds the table and plot from the
 
 from __future__ import annotations
 
-import json
 import pathlib
-import sys
 
 import numpy as np
 from absl import flags
 
 from experiments import cli
-from experiments.ablations import WINDOW, _losses
+from experiments.ablations import (
+    WINDOW, _losses, check_names, define_flags, read_records, switch_jump, train_missing,
+    with_overrides)
 from experiments.finetune import grid
 
 RESULTS = grid.RESULTS
@@ -49,12 +49,7 @@ VARIANTS = {
 
 def config_for(task: str, name: str, seed: int):
   method, overrides, _ = VARIANTS[name]
-  c = grid.config_for(task, method, RANK, TASKS[task], seed)
-  c.log_every = 1
-  for key, value in overrides.items():
-    node, field = key.split(".")
-    setattr(c[node], field, value)
-  return c
+  return with_overrides(grid.config_for(task, method, RANK, TASKS[task], seed), overrides)
 
 
 def _switch_step(task: str) -> int:
@@ -67,11 +62,9 @@ def train_variant(workdir: pathlib.Path, task: str, name: str, seed: int) -> dic
   losses = _losses(wd)
   curve = [losses[s] for s in sorted(losses)]
   t = _switch_step(task)
-  before = [losses[s] for s in range(t - WINDOW + 1, t + 1) if s in losses]
-  after = [losses[s] for s in range(t + 1, t + WINDOW + 1) if s in losses]
   return {"task": task, "variant": name, "method": VARIANTS[name][0],
           "settings": VARIANTS[name][1], "lr": TASKS[task], "rank": RANK, "seed": seed,
-          "switch_step": t, "jump": max(after) - float(np.mean(before)),
+          "switch_step": t, "jump": switch_jump(losses, t),
           "diverged": diverged(curve),
           "test_accuracy": summary["test_accuracy"],
           "validation_accuracy": summary["validation_accuracy"],
@@ -115,10 +108,10 @@ def table(records) -> str:
                  if known else "-")
       ok = f"{sum(j <= b for j, b in known)} / {len(known)}" if name != "lora" and known else "-"
       jump_col = f"{jumps.mean():+.3f} / {jumps.max():+.3f}" if name != "lora" else "-"
+      n_div = sum(diverged(r["losses"]) for r in rows)  # the definition here, not the record's
       lines.append(
           f"| {task} | {TASKS[task]:g} | {name} | {VARIANTS[name][2]} | {len(rows)} | "
-          f"{sum(r['diverged'] for r in rows)} | {acc.mean():.4f}{sd} | {loss.mean():.4f} | "
-          f"{jump_col} | {bar_col} | {ok} |")
+          f"{n_div} | {acc.mean():.4f}{sd} | {loss.mean():.4f} | {jump_col} | {bar_col} | {ok} |")
   return "\n".join(lines)
 
 
@@ -148,40 +141,23 @@ def plot(records, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-FLAGS = flags.FlagValues()
-flags.DEFINE_string("workdir", "runs/stability", "Where the runs go.", flag_values=FLAGS)
+FLAGS = define_flags("runs/stability", "0,1,2,3,4", VARIANTS)
 flags.DEFINE_string("tasks", ",".join(TASKS), "Comma-separated tasks.", flag_values=FLAGS)
-flags.DEFINE_string("seeds", "0,1,2,3,4", "Comma-separated seeds.", flag_values=FLAGS)
-flags.DEFINE_string("variants", ",".join(VARIANTS), "Comma-separated variants.",
-                    flag_values=FLAGS)
-flags.DEFINE_string("results", str(RESULTS), "Where the tables and plots go.", flag_values=FLAGS)
-flags.DEFINE_bool("regenerate", False, "Rebuild the outputs from the saved records only.",
-                  flag_values=FLAGS)
 
 
 def main(argv=None) -> int:
   args = cli.parse(FLAGS, argv)
   results = pathlib.Path(args.results)
-  path = results / "stability.json"
-  records = json.loads(path.read_text()) if path.exists() else []
-  for r in records:  # the definition lives here, not in the records
-    r["diverged"] = diverged(r["losses"])
+  path, records = read_records(args.results, "stability")
   if not args.regenerate:
-    known = {(r["task"], r["variant"], r["seed"]): r for r in records}
-    for task in args.tasks.split(","):
-      if task not in TASKS:
-        raise SystemExit(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-      for seed in (int(s) for s in args.seeds.split(",")):
-        for name in args.variants.split(","):
-          if name not in VARIANTS:
-            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-          if (task, name, seed) not in known:
-            known[task, name, seed] = train_variant(pathlib.Path(args.workdir), task, name, seed)
-            records = list(known.values())
-            grid._write_json(path, records)
-          r = known[task, name, seed]
-          print(f"{task} {name} seed {seed}: test {r['test_accuracy']:.4f} "
-                f"jump {r['jump']:+.3f} diverged {r['diverged']}", file=sys.stderr, flush=True)
+    tasks = check_names(args.tasks.split(","), TASKS, "task")
+    names = check_names(args.variants.split(","), VARIANTS, "variant")
+    keys = [(t, n, int(seed)) for t in tasks for seed in args.seeds.split(",") for n in names]
+    records = train_missing(
+        path, records, keys, lambda r: (r["task"], r["variant"], r["seed"]),
+        lambda t, n, seed: train_variant(pathlib.Path(args.workdir), t, n, seed),
+        lambda r: f"{r['task']} {r['variant']} seed {r['seed']}: test "
+                  f"{r['test_accuracy']:.4f} jump {r['jump']:+.3f} diverged {r['diverged']}")
   grid.report(records, results / "stability", table, plot)
   return 0
 

@@ -9,10 +9,9 @@ from experiments import stability as st
 pytestmark = pytest.mark.experiments
 
 
-def _rec(variant, seed, losses, jump=0.0, diverged=False, acc=0.8):
+def _rec(variant, seed, losses, jump=0.0, acc=0.8):
   return {"task": "minilm", "variant": variant, "seed": seed, "switch_step": 10, "jump": jump,
-          "diverged": diverged, "test_accuracy": acc, "mean_loss_last_20": 0.5,
-          "losses": losses}
+          "test_accuracy": acc, "mean_loss_last_20": 0.5, "losses": losses}
 
 
 def test_lora_change_is_the_largest_step_to_step_change_in_the_window():
@@ -29,9 +28,10 @@ def test_lora_change_is_the_largest_step_to_step_change_in_the_window():
 def test_table_counts_divergence_and_jumps_under_the_bar():
   bar = [1.0] * 30
   bar[11] = 1.1  # LoRA's largest change: 0.1 for both seeds
-  recs = [_rec("lora", 0, bar), _rec("lora", 1, bar),
-          _rec("sds", 0, bar, jump=0.05, acc=0.8), _rec("sds", 1, bar, jump=0.2, diverged=True,
-                                                        acc=0.5)]
+  learned = bar[:20] + [0.5] * 10  # falls after the window: ends at 75 % of its start
+  recs = [_rec("lora", 0, learned), _rec("lora", 1, learned),
+          _rec("sds", 0, learned, jump=0.05, acc=0.8),
+          _rec("sds", 1, bar, jump=0.2, acc=0.5)]  # flat: diverged
   rows = {line.split(" | ")[2]: line for line in st.table(recs).splitlines()[2:]}
   assert rows["sds"].endswith("| 2 | 1 | 0.6500 ± 0.2121 | 0.5000 | +0.125 / +0.200 | "
                               "0.100 / 0.100 | 1 / 2 |")
