@@ -147,3 +147,21 @@ def test_sds_records_of_older_defaults_move_aside_and_are_retrained(tmp_path, mo
   assert all(grid.is_current(r) for r in saved) and len(saved) == len(trained) + 2
   # An SDS run directory names its step scale: an older default's run is never read back.
   assert "_step0.408_" in str(grid._run_dir(tmp_path, "minilm", "sds", 8, 1e-3, 0))
+
+
+def test_long_efficientnet_task_has_three_times_the_steps_and_three_methods(tmp_path):
+  """``efficientnet_3x``: EfficientNet's grid task at 3x the steps, full, LoRA and SDS-LoRA only."""
+  short, long = (grid.config_for(t, "lora", 8, 1e-3, 0)
+                 for t in ("efficientnet", "efficientnet_3x"))
+  assert long.num_steps == 3 * short.num_steps == 3 * grid.EFFNET_STEPS
+  assert long.checkpoint_every == 3 * short.checkpoint_every
+  for field in ("data", "adapter", "optim", "batch_size"):  # nothing else differs
+    assert long[field] == short[field]
+  assert [c for c in grid.cells(["efficientnet_3x"])] == [
+      ("efficientnet_3x", "full", None), ("efficientnet_3x", "lora", 8),
+      ("efficientnet_3x", "lora", 32), ("efficientnet_3x", "sds", 8),
+      ("efficientnet_3x", "sds", 32)]
+  assert len(list(grid.cells(["efficientnet"]))) == 1 + 2 * (len(grid.METHODS) - 1)
+  with pytest.raises(ValueError, match="unknown.*efficientnet3x"):
+    grid.main(["--tasks", "efficientnet3x", "--quick", "--results", str(tmp_path)])
+  assert not list(tmp_path.iterdir())  # refused before anything was written
