@@ -6,6 +6,12 @@ _DEVICES = "--xla_force_host_platform_device_count=8"
 if _DEVICES not in os.environ.get("XLA_FLAGS", ""):  # pytest-xdist workers inherit it
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests compile hundreds of small programs and run each for milliseconds, so XLA:CPU's
+# LLVM optimisation was a third of the suite's time. This skips it (backend optimisation
+# level 0); the HLO passes (fusion, sharding, buffer assignment: what the tests that read
+# HLO text or memory_analysis() check) run as usual. JAX_DISABLE_MOST_OPTIMIZATIONS=0
+# runs the suite fully optimised.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
 def pytest_ignore_collect(collection_path, config):
