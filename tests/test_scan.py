@@ -115,7 +115,9 @@ def test_scanned_matches_unrolled_outputs_and_gradients(setup, sds_on):
   u_ads = _unrolled_adapters(ads)
   y = slinen.apply(model, {"params": params}, ads, x)
   y_u = slinen.apply(unrolled, {"params": u_params}, u_ads, x)
-  np.testing.assert_allclose(y, y_u, rtol=1e-5, atol=1e-5)
+  # |y| reaches ~160 after three layers of randomised adapters; the scanned and the unrolled
+  # programs round differently (1.5e-5 relative seen). A wrong layer's adapter is O(1) off.
+  np.testing.assert_allclose(y, y_u, rtol=5e-5, atol=1e-5)
   print(f"scanned vs unrolled (sds_on={sds_on}): max |dy| {float(jnp.abs(y - y_u).max()):.1e}")
   # The dense reference: the merged stacked kernels.
   np.testing.assert_allclose(y, model.apply({"params": tree.merge(params, ads)}, x),
