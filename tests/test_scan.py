@@ -131,9 +131,12 @@ def test_scanned_matches_unrolled_outputs_and_gradients(setup, sds_on):
     for f in ("a", "b"):
       got = getattr(g["layers"][name]["kernel"], f)
       want = jnp.stack([getattr(g_u[f"layer_{i}"][name]["kernel"], f) for i in range(L)])
-      np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * float(jnp.abs(want).max()))
-      print(f"  grad {name}.{f}: relative difference "
-            f"{float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)):.1e}")
+      # Entries up to ~80 through sin(y), |y| ~ 160: one entry in 96 may differ by 1e-2 (XLA
+      # at optimisation level 0, JAX 0.12.1; see conftest.py); the whole gradient by ~1e-4.
+      np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(jnp.abs(want).max()))
+      rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+      print(f"  grad {name}.{f}: relative difference {rel:.1e}")
+      assert rel < 1e-3, (name, f, rel)
 
 
 @_REMAT_COVERS_SCAN
