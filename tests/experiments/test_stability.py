@@ -43,3 +43,9 @@ def test_diverged_means_the_loss_ended_near_where_it_started():
   assert st.diverged(start + [0.70] * 95)  # collapsed to one class: ln 2 again
   assert st.diverged(start + [0.67] * 95)  # 97 % of the start
   assert not st.diverged(start + [0.69] * 80 + [0.45] * 20)  # learned (a late drop counts)
+
+
+def test_plot_draws_every_variant(tmp_path):
+  """Every variant has a colour (a new variant once crashed the report after its runs)."""
+  st.plot([_rec(name, 0, [1.0] * 30) for name in st.VARIANTS], tmp_path / "s.png")
+  assert (tmp_path / "s.png").stat().st_size > 1000
