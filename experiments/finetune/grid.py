@@ -236,8 +236,14 @@ def _stats(records, task, method, rank):
   return rows, acc, loss
 
 
+def _tasks_of(records) -> list[str]:
+  """The records' tasks in ``TASKS`` order (others after them, as first seen)."""
+  seen = list(dict.fromkeys(r["task"] for r in records))
+  return [t for t in TASKS if t in seen] + [t for t in seen if t not in TASKS]
+
+
 def table(records) -> str:
-  tasks = list(dict.fromkeys(r["task"] for r in records))
+  tasks = _tasks_of(records)
   lines = ["| task | method | rank | lr (chosen) | seeds | test acc. mean ± sd | final train loss |",
            "|---|---|---|---|---|---|---|"]
   gaps = []
@@ -280,7 +286,7 @@ def plot(records, path: pathlib.Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  tasks = list(dict.fromkeys(r["task"] for r in records))
+  tasks = _tasks_of(records)
   fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.4), squeeze=False)
   for ax, task in zip(axes[0], tasks):
     labels, means, sds = [], [], []

@@ -165,3 +165,13 @@ def test_long_efficientnet_task_has_three_times_the_steps_and_three_methods(tmp_
   with pytest.raises(ValueError, match="unknown.*efficientnet3x"):
     grid.main(["--tasks", "efficientnet3x", "--quick", "--results", str(tmp_path)])
   assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_table_lists_tasks_in_grid_order_whatever_the_file_order():
+  recs = [dict(r, task=task) for task in ("efficientnet_3x", "minilm", "efficientnet")
+          for r in _records()]
+  for r in recs:
+    r["chosen_lr"] = r["lr"] == 2e-3
+  first_table = grid.table(recs).split("\n\n")[0].splitlines()[2:]
+  rows = [line.split(" | ")[0][2:] for line in first_table]
+  assert list(dict.fromkeys(rows)) == list(grid.TASKS)  # the long schedule beside the short
