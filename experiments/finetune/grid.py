@@ -74,18 +74,18 @@ def config_for(task: str, method: str, rank: int, lr: float, seed: int, quick: b
       c.num_steps = MINILM_STEPS
   elif task in ("efficientnet", "efficientnet_3x"):
     c = efficientnet_fashion_mnist.get_config("smoke" if quick else "")
-    if quick and task == "efficientnet_3x":
-      c.num_steps *= 3
     if not quick:
       c.data.image_size = 32
       c.batch_size = 32
-      c.num_steps = EFFNET_STEPS * (3 if task == "efficientnet_3x" else 1)
+      c.num_steps = EFFNET_STEPS
       c.data.eval_split = "train[55000:57000]"
       c.data.test_split = "test[:2000]"
       c.adapter.targets = (r"block_1[2-5]/(expand_conv|project_conv)/kernel",
                            r"conv_head/kernel")
   else:
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+  if task == "efficientnet_3x":
+    c.num_steps *= 3
   c.method = method
   c.adapter.rank = rank
   c.adapter.alpha = 2.0 * rank
