@@ -41,11 +41,12 @@ TASKS = {"minilm": 2e-3, "efficientnet": 4e-3}  # twice the grid's chosen LoRA r
 # name -> (method, config overrides, what it is)
 VARIANTS = {
     "lora": ("lora", {}, "LoRA"),
-    "sds_unscaled": ("sds", {"optim.sds_step_scale": 1.0},
-                     "SDS-LoRA, factor steps unscaled (the defaults before)"),
-    "sds": ("sds", {}, "SDS-LoRA's defaults"),
-    "sds_rewarmup": ("sds", {"optim.sds_rewarmup_steps": 10},
-                     "SDS-LoRA's defaults, factor steps ramped up over 10 updates after the switch"),
+    "sds_unscaled": ("sds", {"optim.sds_step_scale": 1.0, "optim.sds_rewarmup_steps": 0},
+                     "SDS-LoRA, factor steps unscaled, no re-warm-up (the paper's steps)"),
+    "sds_stepscale": ("sds", {"optim.sds_rewarmup_steps": 0},
+                      "SDS-LoRA, factor steps x 1/sqrt(6), no re-warm-up"),
+    "sds": ("sds", {}, "SDS-LoRA's defaults: factor steps x 1/sqrt(6), ramped up over 10 "
+                       "updates after the switch"),
 }
 
 
@@ -130,8 +131,8 @@ def plot(records, path: pathlib.Path) -> None:
       for k, r in enumerate(x for x in records if (x["task"], x["variant"]) == (task, name)):
         smooth = np.convolve(r["losses"], np.ones(WINDOW) / WINDOW, mode="valid")
         ax.plot(np.arange(WINDOW, len(r["losses"]) + 1), smooth, lw=1, alpha=0.8,
-                color={"lora": "k", "sds_unscaled": "tab:red", "sds": "tab:blue",
-                       "sds_rewarmup": "tab:green"}[name],
+                color={"lora": "k", "sds_unscaled": "tab:red", "sds_stepscale": "tab:blue",
+                       "sds": "tab:green"}[name],
                 label=name if k == 0 else None)
     ax.axvline(_switch_step(task), color="gray", lw=0.5, ls="--")
     ax.set_title(f"{task}, lr {TASKS[task]:g}, rank {RANK}, one line per seed", fontsize=8)

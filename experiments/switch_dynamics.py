@@ -39,6 +39,9 @@ flags.DEFINE_integer("seed", 0, "Seed.", flag_values=FLAGS)
 flags.DEFINE_float("step_scale", 1.0, "SDS-LoRA's optim.sds_step_scale. The records in the "
                    "README are of 1.0 (unscaled; they predate the scaled default), except where "
                    "they say otherwise.", flag_values=FLAGS)
+flags.DEFINE_integer("rewarmup_steps", 0, "SDS-LoRA's optim.sds_rewarmup_steps. The records "
+                     "in the README are of 0 (they predate the re-warm-up default, 10).",
+                     flag_values=FLAGS)
 flags.DEFINE_string("workdir", "runs/switch_dynamics", "Where the runs go.", flag_values=FLAGS)
 flags.DEFINE_string("results", str(RESULTS), "Where the records go.", flag_values=FLAGS)
 
@@ -105,7 +108,9 @@ def main(argv=None) -> int:
       config.progress = False
       config.diagnostics.step_metrics_until = args.steps
       config.optim.sds_step_scale = args.step_scale
+      config.optim.sds_rewarmup_steps = args.rewarmup_steps
       tag = "" if args.step_scale == 1.0 or method != "sds" else f"_scale{args.step_scale:g}"
+      tag += f"_rewarmup{args.rewarmup_steps}" if args.rewarmup_steps and method == "sds" else ""
       workdir = pathlib.Path(args.workdir) / f"{method}_lr{lr:g}_seed{args.seed}{tag}"
       print(f"{method} at lr {lr:g}: {workdir}", flush=True)
       train_and_evaluate(config, workdir, resume=True)
@@ -114,6 +119,7 @@ def main(argv=None) -> int:
       rows = [r for r in metrics if r["split"] == "step_metrics"]
       records.append({"method": method, "lr": lr, "seed": args.seed,
                       "step_scale": args.step_scale if method == "sds" else None,
+                      "rewarmup_steps": args.rewarmup_steps if method == "sds" else None,
                       "steps": _per_step(rows, losses)})
   out = pathlib.Path(args.results)
   out.mkdir(parents=True, exist_ok=True)

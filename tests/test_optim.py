@@ -273,7 +273,8 @@ def test_sds_only_tree_restarts_adam_exactly():
   """Without other leaves, post-switch updates are a fresh Adam's on the same gradients."""
   lr, warm = 1e-2, 200
   params = _sds_only()
-  tx = sds_lora(optax.adamw(lr, weight_decay=0.0), warmup_steps=warm, step_scale=1.0)
+  tx = sds_lora(optax.adamw(lr, weight_decay=0.0), warmup_steps=warm, step_scale=1.0,
+                rewarmup_steps=0)
   x = jax.random.normal(jax.random.key(3), (16, D_IN))
   y = jax.random.normal(jax.random.key(4), (16, 6))
 
@@ -306,7 +307,8 @@ def test_sds_only_tree_restarts_adam_exactly():
 def test_schedule_continues_when_adam_count_restarts():
   warm, lr = 5, 1e-2
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, 3, 40, end_value=1e-4)
-  tx = sds_lora(optax.adamw(sched, weight_decay=0.0), warmup_steps=warm, step_scale=1.0)
+  tx = sds_lora(optax.adamw(sched, weight_decay=0.0), warmup_steps=warm, step_scale=1.0,
+                rewarmup_steps=0)
   params = _sds_only()
   update = jax.jit(tx.update)
   state = tx.init(params)
@@ -395,7 +397,7 @@ def _updates_and_inner_reference(tx, inner, num_steps):
 def test_factor_updates_bit_exact_between_events():
   """After the switch, factors move by exactly the inner optimizer's updates."""
   inner = optax.sgd(0.05, momentum=0.9)
-  tx = sds_lora(inner, warmup_steps=1, refresh=4, step_scale=1.0)
+  tx = sds_lora(inner, warmup_steps=1, refresh=4, step_scale=1.0, rewarmup_steps=0)
   seen = 0
   for _, updates, want in _updates_and_inner_reference(tx, inner, 3):
     seen += 1
@@ -491,7 +493,7 @@ def test_sgd_matches_hand_written_loop(kappa):
   cfg = teacher.Teacher(kappa=kappa, scale=0.5)
   steps, warm, lr = 60, 10, 1.0
   target = teacher.make_target(cfg)
-  tx = sds_lora(optax.sgd(lr), warmup_steps=warm, step_scale=1.0)
+  tx = sds_lora(optax.sgd(lr), warmup_steps=warm, step_scale=1.0, rewarmup_steps=0)
   loss = lambda p: 0.5 * jnp.sum((sl.kernel_delta(p) - target) ** 2)
 
   def body(carry, _):
@@ -637,25 +639,29 @@ def test_switch_state_keep_carries_the_moments_on():
   assert jnp.any(adam.mu["layer0"]["kernel"].a != 0)  # not reset (the default would zero it)
 
 
-def test_rewarmup_ramps_the_sds_factor_updates_only():
-  """``rewarmup_steps=k``: post-switch update j of SDS factors is min(1, j/k) x the inner's."""
-  inner, k = optax.sgd(0.05, momentum=0.9), 3
-  tx = sds_lora(inner, warmup_steps=1, refresh=100, rewarmup_steps=k, step_scale=1.0)
+@pytest.mark.parametrize("kwargs,k,c", [
+    ({"rewarmup_steps": 3, "step_scale": 1.0}, 3, 1.0),
+    ({}, 10, 6.0**-0.5),  # the defaults: a 10-update ramp of steps scaled by 1/sqrt(6)
+])
+def test_rewarmup_ramps_the_sds_factor_updates_only(kwargs, k, c):
+  """``rewarmup_steps=k``: post-switch update j of SDS factors is c min(1, j/k) x the inner's."""
+  inner = optax.sgd(0.05, momentum=0.9)
+  tx = sds_lora(inner, warmup_steps=1, refresh=100, **kwargs)
   seen = []
-  for j, updates, want in _updates_and_inner_reference(tx, inner, 6):
+  for j, updates, want in _updates_and_inner_reference(tx, inner, k + 3):
     seen.append(j)
-    f = min(1.0, j / k)
+    f = c * min(1.0, j / k)
     for got, ref in zip(_sds_adapters(updates), _sds_adapters(want)):
       chex.assert_trees_all_close((got.a, got.b), (f * ref.a, f * ref.b), rtol=1e-5, atol=1e-7)
     chex.assert_trees_all_close(updates["head"], want["head"], rtol=1e-6)  # not scaled
     chex.assert_trees_all_close(updates["lora"].b, want["lora"].b, rtol=1e-6)
-  assert seen == [1, 2, 3, 4, 5]
+  assert seen == list(range(1, k + 3))
 
 
 def test_step_scale_scales_the_sds_factor_updates_only():
   """``step_scale=c``: after the switch SDS factors move by c x the inner update."""
   inner, c = optax.sgd(0.05, momentum=0.9), 0.4
-  tx = sds_lora(inner, warmup_steps=1, refresh=100, step_scale=c)
+  tx = sds_lora(inner, warmup_steps=1, refresh=100, step_scale=c, rewarmup_steps=0)
   seen = 0
   for _, updates, want in _updates_and_inner_reference(tx, inner, 4):
     seen += 1
@@ -679,7 +685,7 @@ def test_retract_refresh_moves_to_the_best_rank_r_update():
   x, y = _data()
   inner = optax.adam(3e-2)
   retracting = sds_lora(inner, warmup_steps=2, refresh_rule="retract",
-                        step_scale=1.0)
+                        step_scale=1.0, rewarmup_steps=0)
   grad, update = jax.jit(jax.grad(_loss)), jax.jit(retracting.update)
   inner_update = jax.jit(lambda g, s, p: inner.update(trainable_params(g), s, trainable_params(p)))
   state = retracting.init(params)

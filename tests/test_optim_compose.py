@@ -85,8 +85,9 @@ def _train_base_frozen(inner, **kw):
 def test_chain_clip_adamw_warmup_cosine():
   sched = optax.warmup_cosine_decay_schedule(0.0, 3e-2, 3, 30, end_value=3e-4)
   inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-2))
-  # step_scale=1: the loss threshold below was set for the inner optimizer's own steps.
-  tx = _train_base_frozen(inner, warmup_steps=5, step_scale=1.0)
+  # step_scale=1, no re-warm-up: the loss threshold below was set for the inner optimizer's
+  # own steps.
+  tx = _train_base_frozen(inner, warmup_steps=5, step_scale=1.0, rewarmup_steps=0)
   traces = []
   step = _make_step(tx, traces)
   params = _tree()

@@ -106,16 +106,28 @@ def _step_scale() -> float:
   return float(default.get_config().optim.sds_step_scale)
 
 
+def _rewarmup_steps() -> int:
+  """SDS-LoRA's re-warm-up in the trainer's default config: the one the grid trains with."""
+  from experiments.finetune.configs import default
+
+  return int(default.get_config().optim.sds_rewarmup_steps)
+
+
 def is_current(rec) -> bool:
   """Whether a record was trained with today's SDS-LoRA defaults (other methods: always).
 
-  SDS records from before ``sds_step_scale`` existed carry none: their steps were unscaled.
+  SDS records from before ``sds_step_scale`` (``sds_rewarmup_steps``) existed carry none:
+  their steps were unscaled (not re-warmed up).
   """
-  return rec["method"] != "sds" or abs(rec.get("sds_step_scale", 1.0) - _step_scale()) < 1e-9
+  return rec["method"] != "sds" or (
+      abs(rec.get("sds_step_scale", 1.0) - _step_scale()) < 1e-9
+      and rec.get("sds_rewarmup_steps", 0) == _rewarmup_steps())
 
 
 def _run_dir(workdir: pathlib.Path, task, method, rank, lr, seed) -> pathlib.Path:
-  tag = f"_step{_step_scale():.3g}" if method == "sds" else ""  # never an older default's run
+  tag = ""  # SDS-LoRA's: never an older default's run
+  if method == "sds":
+    tag = f"_step{_step_scale():.3g}" + (f"_rw{_rewarmup_steps()}" if _rewarmup_steps() else "")
   return workdir / task / f"{method}{tag}_r{rank}_lr{lr:g}_s{seed}"
 
 
@@ -140,7 +152,8 @@ def train_one(workdir, task, method, rank, lr, seed, quick=False) -> dict:
   wd = _run_dir(workdir, task, method, rank, lr, seed)
   config = config_for(task, method, rank, lr, seed, quick)
   summary = train_or_read_back(lambda: config, wd)
-  extra = {"sds_step_scale": float(config.optim.sds_step_scale)} if method == "sds" else {}
+  extra = {"sds_step_scale": float(config.optim.sds_step_scale),
+           "sds_rewarmup_steps": int(config.optim.sds_rewarmup_steps)} if method == "sds" else {}
   return {"task": task, "method": method, "rank": rank, "lr": lr, "seed": seed, **extra,
           "test_accuracy": summary["test_accuracy"],
           "validation_accuracy": summary["validation_accuracy"],

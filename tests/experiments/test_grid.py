@@ -119,21 +119,25 @@ def test_interrupted_run_of_one_task_keeps_the_other_tasks_records(tmp_path, mon
 
 
 def test_sds_records_of_older_defaults_move_aside_and_are_retrained(tmp_path, monkeypatch):
-  """SDS records without today's step scale are superseded: kept apart, not taken."""
+  """SDS records without today's step scale or re-warm-up are superseded: kept apart."""
   base = {"task": "minilm", "rank": 8, "seed": 0, "test_accuracy": 0.8,
           "validation_accuracy": 0.8, "validation_loss": 0.5, "final_train_loss": 0.3,
           "steps": grid._steps("minilm", True), "wall_seconds": 1.0}
   unscaled = dict(base, method="sds", lr=1e-3)  # no sds_step_scale: from before it existed
-  current = dict(base, method="sds", lr=2e-3, sds_step_scale=grid._step_scale())
+  defaults = {"sds_step_scale": grid._step_scale(), "sds_rewarmup_steps": grid._rewarmup_steps()}
+  # scaled, but from before the re-warm-up default (no sds_rewarmup_steps)
+  scaled_only = dict(base, method="sds", lr=4e-3, sds_step_scale=grid._step_scale())
+  current = dict(base, method="sds", lr=2e-3, **defaults)
   lora = dict(base, method="lora", lr=5e-4)
-  assert grid._step_scale() != 1.0
-  assert [grid.is_current(r) for r in (unscaled, current, lora)] == [False, True, True]
-  (tmp_path / "finetune.json").write_text(json.dumps([unscaled, current, lora]))
+  assert grid._step_scale() != 1.0 and grid._rewarmup_steps() != 0
+  assert [grid.is_current(r) for r in (unscaled, scaled_only, current, lora)] == [
+      False, False, True, True]
+  (tmp_path / "finetune.json").write_text(json.dumps([unscaled, scaled_only, current, lora]))
   trained = []
 
   def fake_train_one(workdir, task, method, rank, lr, seed, quick=False):
     trained.append((method, rank, lr, seed))
-    extra = {"sds_step_scale": grid._step_scale()} if method == "sds" else {}
+    extra = defaults if method == "sds" else {}
     return dict(base, task=task, method=method, rank=rank, lr=lr, seed=seed, **extra)
 
   monkeypatch.setattr(grid, "train_one", fake_train_one)
@@ -142,7 +146,8 @@ def test_sds_records_of_older_defaults_move_aside_and_are_retrained(tmp_path, mo
                     "--workdir", str(tmp_path / "runs")]) == 0
   assert ("sds", 8, 1e-3, 0) in trained  # superseded: retrained
   assert ("sds", 8, 2e-3, 0) not in trained and ("lora", 8, 5e-4, 0) not in trained
-  assert json.loads((tmp_path / "finetune_superseded.json").read_text()) == [unscaled]
+  superseded = json.loads((tmp_path / "finetune_superseded.json").read_text())
+  assert superseded == [unscaled, scaled_only]
   saved = json.loads((tmp_path / "finetune.json").read_text())
   assert all(grid.is_current(r) for r in saved) and len(saved) == len(trained) + 2
   # An SDS run directory names its step scale: an older default's run is never read back.

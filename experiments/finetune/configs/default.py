@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.sds_warmup_steps = 10  # plain-LoRA updates before SDS-LoRA's switch
   c.optim.sds_refresh = "every_step"  # every_step | an int k | phases
   c.optim.sds_switch_state = "reset"  # reset | keep: Adam's moments of the switched factors
-  c.optim.sds_rewarmup_steps = 0  # linear re-warm-up of the factor updates after the switch
+  c.optim.sds_rewarmup_steps = 10  # linear re-warm-up of the factor updates after the switch
   c.optim.sds_refresh_rule = "orth"  # orth | retract: what a refresh does (sds_lora's refresh_rule)
   c.optim.sds_step_scale = 6.0**-0.5  # multiplies the factor updates after the switch (sds_lora)
   c.optim.riemannian_damping = 1e-6
