@@ -49,4 +49,4 @@ test-library: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow and not peft_torch and not experiments and not llm"
 
 clean:
-	rm -rf $(VENV) $(DATA_DIR)
+	rm -rf $(VENV) $(DATA_DIR) .cache

@@ -45,7 +45,7 @@ PANELS = (
 
 
 def run(steps: int, every: int, workdir: pathlib.Path, progress: bool) -> list[dict]:
-  from experiments.finetune.train import train_and_evaluate
+  from experiments.finetune.train import finished_summary, train_and_evaluate
 
   out = []
   for method in METHODS:
@@ -58,8 +58,7 @@ def run(steps: int, every: int, workdir: pathlib.Path, progress: bool) -> list[d
     config.export = False
     config.progress = progress
     wd = workdir / method
-    done = wd / "summary.json"
-    if not (done.exists() and not json.loads(done.read_text()).get("interrupted", True)):
+    if finished_summary(config, wd) is None:
       print(f"{method}: {steps} steps, diagnostics every {every} -> {wd}", file=sys.stderr)
       if train_and_evaluate(config, wd, resume=True)["interrupted"]:
         raise SystemExit(1)

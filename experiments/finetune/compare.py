@@ -46,7 +46,7 @@ flags.DEFINE_string("quantization", "none", "The frozen base's storage: none, in
 def main(argv=None) -> int:
   args = cli.parse(FLAGS, argv)
 
-  from experiments.finetune.train import train_and_evaluate
+  from experiments.finetune.train import finished_summary, train_and_evaluate
 
   summaries, curves = [], {}
   start = time.perf_counter()
@@ -61,10 +61,9 @@ def main(argv=None) -> int:
       config.checkpoint_every = max(args.steps // 3, 1)
     config.progress = not args.no_progress
     workdir = pathlib.Path(args.workdir) / method
-    done = workdir / "summary.json"
-    if done.exists() and not json.loads(done.read_text()).get("interrupted", True):
+    summary = finished_summary(config, workdir)
+    if summary is not None:
       print(f"{method}: finished earlier in {workdir}, reusing its summary", file=sys.stderr)
-      summary = json.loads(done.read_text())
     else:
       print(f"{method}: lr {config.optim.learning_rate}, rank {config.adapter.rank}, "
             f"{config.num_steps} steps -> {workdir}", file=sys.stderr)

@@ -133,17 +133,18 @@ def _run_dir(workdir: pathlib.Path, task, method, rank, lr, seed) -> pathlib.Pat
 
 def train_or_read_back(make_config, wd: pathlib.Path) -> dict:
   """The summary of the run in ``wd``: read back when finished, else trained (resumed)."""
-  from experiments.finetune.train import train_and_evaluate
+  from experiments.finetune.train import finished_summary, train_and_evaluate
 
-  done = wd / "summary.json"
-  if done.exists() and not json.loads(done.read_text()).get("interrupted", True):
-    return json.loads(done.read_text())
+  config = make_config()
+  summary = finished_summary(config, wd)
+  if summary is not None:
+    return summary
   start = time.perf_counter()
-  summary = train_and_evaluate(make_config(), wd, resume=True)
+  summary = train_and_evaluate(config, wd, resume=True)
   if summary["interrupted"]:
     raise SystemExit(1)
   summary["wall_seconds"] = time.perf_counter() - start
-  done.write_text(json.dumps(summary, indent=2))
+  (wd / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
 
 

@@ -556,6 +556,41 @@ def config_changes(saved: Mapping | None, now: Mapping) -> list[tuple[str, Any, 
   return out
 
 
+def finished_summary(config, workdir: str | os.PathLike) -> dict | None:
+  """The summary of a finished run of ``config`` in ``workdir``, to reuse instead of training.
+
+  ``None`` when there is none: nothing there, or an interrupted run (which
+  ``train_and_evaluate(..., resume=True)`` continues).
+
+  Raises:
+    ValueError: when the run there finished with another configuration (a field outside
+      ``RESUMABLE`` differs, or ``num_steps``), e.g. one trained before a default changed:
+      its results are not this config's. Move it away or use another workdir.
+  """
+  workdir = pathlib.Path(workdir)
+  done = workdir / "summary.json"
+  if not done.exists():
+    return None
+  summary = json.loads(done.read_text())
+  if summary.get("interrupted", True):
+    return None
+  saved = workdir / "config.json"
+  saved = json.loads(saved.read_text()).get("config") if saved.exists() else None
+  if saved is None:
+    raise ValueError(f"{workdir} holds a finished run without its config.json: cannot tell "
+                     "whether it was trained with this configuration; move it away or use "
+                     "another workdir")
+  changed = config_changes(saved, _config_dict(config))
+  if summary.get("steps") != config.num_steps:
+    changed.append(("num_steps", summary.get("steps"), config.num_steps))
+  if changed:
+    listed = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in changed[:5])
+    raise ValueError(f"{workdir} holds a finished run with another configuration ({listed}"
+                     f"{' ...' if len(changed) > 5 else ''}); its results are not this "
+                     "configuration's. Move it away (or use another workdir) to train anew")
+  return summary
+
+
 def train_and_evaluate(config, workdir: str | os.PathLike, *, resume: bool = False) -> dict:
   """Fine-tunes ``config.model`` on ``config.data`` with ``config.method``; see the module.
 

@@ -180,3 +180,31 @@ def test_table_lists_tasks_in_grid_order_whatever_the_file_order():
   first_table = grid.table(recs).split("\n\n")[0].splitlines()[2:]
   rows = [line.split(" | ")[0][2:] for line in first_table]
   assert list(dict.fromkeys(rows)) == list(grid.TASKS)  # the long schedule beside the short
+
+
+def test_a_finished_run_is_reused_only_with_the_same_configuration(tmp_path):
+  """A finished run trained with another default (or other steps) is refused, by name;
+  an interrupted one is left to resume; the same configuration's summary is reused."""
+  from experiments.finetune import train
+
+  config = grid.config_for("minilm", "sds", 8, 2e-3, 0, quick=True)
+  wd = tmp_path / "run"
+  assert train.finished_summary(config, wd) is None  # nothing there
+  wd.mkdir()
+  summary = {"interrupted": False, "steps": config.num_steps, "test_accuracy": 0.8}
+  (wd / "summary.json").write_text(json.dumps(summary))
+  with pytest.raises(ValueError, match="without its config.json"):
+    train.finished_summary(config, wd)
+  (wd / "config.json").write_text(json.dumps({"config": train._config_dict(config)}))
+  assert train.finished_summary(config, wd) == summary
+  older = grid.config_for("minilm", "sds", 8, 2e-3, 0, quick=True)
+  older.optim.sds_rewarmup_steps = 0  # trained before the re-warm-up default
+  (wd / "config.json").write_text(json.dumps({"config": train._config_dict(older)}))
+  with pytest.raises(ValueError, match=r"optim\.sds_rewarmup_steps: 0 there, 10 now"):
+    train.finished_summary(config, wd)
+  (wd / "config.json").write_text(json.dumps({"config": train._config_dict(config)}))
+  (wd / "summary.json").write_text(json.dumps(dict(summary, steps=config.num_steps + 1)))
+  with pytest.raises(ValueError, match="num_steps"):
+    train.finished_summary(config, wd)
+  (wd / "summary.json").write_text(json.dumps(dict(summary, interrupted=True)))
+  assert train.finished_summary(config, wd) is None  # resumed by train_and_evaluate
