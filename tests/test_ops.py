@@ -287,11 +287,13 @@ def _fresh_case(d_in=48, d_out=40, r=6, n=(3, 5)):
 
 
 def _grads(f, x, a, b):
-  return jax.grad(lambda x, a, b: jnp.sum(jnp.sin(f(x, a, b))), argnums=(0, 1, 2))(x, a, b)
+  # jitted: one program each (eagerly, every op of the QRs compiled on its own, ~5 s a case)
+  return jax.jit(jax.grad(lambda x, a, b: jnp.sum(jnp.sin(f(x, a, b))), argnums=(0, 1, 2)))(
+      x, a, b)
 
 
 def _assert_same_values_and_gradients(f, ref, x, a, b):
-  np.testing.assert_allclose(f(x, a, b), ref(x, a, b), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(jax.jit(f)(x, a, b), jax.jit(ref)(x, a, b), rtol=1e-4, atol=1e-4)
   for got, want in zip(_grads(f, x, a, b), _grads(ref, x, a, b)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -305,7 +307,7 @@ def test_fresh_op_has_the_dense_references_values_and_gradients(r):
   for f in (fresh, derived):
     _assert_same_values_and_gradients(f, ref, x, a, b)
   # The SDS gradients themselves: s qa.T G and s G qb, no singular value of a factor.
-  g = jax.grad(lambda a, b: jnp.sum(fresh(x, a, b)), argnums=(0, 1))(a, b)
+  g = jax.jit(jax.grad(lambda a, b: jnp.sum(fresh(x, a, b)), argnums=(0, 1)))(a, b)
   big_g = 0.7 * x.reshape(-1, x.shape[-1]).T @ jnp.ones((15, b.shape[1]))
   np.testing.assert_allclose(g[0], big_g @ qb, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(g[1], qa.T @ big_g, rtol=1e-4, atol=1e-4)
