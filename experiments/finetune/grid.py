@@ -99,18 +99,19 @@ def config_for(task: str, method: str, rank: int, lr: float, seed: int, quick: b
   return c
 
 
-def _step_scale() -> float:
-  """SDS-LoRA's step scale in the trainer's default config: the one the grid trains with."""
+def _default_optim():
+  """The trainer's default optimizer config: the SDS-LoRA settings the grid trains with."""
   from experiments.finetune.configs import default
 
-  return float(default.get_config().optim.sds_step_scale)
+  return default.get_config().optim
+
+
+def _step_scale() -> float:
+  return float(_default_optim().sds_step_scale)
 
 
 def _rewarmup_steps() -> int:
-  """SDS-LoRA's re-warm-up in the trainer's default config: the one the grid trains with."""
-  from experiments.finetune.configs import default
-
-  return int(default.get_config().optim.sds_rewarmup_steps)
+  return int(_default_optim().sds_rewarmup_steps)
 
 
 def is_current(rec) -> bool:
@@ -127,7 +128,8 @@ def is_current(rec) -> bool:
 def _run_dir(workdir: pathlib.Path, task, method, rank, lr, seed) -> pathlib.Path:
   tag = ""  # SDS-LoRA's: never an older default's run
   if method == "sds":
-    tag = f"_step{_step_scale():.3g}" + (f"_rw{_rewarmup_steps()}" if _rewarmup_steps() else "")
+    rewarmup = _rewarmup_steps()
+    tag = f"_step{_step_scale():.3g}" + (f"_rw{rewarmup}" if rewarmup else "")
   return workdir / task / f"{method}{tag}_r{rank}_lr{lr:g}_s{seed}"
 
 
