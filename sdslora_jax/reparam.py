@@ -5,17 +5,20 @@ so training starts as plain LoRA for a few steps and then re-expresses the same
 update in SDS-LoRA form (the paper's "Equation 8" as this project reads it; the
 coefficient ``1/(2s)`` below is the one for which the identity holds):
 
-1. ``a = Qa Ra``, ``b.T = Qb Rb`` (thin QR); SVD ``s Ra Rb.T = U S V.T``.
-2. ``qa = Qa U``, ``qb = Qb V``.
+1. ``qa0 = orth(a)``, ``qb0 = orth(b.T)`` (any orthonormal bases of ``a``'s
+   columns and ``b``'s rows: the thin-QR factors the refresh computes); SVD of
+   the ``r x r`` core ``s (qa0.T a) (b qb0) = U S V.T``.
+2. ``qa = qa0 U``, ``qb = qb0 V``.
 3. ``a' = qa diag(S / 2s)``, ``b' = diag(S / 2s) qb.T``.
 
 Then ``s (qa b' + a' qb.T) = qa S qb.T = s a b``: the adapted function is
-unchanged, and ``qa = orth(a')``, ``qb = orth(b'.T)`` wherever ``S > 0``.
+unchanged, and ``qa = orth(a')``, ``qb = orth(b'.T)`` wherever ``S > 0``. Step 1
+is the only factorisation of a tall matrix, so ``sds_lora`` shares it with the
+refresh that runs in the same update: one QR per factor shape in its program.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -24,6 +27,8 @@ import jax.numpy as jnp
 from sdslora_jax import _batching, _checks, _linalg
 from sdslora_jax.basis import BASIS_METHODS, orthonormal_basis
 from sdslora_jax.gram_basis import gram_qr
+
+_HI = jax.lax.Precision.HIGHEST
 
 __all__ = ["activate_sds"]
 
@@ -44,8 +49,9 @@ def activate_sds(
     ``(a_new, b_new, qa, qb)`` with ``sds_delta(a_new, b_new, scale=scale,
     qa=qa, qb=qb) == lora_delta(a, b, scale=scale)`` up to float rounding.
     Factors keep their input dtypes (computed in float32 and rounded once);
-    the bases are float32 and equal ``orthonormal_basis`` of the float32
-    factors before that rounding.
+    the bases are float32, orthonormal, and equal ``orthonormal_basis`` of
+    the float32 factors before that rounding wherever ``S > 0`` (see
+    ``activated_from_bases`` for a direction the warm-up left at zero).
   """
   _checks.check_factors(jnp.shape(a), jnp.shape(b))
   _checks.check_float_arrays(a=a, b=b)
@@ -61,67 +67,48 @@ def activate_sds_batch(
   """``activate_sds`` of a batch: ``a: (..., d_in, r)``, ``b: (..., r, d_out)``.
 
   ``scale`` is an array broadcastable to the batch axes (one scale per
-  adapter). One batched QR, SVD and basis computation for the whole batch, so
-  the program does not grow with the number of adapters. Not validated: the
-  optimizer calls it on adapters it has checked.
+  adapter). One batched QR (``a`` and ``b.T`` together when alike in shape), SVD
+  and basis computation for the whole batch, so the program does not grow with
+  the number of adapters. Not validated: the optimizer calls it on adapters it
+  has checked.
   """
-  a_new, b_new = activated_factors(a, b, scale, method=method)
-  # Where S > 0, orth(a_new) = qa (the QR of qa diag(c) with c > 0 is unique), so
-  # these bases equal qa, qb up to rounding. Where the warm-up left a direction at
-  # zero, the column of a_new / row of b_new is zero and any orthonormal completion
-  # preserves the update; taking the package's basis makes the bases exactly what
-  # a refresh would compute. Everything stays in float32 up to here; low-precision
-  # factors are rounded once, below, and the bases are those of the unrounded
-  # float32 factors.
-  qa = orthonormal_basis(a_new, method=method)
-  qb = orthonormal_basis(jnp.swapaxes(b_new, -1, -2), method=method)
+  a32 = jnp.asarray(a, jnp.float32)
+  b32 = jnp.asarray(b, jnp.float32)
+  bases = _batching.map_groups(lambda m: (orthonormal_basis(m, method=method),),
+                               {"a": (a32,), "b": (jnp.swapaxes(b32, -1, -2),)}, tails=(2,))
+  a_new, b_new, qa, qb = activated_from_bases(a32, b32, bases["a"][0], bases["b"][0], scale)
+  # Everything is float32 up to here; low-precision factors are rounded once.
   return a_new.astype(jnp.asarray(a).dtype), b_new.astype(jnp.asarray(b).dtype), qa, qb
 
 
-def activated_factors(
-    a: jax.Array, b: jax.Array, scale: jax.Array, *, method: str = "gram"
-) -> tuple[jax.Array, jax.Array]:
-  """Steps 1-3 of the switch for a batch: the new float32 factors ``(a', b')``.
+def activated_from_bases(
+    a: jax.Array, b: jax.Array, qa0: jax.Array, qb0: jax.Array, scale: Any
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Steps 2-3 of the switch for a batch: ``(a', b', qa, qb)``, float32.
 
-  ``a: (..., d_in, r)``, ``b: (..., r, d_out)``, ``scale`` broadcastable to the
-  batch axes. The bases are ``orth(a')`` and ``orth(b'.T)`` (see
-  ``activate_sds_batch``).
+  ``a: (..., d_in, r)``, ``b: (..., r, d_out)`` (float32), ``qa0: (..., d_in, r)``
+  and ``qb0: (..., d_out, r)`` orthonormal with ``a = qa0 qa0.T a`` and
+  ``b.T = qb0 qb0.T b.T`` (step 1), ``scale`` broadcastable to the batch axes.
+  The tall matrices meet only ``r x r`` matrices (an ``r x r`` contraction over
+  their rows, right-multiplications), so a row-sharded factor is not gathered.
+  Where ``S > 0``, ``qa = orth(a')`` and ``qb = orth(b'.T)``; a direction the
+  warm-up left at zero (``S = 0``) keeps the column of ``qa0 U`` as its basis
+  vector (any orthonormal completion preserves the update).
   """
-  return activated_factors_of_groups([(a, b, scale)], method=method)[0]
-
-
-def activated_factors_of_groups(
-    groups: Sequence[tuple[jax.Array, jax.Array, Any]], *, method: str = "gram"
-) -> list[tuple[jax.Array, jax.Array]]:
-  """``activated_factors`` of several batches ``(a, b, scale)`` at once.
-
-  The QRs of all factors alike in shape (``a`` of one batch and ``b.T`` of
-  another included) run as one batched QR: the switch of a whole model holds
-  one QR per factor shape, whatever its number of adapters.
-  """
-  mats = {}
-  for k, (a, b, _) in enumerate(groups):
-    mats[k, "a"] = (jnp.asarray(a, jnp.float32),)
-    mats[k, "b"] = (jnp.swapaxes(jnp.asarray(b, jnp.float32), -1, -2),)
-  qrs = _batching.map_groups(lambda m: thin_qr(m, method), mats, tails=(2,))
-  return [factors_from_qr(*qrs[k, "a"], *qrs[k, "b"], jnp.asarray(scale, jnp.float32))
-          for k, (_, _, scale) in enumerate(groups)]
+  scale = jnp.asarray(scale, jnp.float32)[..., None, None]
+  t = lambda x: jnp.swapaxes(x, -1, -2)
+  core = scale * jnp.matmul(jnp.matmul(t(qa0), a, precision=_HI),
+                            jnp.matmul(b, qb0, precision=_HI), precision=_HI)
+  u, s, vt = _linalg.map_matrices(lambda x: jnp.linalg.svd(x, full_matrices=False), core)
+  qa = jnp.matmul(qa0, u, precision=_HI)
+  qb = jnp.matmul(qb0, t(vt), precision=_HI)
+  half = s / (2.0 * scale[..., 0])
+  return qa * half[..., None, :], half[..., :, None] * t(qb), qa, qb
 
 
 def thin_qr(m: jax.Array, method: str = "gram") -> tuple[jax.Array, jax.Array]:
-  """Float32 thin QR of ``(..., n, r)`` matrices by ``method`` (step 1 of the switch)."""
+  """Float32 thin QR ``(q, r)`` of ``(..., n, r)`` matrices by ``method`` (the retraction's)."""
   m32 = jnp.asarray(m, jnp.float32)
   if method == "gram":  # r x r communication only when a factor is sharded
     return gram_qr(m32)
   return _linalg.reduced_qr(m32)
-
-
-def factors_from_qr(q_a, r_a, q_b, r_b, scale) -> tuple[jax.Array, jax.Array]:
-  """Steps 2-3 of the switch from ``a = q_a r_a`` and ``b.T = q_b r_b`` (batched)."""
-  scale = jnp.asarray(scale, jnp.float32)[..., None, None]
-  core = scale * (r_a @ jnp.swapaxes(r_b, -1, -2))
-  u, s, vt = _linalg.map_matrices(lambda x: jnp.linalg.svd(x, full_matrices=False), core)
-  qa = q_a @ u
-  qb = q_b @ jnp.swapaxes(vt, -1, -2)
-  half = s / (2.0 * scale[..., 0])
-  return qa * half[..., None, :], half[..., :, None] * jnp.swapaxes(qb, -1, -2)

@@ -58,7 +58,7 @@ _SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
     from sdslora_jax.basis import orthonormal_basis
-    from sdslora_jax.reparam import factors_from_qr, thin_qr
+    from sdslora_jax.reparam import activated_from_bases
 
     rng = np.random.default_rng(0)
     m1, m2 = (rng.standard_normal((200, d, 32)).astype(np.float32) for d in (64, 96))
@@ -66,26 +66,27 @@ _SCRIPT = textwrap.dedent("""
     @jax.jit
     def run(m1, m2):  # independent batched QR / Cholesky / SVD calls in one program
       out = [orthonormal_basis(m, method=method) for method in ("gram", "householder") for m in (m1, m2)]
-      qa, ra = thin_qr(m1, "householder")
-      qb, rb = thin_qr(m2[:, :64], "gram")
-      return out, (qa, ra, qb, rb), factors_from_qr(qa, ra, qb, rb, jnp.full(200, 2.0))
+      b = jnp.swapaxes(m2[:, :64], -1, -2)
+      qa = orthonormal_basis(m1, method="householder")
+      qb = orthonormal_basis(m2[:, :64], method="gram")
+      return out, activated_from_bases(m1, b, qa, qb, jnp.full(200, 2.0))
 
     # The hang is a race, so the program runs several times; before the fix it hung on the
     # first call in each of 15 tries (jaxlib 0.10.2, 2 cores), so 10 calls leave a margin.
     for i in range(10):
-      bases, (qa, ra, qb, rb), (a2, b2) = jax.block_until_ready(run(m1, m2))
+      bases, (a2, b2, _, _) = jax.block_until_ready(run(m1, m2))
     err = {}
     for k, (q, m) in enumerate(zip(bases, (m1, m2, m1, m2))):
       q = np.asarray(q, np.float64)
       q_ref = np.linalg.qr(m.astype(np.float64))[0]
       err[f"orth{k}"] = float(np.abs(np.swapaxes(q, -1, -2) @ q - np.eye(32)).max())
       err[f"span{k}"] = float(np.abs(q @ (np.swapaxes(q, -1, -2) @ q_ref) - q_ref).max())
-    # The switch keeps the update: qa' b2 + a2 qb'.T = a b for a = Qa Ra, b.T = Qb Rb, with
+    # The switch keeps the update: qa' b2 + a2 qb'.T = a b for a = m1, b.T = m2[:, :64], with
     # qa' = orth(a2), qb' = orth(b2.T) (columns of a2, rows of b2 normalised).
     a2, b2 = np.asarray(a2, np.float64), np.asarray(b2, np.float64)
     qa2 = a2 / np.linalg.norm(a2, axis=-2, keepdims=True)
     qb2 = np.swapaxes(b2, -1, -2) / np.linalg.norm(b2, axis=-1)[:, None, :]
-    ab = np.asarray(qa @ ra, np.float64) @ np.swapaxes(np.asarray(qb @ rb, np.float64), -1, -2)
+    ab = m1.astype(np.float64) @ np.swapaxes(m2[:, :64].astype(np.float64), -1, -2)
     ab2 = qa2 @ b2 + a2 @ np.swapaxes(qb2, -1, -2)
     err["switch"] = float(np.abs(ab2 - ab).max() / np.abs(ab).max())
     print(json.dumps(err))

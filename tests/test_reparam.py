@@ -49,22 +49,24 @@ def test_activate_sds_keeps_dtypes_and_handles_zero_b():
   np.testing.assert_allclose(qb.T @ qb, np.eye(3), atol=1e-5)
 
 
-def test_activate_sds_rank_deficient_bases_are_those_of_the_new_factors():
+def test_activate_sds_rank_deficient_keeps_the_update_and_orthonormal_bases():
   a = _rand(7, (12, 4))
   b = _rand(8, (4, 10)).at[2:].set(0.0)  # the warm-up moved only two directions
-  a2, b2, qa, qb = sds.activate_sds(a, b, scale=2.0)
-  np.testing.assert_allclose(
-      sds.sds_delta(a2, b2, scale=2.0, qa=qa, qb=qb), 2.0 * a @ b, atol=1e-5
-  )
-  # The bases are those a refresh computes from the new factors (default: the Gram route;
-  # rank-deficient inputs are completed differently by each method, so compare like with like).
-  np.testing.assert_allclose(qa, gram_orthonormal_basis(a2), atol=1e-6)
-  np.testing.assert_allclose(qb, gram_orthonormal_basis(b2.T), atol=1e-6)
-  np.testing.assert_allclose(qa.T @ qa, np.eye(4), atol=1e-5)
-  a3, b3, qa3, qb3 = sds.activate_sds(a, b, scale=2.0, method="householder")
-  np.testing.assert_allclose(qb3, sds.orthonormal_basis(b3.T), atol=1e-6)
-  np.testing.assert_allclose(sds.sds_delta(a3, b3, scale=2.0, qa=qa3, qb=qb3), 2.0 * a @ b,
-                             atol=1e-5)
+  for method, basis_of in (("gram", gram_orthonormal_basis), ("householder", sds.orthonormal_basis)):
+    a2, b2, qa, qb = sds.activate_sds(a, b, scale=2.0, method=method)
+    np.testing.assert_allclose(
+        sds.sds_delta(a2, b2, scale=2.0, qa=qa, qb=qb), 2.0 * a @ b, atol=1e-5)
+    np.testing.assert_allclose(qa.T @ qa, np.eye(4), atol=1e-5)
+    np.testing.assert_allclose(qb.T @ qb, np.eye(4), atol=1e-5)
+    # The factors lie in the bases' spans (what the rank-r op with fresh bases needs) ...
+    np.testing.assert_allclose(qa @ (qa.T @ a2), a2, atol=1e-6)
+    np.testing.assert_allclose(qb @ (qb.T @ b2.T), b2.T, atol=1e-6)
+    # ... and the two directions the warm-up moved have the bases a refresh computes from
+    # the new factors; the other two are zero in a2 / b2 (any orthonormal completion works,
+    # and the two methods complete differently).
+    np.testing.assert_array_equal(np.asarray(jnp.linalg.norm(a2, axis=0)[2:]), 0.0)
+    np.testing.assert_allclose(qa[:, :2], basis_of(a2)[:, :2], atol=1e-6)
+    np.testing.assert_allclose(qb[:, :2], basis_of(b2.T)[:, :2], atol=1e-6)
 
 
 def test_activate_sds_under_jit_and_errors():

@@ -79,7 +79,7 @@ from sdslora_jax.optim.schedules import (
     refreshes_every_update,
 )
 from sdslora_jax.optim.state_reset import reset_switched
-from sdslora_jax.reparam import activated_factors_of_groups
+from sdslora_jax.reparam import activated_from_bases
 from sdslora_jax.retraction import retract
 
 _F32 = jnp.float32
@@ -346,79 +346,76 @@ def sds_lora(
         g.ua, g.ub = (g.ua * f).astype(g.ua.dtype), (g.ub * f).astype(g.ub.dtype)
     was_on = [in_sds_phase(g.sds_on) for g in groups]
     switch = [(count >= warmup_steps) & ~on for on in was_on]
+    any_switch = jnp.any(jnp.concatenate(switch))
+    j = count - warmup_steps
+    refresh_now = jnp.where(j <= 0, True, jnp.asarray(should_refresh(jnp.maximum(j, 1))))
+    any_refresh = refresh_now & jnp.any(jnp.concatenate(was_on))
+    # The factor updates in the dtype they are returned in, and the factors they give
+    # (float32 copies of exactly what apply_updates will leave).
+    steps = [(g.ua.astype(_update_dtype(g.a, g.ua)), g.ub.astype(_update_dtype(g.b, g.ub)))
+             for g in groups]
+    stepped = [(_apply(g.a, ua).astype(_F32), _apply(g.b, ub).astype(_F32))
+               for g, (ua, ub) in zip(groups, steps)]
+
+    # Orthonormal bases of the updated factors: the refresh's new bases and the switch's
+    # first step share them, so the program holds one QR per factor shape.
+    def updated_bases(_):
+      mats = {}
+      for k, (a1, b1) in enumerate(stepped):
+        mats[k, "a"] = (a1,)
+        mats[k, "b"] = (jnp.swapaxes(b1, -1, -2),)
+      q = _batching.map_groups(lambda m: (orthonormal_basis(m, method=basis),), mats, tails=(2,))
+      return [(q[k, "a"][0], q[k, "b"][0]) for k in range(len(groups))]
+
+    def previous_bases(_):
+      return [(g.qa.astype(_F32), g.qb.astype(_F32)) for g in groups]
+
+    need_bases = any_switch | any_refresh if refresh_rule == "orth" else any_switch
+    updated = jax.lax.cond(need_bases, updated_bases, previous_bases, None)
 
     # Switch: the updated factors re-expressed in SDS form (activate_sds), moments reset.
+    # Per group: (factor updates, sds_on, float32 factors, switch bases).
     def do_switch(istate):
-      new_factors = [(_apply(g.a, g.ua), _apply(g.b, g.ub)) for g in groups]
-      # float32, unrounded: the switch's bases are computed from these.
-      switched = activated_factors_of_groups(
-          [(a1, b1, jnp.full(g.n, g.scale, _F32)) for (a1, b1), g in zip(new_factors, groups)],
-          method=basis)
       out = []
       for k, g in enumerate(groups):
-        a1, b1 = new_factors[k]
-        a2, b2 = switched[k]
+        a1, b1 = stepped[k]
+        a2, b2, qa2, qb2 = activated_from_bases(a1, b1, *updated[k], jnp.full(g.n, g.scale, _F32))
         sw = switch[k][:, None, None]
         # float32 differences of values rounded once: p + u is exactly a2 in
         # float32, so apply_updates rounds it back to a2 (no second rounding
         # of a low-precision difference).
         a2r, b2r = a2.astype(g.a.dtype).astype(_F32), b2.astype(g.b.dtype).astype(_F32)
-        ua = jnp.where(sw, a2r - g.a.astype(_F32), g.ua.astype(_F32))
-        ub = jnp.where(sw, b2r - g.b.astype(_F32), g.ub.astype(_F32))
+        ua = jnp.where(sw, a2r - g.a.astype(_F32), steps[k][0].astype(_F32))
+        ub = jnp.where(sw, b2r - g.b.astype(_F32), steps[k][1].astype(_F32))
         out.append((
-            ua.astype(_update_dtype(g.a, g.ua)),
-            ub.astype(_update_dtype(g.b, g.ub)),
+            ua.astype(steps[k][0].dtype),
+            ub.astype(steps[k][1].dtype),
             jnp.where(switch[k], 1.0, g.sds_on).astype(g.sds_on.dtype),
-            jnp.where(sw, a2, a1.astype(_F32)),
-            jnp.where(sw, b2, b1.astype(_F32)),
+            jnp.where(sw, a2, a1),
+            jnp.where(sw, b2, b1),
+            qa2,
+            qb2,
         ))
+      if switch_state == "keep":
+        return out, istate
       new_view, flags = {}, {}
       for k, g in enumerate(groups):
         new_a, new_b = _apply(g.a, out[k][0]), _apply(g.b, out[k][1])
         for i, (na, nb, sw) in g.unstack(new_a, new_b, switch[k]).items():
           new_view[i] = dataclasses.replace(view_leaves[i], a=na, b=nb)
           flags[id(view_leaves[i])] = sw
-      if switch_state == "keep":
-        return out, istate
       fresh = inner.init(plain_def.unflatten([new_view.get(i, v)
                                               for i, v in enumerate(view_leaves)]))
       return out, reset_switched(view, istate, fresh, flags)
 
     def no_switch(istate):
-      out = []
-      for g in groups:
-        ua = g.ua.astype(_update_dtype(g.a, g.ua))
-        ub = g.ub.astype(_update_dtype(g.b, g.ub))
-        out.append((ua, ub, g.sds_on, _apply(g.a, ua).astype(_F32), _apply(g.b, ub).astype(_F32)))
-      return out, istate
+      return [(*steps[k], g.sds_on, *stepped[k], *updated[k])
+              for k, g in enumerate(groups)], istate
 
-    any_switch = jnp.any(jnp.concatenate(switch))
     out, inner_state = jax.lax.cond(any_switch, do_switch, no_switch, inner_state)
 
-    # Bases: set at the switch; recomputed from the updated factors (signs aligned
-    # to the previous bases) for adapters that were already in SDS mode, on schedule.
-    j = count - warmup_steps
-    refresh_now = jnp.where(j <= 0, True, jnp.asarray(should_refresh(jnp.maximum(j, 1))))
-    any_refresh = refresh_now & jnp.any(jnp.concatenate(was_on))
-
-    def new_bases(_):
-      mats = {}
-      for k in range(len(groups)):
-        mats[k, "a"] = (out[k][3],)
-        mats[k, "b"] = (jnp.swapaxes(out[k][4], -1, -2),)
-      fresh = _batching.map_groups(lambda m: (orthonormal_basis(m, method=basis),), mats,
-                                   tails=(2,))
-      bases = []
-      for k, g in enumerate(groups):
-        pair = []
-        for side, prev in (("a", g.qa), ("b", g.qb)):
-          q = fresh[k, side][0]
-          q = jnp.where(switch[k][:, None, None], q, jnp.where(
-              (was_on[k] & refresh_now)[:, None, None], align_signs(q, prev), prev))
-          pair.append(q.astype(prev.dtype))
-        bases.append(tuple(pair))
-      return bases, [o[:2] for o in out]
-
+    # Bases: set at the switch; recomputed from the updated factors (signs aligned to the
+    # previous bases) for adapters that were already in SDS mode, on schedule.
     def retracted(_):
       # Groups alike in shapes retract as one batch (one QR per shape, as the switch).
       items = {k: (out[k][3], out[k][4], g.qa, g.qb) for k, g in enumerate(groups)}
@@ -439,17 +436,18 @@ def sds_lora(
       return [(g.qa, g.qb) for g in groups], [o[:2] for o in out]
 
     if refresh_rule == "orth":
-      bases, factors = jax.lax.cond(any_refresh | any_switch, new_bases, kept, None)
+      factors = [o[:2] for o in out]
+      moved_bases = [tuple(align_signs(q, prev) for q, prev in zip(updated[k], (g.qa, g.qb)))
+                     for k, g in enumerate(groups)]
     else:
-      # The switch sets its bases itself (activate_sds); a refresh retracts.
-      switch_bases, _ = jax.lax.cond(any_switch, new_bases, kept, None)
       moved_bases, factors = jax.lax.cond(any_refresh, retracted, kept, None)
-      bases = []
-      for k, g in enumerate(groups):
-        now = (was_on[k] & refresh_now)[:, None, None]
-        bases.append(tuple(
-            jnp.where(now, moved.astype(prev.dtype), sw)
-            for moved, sw, prev in zip(moved_bases[k], switch_bases[k], (g.qa, g.qb))))
+    bases = []
+    for k, g in enumerate(groups):
+      now = (was_on[k] & refresh_now)[:, None, None]
+      sw = switch[k][:, None, None]
+      bases.append(tuple(
+          jnp.where(sw, q_sw, jnp.where(now, moved, prev)).astype(prev.dtype)
+          for moved, q_sw, prev in zip(moved_bases[k], out[k][5:], (g.qa, g.qb))))
     result = list(upd_leaves)
     for k, g in enumerate(groups):
       (ua, ub), on = factors[k], out[k][2]
