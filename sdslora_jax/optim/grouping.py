@@ -2,8 +2,8 @@
 
 Adapters alike in factor shapes, dtypes and scale (a transformer's q/k/v/o projections;
 every layer of a scanned stack) are stacked along one leading axis, so that the switch
-(QR, SVD), the basis refresh and the stamps run once per group, and the QRs once per
-factor shape (``reparam.activated_factors_of_groups``): a model's update holds a few
+(SVD), the basis refresh and the stamps run once per group, and the QRs once per factor
+shape (shared by the switch and the refresh): a model's update holds a few
 factorisations whatever its number of adapters. What grows per adapter is the inner
 optimizer's per-leaf work and the stacking and slicing of its arrays.
 """
