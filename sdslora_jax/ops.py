@@ -78,7 +78,7 @@ def _lora_matmul(x, a, b, scale):
 def _lora_fwd(x, a, b, scale):
   dt = x.dtype
   xa = _mm(x, a, dt).astype(dt)  # (..., r), in the compute dtype as autodiff would keep it
-  y = (scale * _mm(xa, b, dt)).astype(dt)
+  y = (scale * _up_projection(xa, b, dt)).astype(dt)
   return y, (x, xa, a, b)
 
 
@@ -262,6 +262,22 @@ def _mm(lhs, rhs, dtype):
   return jnp.matmul(lhs.astype(dtype), rhs.astype(dtype), preferred_element_type=_F32)
 
 
+def _up_projection(x_proj, m, dtype):
+  """``x_proj @ m`` (``(..., k) @ (k, d_out)``, ``k`` = r or 2r): the adapter's output.
+
+  Written as a ``dot_general`` with a batch axis of size 1, which XLA removes (the same
+  kernel runs). Remat policies that save weight matmuls,
+  ``dots_with_no_batch_dims_saveable`` (MaxText's "minimal"), then keep the rank-r
+  ``x_proj`` and recompute this activation-sized output from it (``2 T k d_out`` flops)
+  instead of saving one more activation per adapted layer.
+  """
+  lhs = x_proj.astype(dtype)[None]
+  rhs = m.astype(dtype)[None]
+  y = jax.lax.dot_general(lhs, rhs, (((lhs.ndim - 1,), (1,)), ((0,), (0,))),
+                          preferred_element_type=_F32)
+  return y[0]
+
+
 def _cotangents(x, a, b, d_x, d_a, d_b, *constants):
   """The cotangents of ``(x, a, b, *constants)`` in the primals' dtypes, zero for constants."""
   return (d_x.astype(x.dtype), d_a.astype(a.dtype), d_b.astype(b.dtype),
@@ -294,7 +310,7 @@ def _two_branch_fwd(x, a, b, left, right, coef, scale):
   dt = x.dtype
   r = a.shape[1]
   x_proj = _mm(x, jnp.concatenate([left.astype(dt), a.astype(dt)], axis=1), dt)  # (..., 2r)
-  y = _mm(x_proj, jnp.concatenate([b.astype(dt), right.T.astype(dt)], axis=0), dt)
+  y = _up_projection(x_proj, jnp.concatenate([b.astype(dt), right.T.astype(dt)], axis=0), dt)
   y = (coef * scale * y).astype(dt)
   return y, (x, x_proj[..., :r], a, b, left, right, coef)
 
@@ -329,7 +345,7 @@ def _rank_r_matmul(x, a, b, left, m, right, scale):
 def _rank_r_fwd(x, a, b, left, m, right, scale):
   dt = x.dtype
   x_left = _mm(x, left, dt).astype(dt)  # (..., r)
-  y = (scale * _mm(x_left, m, dt)).astype(dt)
+  y = (scale * _up_projection(x_left, m, dt)).astype(dt)
   return y, (x, x_left, a, b, left, m, right)
 
 
