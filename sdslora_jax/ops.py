@@ -267,9 +267,9 @@ def _up_projection(x_proj, m, dtype):
 
   Written as a ``dot_general`` with a batch axis of size 1, which XLA removes (the same
   kernel runs). Remat policies that save weight matmuls,
-  ``dots_with_no_batch_dims_saveable`` (MaxText's "minimal"), then keep the rank-r
-  ``x_proj`` and recompute this activation-sized output from it (``2 T k d_out`` flops)
-  instead of saving one more activation per adapted layer.
+  ``dots_with_no_batch_dims_saveable`` (JAX's "useful heuristic for transformers"), then
+  keep the rank-r ``x_proj`` and recompute this activation-sized output from it
+  (``2 T k d_out`` flops) instead of saving one more activation per adapted layer.
   """
   lhs = x_proj.astype(dtype)[None]
   rhs = m.astype(dtype)[None]
