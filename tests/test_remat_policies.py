@@ -79,8 +79,8 @@ def test_adapted_layers_under_jax_checkpoint_save_only_what_the_policy_saves(pol
   # Per layer: no more than the dense reference saves, plus rank-r residuals.
   assert ours4 - ours2 <= (dense4 - dense2) + _rank_r_allowance(2), (ours2, ours4, dense2, dense4)
   # Whatever the depth: at most one activation of working memory above the reference (the
-  # base matmul's output and the adapter's are both live at the sum; README, "Where the time
-  # and memory go").
+  # input cotangent's two summands, base and adapter, are both live at their sum; README,
+  # "Where the time and memory go").
   assert ours4 <= dense4 + ACT + _rank_r_allowance(4), (ours4, dense4)
 
 
