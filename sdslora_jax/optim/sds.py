@@ -140,6 +140,17 @@ def _apply(p: jax.Array, u: jax.Array) -> jax.Array:
   return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
 
 
+def _update_to(p: jax.Array, new: jax.Array, mask: jax.Array, update: jax.Array) -> jax.Array:
+  """The update taking ``p`` to ``new`` where ``mask``, else ``update``; in ``update``'s dtype.
+
+  A float32 difference of values rounded once: ``p + u`` is exactly ``new`` rounded to
+  ``p``'s dtype, so ``apply_updates`` leaves that value (no second rounding of a
+  low-precision difference).
+  """
+  diff = new.astype(p.dtype).astype(_F32) - p.astype(_F32)
+  return jnp.where(mask, diff, update.astype(_F32)).astype(update.dtype)
+
+
 # Wrappers that must sit outside ``sds_lora``.
 _OUTER_ONLY = (
     (optax.MultiStepsState, "optax.MultiSteps"),
@@ -381,15 +392,9 @@ def sds_lora(
         a1, b1 = stepped[k]
         a2, b2, qa2, qb2 = activated_from_bases(a1, b1, *updated[k], jnp.full(g.n, g.scale, _F32))
         sw = switch[k][:, None, None]
-        # float32 differences of values rounded once: p + u is exactly a2 in
-        # float32, so apply_updates rounds it back to a2 (no second rounding
-        # of a low-precision difference).
-        a2r, b2r = a2.astype(g.a.dtype).astype(_F32), b2.astype(g.b.dtype).astype(_F32)
-        ua = jnp.where(sw, a2r - g.a.astype(_F32), steps[k][0].astype(_F32))
-        ub = jnp.where(sw, b2r - g.b.astype(_F32), steps[k][1].astype(_F32))
         out.append((
-            ua.astype(steps[k][0].dtype),
-            ub.astype(steps[k][1].dtype),
+            _update_to(g.a, a2, sw, steps[k][0]),
+            _update_to(g.b, b2, sw, steps[k][1]),
             jnp.where(switch[k], 1.0, g.sds_on).astype(g.sds_on.dtype),
             jnp.where(sw, a2, a1),
             jnp.where(sw, b2, b1),
@@ -414,8 +419,6 @@ def sds_lora(
 
     out, inner_state = jax.lax.cond(any_switch, do_switch, no_switch, inner_state)
 
-    # Bases: set at the switch; recomputed from the updated factors (signs aligned to the
-    # previous bases) for adapters that were already in SDS mode, on schedule.
     def retracted(_):
       # Groups alike in shapes retract as one batch (one QR per shape, as the switch).
       items = {k: (out[k][3], out[k][4], g.qa, g.qb) for k, g in enumerate(groups)}
@@ -425,16 +428,16 @@ def sds_lora(
       for k, g in enumerate(groups):
         a2, b2, qa2, qb2 = moved[k]
         now = (was_on[k] & refresh_now)[:, None, None]
-        a2r, b2r = a2.astype(g.a.dtype).astype(_F32), b2.astype(g.b.dtype).astype(_F32)
-        ua = jnp.where(now, a2r - g.a.astype(_F32), out[k][0].astype(_F32))
-        ub = jnp.where(now, b2r - g.b.astype(_F32), out[k][1].astype(_F32))
-        factors.append((ua.astype(out[k][0].dtype), ub.astype(out[k][1].dtype)))
+        factors.append((_update_to(g.a, a2, now, out[k][0]), _update_to(g.b, b2, now, out[k][1])))
         bases.append((qa2, qb2))
       return bases, factors
 
     def kept(_):
       return [(g.qa, g.qb) for g in groups], [o[:2] for o in out]
 
+    # Bases: set at the switch; recomputed from the updated factors (signs aligned to the
+    # previous bases) for adapters that were already in SDS mode, on schedule.
+    # (refresh_rule="retract": the refresh retracts bases and factors instead.)
     if refresh_rule == "orth":
       factors = [o[:2] for o in out]
       moved_bases = [tuple(align_signs(q, prev) for q, prev in zip(updated[k], (g.qa, g.qb)))
