@@ -30,6 +30,7 @@ from sdslora_jax.checkpoint import (
     save_adapters,
     save_args,
 )
+from sdslora_jax.fused import merging
 from sdslora_jax.intercept import OpLevelError, apply, init_adapters
 from sdslora_jax.ops import lora_delta, lora_matmul, sds_delta, sds_matmul, warmup_sds_matmul
 from sdslora_jax.optim.sds import sds_lora
@@ -48,6 +49,7 @@ __all__ = [
     "is_adapter",
     "adapter_matmul",
     "kernel_delta",
+    "merging",
     "lora_matmul",
     "lora_delta",
     "sds_matmul",

@@ -20,7 +20,14 @@ import numpy as np
 
 from sdslora_jax import _batching, _checks
 from sdslora_jax.basis import factor_bases, orthonormal_basis
-from sdslora_jax.ops import in_sds_phase, lora_delta, lora_matmul, sds_delta, warmup_sds_matmul
+from sdslora_jax.ops import (
+    in_sds_phase,
+    lora_delta,
+    lora_matmul,
+    sds_delta,
+    warmup_sds_delta,
+    warmup_sds_matmul,
+)
 
 __all__ = [
     "Adapter",
@@ -420,18 +427,24 @@ def adapter_matmul(x: jax.Array, adapter: Adapter) -> jax.Array:
   )
 
 
-def matrix_delta(adapter: Adapter) -> jax.Array:
+def matrix_delta(adapter: Adapter, *, as_applied: bool = False) -> jax.Array:
   """The dense ``(d_in, d_out)`` update in float32 (merge and export path).
 
   A stacked adapter gives ``(*L, d_in, d_out)``, one update per layer.
+  ``as_applied=True`` gives the update as ``adapter_matmul`` applies it, in one
+  product (``ops.warmup_sds_delta``): for an adapter with ``fresh_bases`` its
+  bases are taken to span its factors, as the op takes them.
   """
   if adapter.layer_axes and adapter.a.ndim > 2:
-    return _stacked(matrix_delta, adapter)
+    return _stacked(functools.partial(matrix_delta, as_applied=as_applied), adapter)
   adapter = guard(layer_view(adapter))
   a = adapter.a.astype(jnp.float32)
   b = adapter.b.astype(jnp.float32)
   if adapter.method == "lora":
     return lora_delta(a, b, scale=adapter.scale)
+  if as_applied:
+    return warmup_sds_delta(a, b, adapter.qa, adapter.qb, adapter.sds_on, scale=adapter.scale,
+                            fresh=adapter.fresh_bases)
   sds = sds_delta(a, b, scale=adapter.scale, qa=adapter.qa, qb=adapter.qb)
   return jnp.where(in_sds_phase(adapter.sds_on), sds, lora_delta(a, b, scale=adapter.scale))
 
@@ -486,20 +499,22 @@ def _stacked(fn, adapter: Adapter) -> jax.Array:
   return per_layer(one, adapter)({f: getattr(adapter, f) for f in _ARRAYS})
 
 
-def kernel_delta(adapter: Adapter) -> jax.Array:
+def kernel_delta(adapter: Adapter, *, as_applied: bool = False) -> jax.Array:
   """The dense update in the targeted kernel's own shape and axis order (float32).
 
   ``matrix_delta`` is ``(d_in, d_out)``; it is unflattened to the input axes'
   and output axes' sizes and transposed back to the kernel's axis order. A
   stacked adapter gives every layer's update, stacked along the layer axes.
+  ``as_applied``: see ``matrix_delta``.
   """
   if adapter.layer_axes and adapter.a.ndim > 2:
     # One update per layer, stacked in front, then moved to the layer axes' places
     # (MaxText-style stacks keep their layers on axis 1, for instance).
     n = len(adapter.layer_axes)
-    return jnp.moveaxis(_stacked(kernel_delta, adapter), tuple(range(n)), adapter.layer_axes)
+    one = functools.partial(kernel_delta, as_applied=as_applied)
+    return jnp.moveaxis(_stacked(one, adapter), tuple(range(n)), adapter.layer_axes)
   adapter = layer_view(adapter)
-  delta = matrix_delta(adapter)
+  delta = matrix_delta(adapter, as_applied=as_applied)
   shape = adapter.kernel_shape
   in_axes, out_axes = adapter.in_axes, adapter.output_axes
   split = tuple(shape[i] for i in in_axes) + tuple(shape[i] for i in out_axes)

@@ -25,7 +25,11 @@ fix; nothing is ever shared or skipped silently.
 
 The forward and backward passes of a dense weight's adapter go through the
 rank-r ops of ``sdslora_jax.ops`` (``lora_matmul``, ``warmup_sds_matmul``): no
-array of the weight's size is formed. Convolutions merge the update per call,
+array of the weight's size is formed. Where the op has at least as many rows of
+activations as the weight has inputs or outputs, in float32 at full precision, it
+runs instead as one op on the merged weight (``sdslora_jax.fused``: one matmul
+each way, the adapter's gradients from its rank-r backward, no kernel gradient);
+``merging("never")`` keeps the rank-r ops. Convolutions merge the update per call,
 as the Flax frontends do.
 
 Internals this relies on: ``jax.make_jaxpr`` and the jaxpr of the installed
@@ -50,7 +54,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from sdslora_jax import quantized
+from sdslora_jax import fused, quantized
 from sdslora_jax.adapter import Adapter, adapter_matmul, guard_tree, kernel_delta
 from sdslora_jax.targets import KernelLayout, Rule, path_keys, path_str
 from sdslora_jax.tree import adapters_from_targets, adapter_items
@@ -548,7 +552,6 @@ class _Tracer:
                "adapt it in one of the two places only, or give each use its own weight")
 
   def _dot_general(self, eqn, invals, inviews, adapters, base=None):
-    base = _bind(eqn, invals) if base is None else base
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     w_side = 0 if inviews[0] is not None else 1
     view = inviews[w_side]
@@ -557,11 +560,9 @@ class _Tracer:
     transposed = self._layout_of_use(view, "dot_general", wc, wb, "dense")
     ad = adapters.get(view.w)
     if self.record or ad is None:
-      return base
+      return _bind(eqn, invals) if base is None else base
     x = invals[1 - w_side]
     w = self.weights[view.w]
-    lay = w.layout
-    in_side, out_side = (lay.out_axes, lay.in_axes) if transposed else (lay.in_axes, lay.out_axes)
     wf = tuple(d for d in range(len(view.axes)) if d not in wc and d not in wb)
     xf = tuple(d for d in range(x.ndim) if d not in xc and d not in xb)
     # Batch axes of x in the adapter's layer order (kernel order of the weight axes).
@@ -571,6 +572,22 @@ class _Tracer:
       self._fail(view, "dot_general", f"layer axes {lead} are neither scanned nor batched here",
                  "scan over the stacked layers, as nn.scan / nnx.scan do")
     xbt = tuple(xb[i] for i in b_order)
+
+    def adapter_output(x, ad):
+      return self._adapter_output(x, ad, view, w, w_side, transposed, wc, wf, xbt, xf, xc,
+                                  b_order)
+
+    if base is None and not xbt and not isinstance(invals[w_side], _Lazy):
+      delta = _merged_delta(eqn, view, w, invals[w_side], x)
+      if delta is not None:
+        return _fused_dot(eqn, w_side, delta, adapter_output, x, invals[w_side], ad)
+    base = _bind(eqn, invals) if base is None else base
+    return base + adapter_output(x, ad).astype(base.dtype)
+
+  def _adapter_output(self, x, ad, view, w, w_side, transposed, wc, wf, xbt, xf, xc, b_order):
+    """The adapter's term of the op's output, through the rank-r ops."""
+    lay = w.layout
+    in_side, out_side = (lay.out_axes, lay.in_axes) if transposed else (lay.in_axes, lay.out_axes)
     # x's contracted axes, split into the weight axes they pair with, in kernel order.
     xt = jnp.transpose(x, xbt + xf + tuple(xc))
     nb, nf = len(xbt), len(xf)
@@ -607,7 +624,7 @@ class _Tracer:
     y = jnp.transpose(y, inv + tuple(range(nb, y.ndim)))
     if w_side == 0:  # dot_general's output: (batch, lhs free, rhs free)
       y = jnp.moveaxis(y, tuple(range(nb + nf, y.ndim)), tuple(range(nb, nb + len(wf))))
-    return base + y.astype(base.dtype)
+    return y
 
   def _gather(self, eqn, invals, view, adapters):
     base = _bind(eqn, invals)
@@ -683,6 +700,30 @@ def _local_axes(w: _Weight, sliced: Sequence[int]) -> list[int]:
 def _remaining_layer_axes(w: _Weight, sliced: Sequence[int]) -> tuple[int, ...]:
   """Layer axes not yet sliced by an enclosing scan: the adapter arrays' leading axes."""
   return tuple(a for a in w.layout.layer_axes if a not in sliced)
+
+
+def _merged_delta(eqn, view: _View, w: _Weight, w_val, x):
+  """``ad -> the update in the op's weight-operand layout`` where the op should run merged
+  (``fused.use_merged``), else ``None``."""
+  local = _local_axes(w, view.sliced)
+  flat = [a for g in view.axes for a in g]
+  if sorted(flat) != local:
+    return None
+  d_in = math.prod(w.shape[a] for a in w.layout.in_axes)
+  d_out = math.prod(w.shape[a] for a in w.layout.out_axes)
+  if not fused.use_merged(x, w_val, d_in, d_out, eqn.params.get("precision")):
+    return None
+  perm = tuple(local.index(a) for a in flat)
+  return lambda ad: jnp.transpose(kernel_delta(ad, as_applied=True), perm).reshape(w_val.shape)
+
+
+def _fused_dot(eqn, w_side, delta, adapter_output, x, w_val, ad):
+  """The op on the merged operand, with the adapter's own gradients (``fused.fused_call``)."""
+
+  def op(x, wv, rest):
+    return _bind(eqn, [wv, x] if w_side == 0 else [x, wv])
+
+  return fused.fused_call(op, delta, adapter_output, x, w_val, ad)
 
 
 def _per_layer(ad: Adapter) -> Adapter:

@@ -8,7 +8,11 @@ name,)``, its output gets the adapter's contribution:
 
 * ``Dense``, ``DenseGeneral`` (without ``batch_dims``) and plain-matmul
   ``Einsum``: the rank-r path (``tree.apply_dense_general``); no kernel-sized
-  update or gradient is formed.
+  update or gradient is formed. Where the call has at least as many rows of
+  activations as the kernel has inputs or outputs (float32, full precision, the
+  plain module types, no other method interceptor), the module runs once on the
+  merged kernel instead (``sdslora_jax.fused``): one matmul each way, no kernel
+  gradient; ``sdslora_jax.merging("never")`` keeps the rank-r path.
 * ``Embed``: the update's rows are gathered from the factors (``__call__``),
   and ``attend`` uses the rank-r path.
 * ``Conv`` with a 1x1 kernel, unit strides and dilations: the rank-r path over the
@@ -38,7 +42,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax.linen import module as _linen_module  # an internal: see _plain
+import jax.numpy as jnp
 
+from sdslora_jax import fused
 from sdslora_jax.adapter import Adapter, guard_tree, is_adapter, kernel_delta, layer_view
 from sdslora_jax.targets import KernelLayout, Rule, einsum_in_axes, path_str
 from sdslora_jax.tree import (
@@ -191,6 +198,49 @@ def _merged_call(module, ad: Adapter, name, next_args, kwargs, method_name):
     _state.bypass -= 1
 
 
+def _adapted_call(module, ad: Adapter, next_fun, args, kwargs, adapter_output):
+  """The module's call plus ``adapter_output(x, ad)``: one merged op where
+  ``fused.use_merged`` says so (``fused.fused_call``), else the sum of the two."""
+  x = _inputs(args, kwargs)
+  kernel = module.variables.get("params", {}).get("kernel")
+  parts = fused.split_input(args, kwargs)
+  if (parts is not None and _plain(module) and isinstance(kernel, jax.Array)
+      and fused.use_merged(x, kernel, *ad.shape, getattr(module, "precision", None))):
+    _, rebuild = parts
+    unbound = module.clone(parent=None)
+    variables = {c: v for c, v in module.variables.items()}
+    rest = {**variables, "params": {k: v for k, v in variables["params"].items() if k != "kernel"}}
+
+    def op(x, k, rest):
+      v = {**rest, "params": {**rest["params"], "kernel": k}}
+      a, kw = rebuild(x)
+      _state.bypass = getattr(_state, "bypass", 0) + 1
+      try:
+        return unbound.apply(v, *a, **kw)
+      finally:
+        _state.bypass -= 1
+
+    delta = lambda ad: kernel_delta(ad, as_applied=True)  # noqa: E731
+    return fused.fused_call(op, delta, adapter_output, x, kernel, ad, rest)
+  y = next_fun(*args, **kwargs)
+  return y + adapter_output(x.astype(y.dtype), ad)
+
+
+def _plain(module) -> bool:
+  """Whether calling ``module`` again with a merged kernel computes what the adapter adds to.
+
+  Not for a subclass, a custom ``dot_general`` or a float32-rounding ``dtype``, nor under
+  another method interceptor than this frontend's (qwix's quantization providers are
+  interceptors: they would quantize the merged kernel, update included). Reads Flax's
+  interceptor stack, an internal (``tests/test_outside_internals.py``).
+  """
+  return (type(module) in (nn.Dense, nn.DenseGeneral, nn.Einsum)
+          and getattr(module, "dot_general", None) is None
+          and getattr(module, "dot_general_cls", None) is None
+          and getattr(module, "dtype", None) in (None, jnp.float32)
+          and len(_linen_module._global_interceptor_stack) == 1)
+
+
 def _check_kernel(module, ad: Adapter, name: str) -> None:
   """Raises if the module's kernel, as it sees it in this call, is not the adapter's."""
   params = module.variables.get("params", {})
@@ -286,19 +336,18 @@ def _make_interceptor(adapters, used: set):
     _check_kernel(m, ad, "kernel")
     used.add((*m.path, "kernel"))
     if isinstance(m, nn.Dense):
-      y = next_fun(*args, **kwargs)
-      return y + apply_dense_general(_inputs(args, kwargs).astype(y.dtype), ad, (-1,))
+      return _adapted_call(m, ad, next_fun, args, kwargs,
+                           lambda x, ad: apply_dense_general(x, ad, (-1,)))
     if isinstance(m, nn.DenseGeneral) and not m.batch_dims:
-      x = _inputs(args, kwargs)
-      axis = _dense_general_axis(m, x.ndim)
+      axis = _dense_general_axis(m, _inputs(args, kwargs).ndim)
       if ad.in_axes == tuple(range(len(axis))):
-        y = next_fun(*args, **kwargs)
-        return y + apply_dense_general(x.astype(y.dtype), ad, axis)
+        return _adapted_call(m, ad, next_fun, args, kwargs,
+                             lambda x, ad: apply_dense_general(x, ad, axis))
     if isinstance(m, nn.Einsum):
       eq = _einsum_str(m, args, kwargs)
       if einsum_in_axes(eq, len(ad.kernel_shape)) == ad.in_axes:
-        y = next_fun(*args, **kwargs)
-        return y + apply_einsum(_inputs(args, kwargs).astype(y.dtype), ad, eq)
+        return _adapted_call(m, ad, next_fun, args, kwargs,
+                             lambda x, ad: apply_einsum(x, ad, eq))
     if isinstance(m, nn.Conv) and is_pointwise_conv(ad, m):
       y = next_fun(*args, **kwargs)
       return y + apply_pointwise_conv(_inputs(args, kwargs).astype(y.dtype), ad)

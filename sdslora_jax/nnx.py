@@ -9,7 +9,7 @@ original module (``.base``, unchanged) and the ``Adapter`` in an
 * ``nnx.state(model, AdapterVariable)`` is the adapter tree (train this);
   ``nnx.Param`` stays the frozen base, now at ``<module path>/base/kernel``.
 * Linear / LinearGeneral (without ``batch_axis``) / plain-matmul Einsum use the
-  rank-r path; Embed gathers the update's rows; a 1x1 Conv (unit strides and
+  rank-r path, or one merged op where that is cheaper (``sdslora_jax.fused``); Embed gathers the update's rows; a 1x1 Conv (unit strides and
   dilations) uses the rank-r path over channels; other Conv (and any other case)
   merges the kernel per call.
 * Kernels of layers stacked by ``nnx.vmap`` (layer axes first) get one
@@ -32,8 +32,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from sdslora_jax import fused
 from sdslora_jax.adapter import Adapter, kernel_delta, layer_view
 from sdslora_jax.targets import KernelLayout, Rule, einsum_in_axes, path_str, select_targets
 from sdslora_jax.tree import (
@@ -158,6 +160,37 @@ class Adapted(nnx.Module):
     var.set_value((old.astype("float32") + kernel_delta(ad)).astype(old.dtype))
     return nnx.merge(graphdef, state)(*args, **kwargs)
 
+  def _adapted_call(self, ad: Adapter, args, kwargs, adapter_output):
+    """The base module's call plus ``adapter_output(x, ad)``: one merged op where
+    ``fused.use_merged`` says so (``fused.fused_call``), else the sum of the two.
+
+    Merged only for the plain module types with Flax's own ``dot_general`` and a float32
+    (or unset) ``dtype``: a module that rounds or quantizes its kernel would round the
+    merged update with it.
+    """
+    base = self.base
+    parts = fused.split_input(args, kwargs)
+    kernel = getattr(base, "kernel", None)
+    kernel = kernel.get_value() if isinstance(kernel, nnx.Variable) else None
+    if (parts is not None and type(base) in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+        and getattr(base, "dot_general", jax.lax.dot_general) is jax.lax.dot_general
+        and getattr(base, "dtype", None) in (None, jnp.float32) and isinstance(kernel, jax.Array)
+        and fused.use_merged(parts[0], kernel, *ad.shape, getattr(base, "precision", None))):
+      x, rebuild = parts
+      graphdef, state = nnx.split(base)
+      pure = nnx.to_pure_dict(state)
+      rest = {k: v for k, v in pure.items() if k != "kernel"}
+
+      def op(x, k, rest):
+        a, kw = rebuild(x)
+        return nnx.merge(graphdef, {**rest, "kernel": k})(*a, **kw)
+
+      delta = lambda ad: kernel_delta(ad, as_applied=True)  # noqa: E731
+      return fused.fused_call(op, delta, adapter_output, x, kernel, ad, rest)
+    y = base(*args, **kwargs)
+    x = parts[0] if parts is not None else (args[0] if args else kwargs["inputs"])
+    return y + adapter_output(x.astype(y.dtype), ad)
+
   def __call__(self, *args, **kwargs):
     ad = self._adapter()
     base = self.base
@@ -166,19 +199,17 @@ class Adapted(nnx.Module):
       y = base(*args, **kwargs)
       return y + lookup_embedding(x, ad).astype(y.dtype)
     if isinstance(base, nnx.Linear):
-      y = base(*args, **kwargs)
-      return y + apply_dense_general(x.astype(y.dtype), ad, (-1,))
+      return self._adapted_call(ad, args, kwargs, lambda x, ad: apply_dense_general(x, ad, (-1,)))
     if isinstance(base, nnx.LinearGeneral) and not base.batch_axis:
       axis = tuple(sorted(a % x.ndim for a in base.axis))  # Flax pairs sorted axes with the kernel
       if ad.in_axes == tuple(range(len(axis))):
-        y = base(*args, **kwargs)
-        return y + apply_dense_general(x.astype(y.dtype), ad, axis)
+        return self._adapted_call(ad, args, kwargs,
+                                  lambda x, ad: apply_dense_general(x, ad, axis))
     if isinstance(base, nnx.Einsum):
       eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
       eq = (eq if eq is not None else base.einsum_str).replace(" ", "")
       if einsum_in_axes(eq, len(ad.kernel_shape)) == ad.in_axes:
-        y = base(*args, **kwargs)
-        return y + apply_einsum(x.astype(y.dtype), ad, eq)
+        return self._adapted_call(ad, args, kwargs, lambda x, ad: apply_einsum(x, ad, eq))
     if isinstance(base, nnx.Conv) and is_pointwise_conv(ad, base):
       y = base(*args, **kwargs)
       return y + apply_pointwise_conv(x.astype(y.dtype), ad)

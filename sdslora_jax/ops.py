@@ -225,6 +225,40 @@ def warmup_sds_matmul(
   return _sds_or_warmup(x, a, b, qa, qb, sds_on, scale, bool(fresh))
 
 
+def warmup_sds_delta(
+    a: jax.Array,
+    b: jax.Array,
+    qa: jax.Array,
+    qb: jax.Array,
+    sds_on: jax.Array,
+    *,
+    scale: float,
+    fresh: bool = False,
+) -> jax.Array:
+  """The dense ``(d_in, d_out)`` update that ``warmup_sds_matmul`` applies, in float32.
+
+  One product: ``s left @ m`` for ``fresh=True`` (the rank-r op's factors, so the
+  bases are taken to span ``a`` in the SDS phase, as the op takes them), else the
+  two-branch ``s coef [left, a] @ [b; right.T]``. The bases and the flag get no
+  gradient. For the shape checks and the exact update of any bases, see
+  ``sds_delta`` and ``lora_delta``; this is the op's own form, for callers that
+  merge it into a kernel for the forward pass.
+  """
+  hi = jax.lax.Precision.HIGHEST
+  on = in_sds_phase(sds_on)
+  qa, qb = (jax.lax.stop_gradient(jnp.asarray(v, _F32)) for v in (qa, qb))
+  a32, b32 = jnp.asarray(a, _F32), jnp.asarray(b, _F32)
+  if fresh:
+    r_qb = jnp.matmul(jnp.matmul(qa.T, jax.lax.stop_gradient(a32), precision=hi), qb.T,
+                      precision=hi)
+    m = jnp.where(on, b32 + r_qb, b32)
+    return scale * jnp.matmul(jnp.where(on, qa, a32), m, precision=hi)
+  left = jnp.concatenate([jnp.where(on, qa, a32), a32], axis=1)
+  right = jnp.concatenate([b32, jnp.where(on, qb, b32.T).T], axis=0)
+  coef = jnp.where(on, 1.0, 0.5).astype(_F32)
+  return (coef * scale) * jnp.matmul(left, right, precision=hi)
+
+
 def in_sds_phase(sds_on: jax.Array) -> jax.Array:
   """The phase switch, written once: ``True`` where ``sds_on`` marks the SDS-LoRA phase.
 

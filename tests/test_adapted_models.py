@@ -12,7 +12,7 @@ from flax import nnx
 
 from sdslora_jax import linen as sl
 from sdslora_jax import nnx as snnx
-from sdslora_jax import peft, tree
+from sdslora_jax import fused, peft, tree
 from sdslora_jax.adapter import is_adapter
 from experiments.models import bert, convnet
 from sdslora_jax.optim import sds_lora
@@ -195,7 +195,8 @@ def test_bert_layer_384_training_step_jaxpr(frontend):
     return step
 
   opt_state = jax.eval_shape(tx.init, ads)
-  closed = jax.make_jaxpr(training_step(loss))(ads, opt_state, params, ids)
+  with fused.merging("never"):  # the rank-r op (merged ops form K + dK: tests/test_fused.py)
+    closed = jax.make_jaxpr(training_step(loss))(ads, opt_state, params, ids)
   kernels = [ad.kernel_shape for ad in jax.tree.leaves(ads, is_leaf=is_adapter) if is_adapter(ad)]
   assert len(kernels) == 6
   smallest_kernel = min(math.prod(s) for s in kernels)

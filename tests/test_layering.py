@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "sdslora_jax"
 CORE = ("sdslora_jax._checks", "sdslora_jax._linalg", "sdslora_jax._batching",
         "sdslora_jax._trees", "sdslora_jax.basis",
         "sdslora_jax.gram_basis", "sdslora_jax.ops", "sdslora_jax.reparam",
-        "sdslora_jax.retraction", "sdslora_jax.adapter")
+        "sdslora_jax.retraction", "sdslora_jax.adapter", "sdslora_jax.fused")
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -20,7 +20,6 @@ import sdslora_jax as sds
 from sdslora_jax.basis import factor_bases
 from sdslora_jax import linen as sl
 from sdslora_jax import nnx as snnx
-from sdslora_jax import tree
 from sdslora_jax.adapter import adapter_stamp, restamp, verify_stamps, with_fresh_bases
 from experiments.models import bert
 from sdslora_jax.optim import sds_lora, trainable_params
