@@ -6,7 +6,9 @@ XLA's ``memory_analysis().temp_size_in_bytes`` of the compiled gradient, for:
 
 * ``plain``: the frozen model, gradient with respect to its input (the backward pass alone);
 * ``full``: full fine-tuning (gradient with respect to every kernel);
-* ``lora`` / ``sds``: this library's adapters (gradient with respect to the adapters).
+* ``lora`` / ``sds``: this library's adapters (gradient with respect to the adapters), each
+  layer ``sl.adapted_matmul``: with the rank-r op (``sl.merging("never")``) and as one
+  merged op (``"always"``; ``"auto"`` merges here: 4,096 tokens >= d).
 
 Compile-only (nothing runs), a few seconds::
 
@@ -40,8 +42,7 @@ def temp_mib(layers: int, d: int, tokens: int, rank: int) -> dict[str, dict[str,
             for i in range(layers)]
 
   def layer(h, kernel, adapter):
-    y = h @ kernel if adapter is None else h @ kernel + sl.adapter_matmul(h, adapter)
-    return jax.nn.gelu(y)
+    return jax.nn.gelu(h @ kernel if adapter is None else sl.adapted_matmul(h, kernel, adapter))
 
   def loss(h, ks, ads, policy):
     f = layer if policy is None else jax.checkpoint(layer, policy=policy)
@@ -58,9 +59,12 @@ def temp_mib(layers: int, d: int, tokens: int, rank: int) -> dict[str, dict[str,
     out[name] = {
         "plain": temp(jax.grad(lambda x, ks: loss(x, ks, none, policy)), x, kernels),
         "full": temp(jax.grad(lambda ks, x: loss(x, ks, none, policy)), kernels, x),
-        **{m: temp(jax.grad(lambda a, ks, x: loss(x, ks, a, policy)), adapters(m), kernels, x)
-           for m in ("lora", "sds")},
     }
+    for m in ("lora", "sds"):
+      for mode in ("never", "always"):
+        with sl.merging(mode):
+          out[name][f"{m}_{mode}"] = temp(jax.grad(lambda a, ks, x: loss(x, ks, a, policy)),
+                                          adapters(m), kernels, x)
   return out
 
 
@@ -77,9 +81,11 @@ def main(argv=None) -> None:
   act = args.tokens * args.d * 4 / 2**20
   print(f"temporary MiB, {args.layers} layers, d = {args.d}, {args.tokens} tokens, rank "
         f"{args.rank} (one activation = {act:.1f} MiB)")
-  print("| policy | plain (dx only) | full | LoRA | SDS-LoRA |\n|---|---|---|---|---|")
+  print("| policy | plain (dx only) | full | LoRA: rank-r op / merged | SDS-LoRA: rank-r op / "
+        "merged |\n|---|---|---|---|---|")
   for name, r in rows.items():
-    print(f"| {name} | {r['plain']:.1f} | {r['full']:.1f} | {r['lora']:.1f} | {r['sds']:.1f} |")
+    print(f"| {name} | {r['plain']:.1f} | {r['full']:.1f} | {r['lora_never']:.1f} / "
+          f"{r['lora_always']:.1f} | {r['sds_never']:.1f} / {r['sds_always']:.1f} |")
 
 
 if __name__ == "__main__":

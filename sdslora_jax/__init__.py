@@ -12,6 +12,7 @@ them all). Other modules and names are internal and may change.
 
 from sdslora_jax.adapter import (
     Adapter,
+    adapted_matmul,
     adapter_matmul,
     init_adapter,
     is_adapter,
@@ -48,6 +49,7 @@ __all__ = [
     "init_adapter",
     "is_adapter",
     "adapter_matmul",
+    "adapted_matmul",
     "kernel_delta",
     "merging",
     "lora_matmul",

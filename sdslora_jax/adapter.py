@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdslora_jax import _batching, _checks
+from sdslora_jax import _batching, _checks, fused
 from sdslora_jax.basis import factor_bases, orthonormal_basis
 from sdslora_jax.ops import (
     in_sds_phase,
@@ -425,6 +425,29 @@ def adapter_matmul(x: jax.Array, adapter: Adapter) -> jax.Array:
       x, adapter.a, adapter.b, adapter.qa, adapter.qb, adapter.sds_on, scale=adapter.scale,
       fresh=adapter.fresh_bases,
   )
+
+
+def adapted_matmul(x: jax.Array, kernel: jax.Array, adapter: Adapter, *,
+                   precision: Any = None) -> jax.Array:
+  """The adapted layer ``x @ kernel + adapter_matmul(x, adapter)``, with the adapter's gradients.
+
+  ``kernel`` is the frozen ``(d_in, d_out)`` matrix the adapter belongs to. Where merging
+  is cheaper and exact enough (float32 at full precision, ``T`` rows of ``x`` with
+  ``T (d_in + d_out) >= d_in d_out``; see ``merging``), this runs as one matmul on ``kernel + update`` each way
+  (``fused.fused_call``): XLA then keeps what full fine-tuning keeps for the backward pass
+  (``x``) and forms no kernel gradient. Otherwise it is the sum of the two, the adapter
+  through its rank-r op.
+  """
+  layer = layer_view(adapter)
+  if tuple(jnp.shape(kernel)) != layer.shape:
+    raise ValueError(f"adapted_matmul: the kernel has shape {tuple(jnp.shape(kernel))}, the "
+                     f"adapter is for a {layer.shape} kernel")
+  op = lambda x, k, rest: jnp.matmul(x, k, precision=precision)  # noqa: E731
+  if fused.use_merged(x, kernel, *layer.shape, precision):
+    delta = functools.partial(matrix_delta, as_applied=True)
+    return fused.fused_call(op, delta, adapter_matmul, x, kernel, adapter)
+  y = op(x, kernel, ())
+  return y + adapter_matmul(x.astype(y.dtype), adapter).astype(y.dtype)
 
 
 def matrix_delta(adapter: Adapter, *, as_applied: bool = False) -> jax.Array:

@@ -9,18 +9,22 @@ the same value as one op on the merged operand, under a custom VJP:
 * forward: ``op(x, w + delta(ad))``, one matmul (merging costs ``d_in d_out r`` flops);
 * backward: ``x``'s cotangent through the merged operand (one matmul), the adapter's
   gradients from its rank-r op's own backward (for SDS-LoRA, the gradients without the
-  factors' singular values), and the cotangents of ``w`` and of the op's other inputs,
-  which XLA removes when nothing uses them (a frozen base);
-* residuals: the op's inputs, what full fine-tuning saves; no kernel-sized gradient.
+  factors' singular values), and the cotangents of ``w`` and of the op's other inputs
+  only when they are differentiated (a frozen base gets none: no ``x.T @ g``);
+* residuals: the op's inputs, what full fine-tuning saves. The merged operand is formed
+  again in the backward pass, once the output's cotangent is there, so that no merged
+  kernel lives from the forward to the backward pass.
 
 Merging rounds ``w + delta`` to ``w``'s dtype and the matmul to the op's precision, which
 for a small update is only harmless in float32 at full precision: on GPUs (TF32) and
 TPUs (bfloat16 passes) a default-precision float32 matmul rounds the merged kernel to
 about ``1e-3`` of ``w``, the size of a typical LoRA update. ``use_merged`` therefore
 merges only float32 operands on the CPU, or elsewhere at ``Precision.HIGHEST`` (on the op
-or as ``jax_default_matmul_precision``), and only where merging is cheaper: when the op
-has at least ``max(d_in, d_out)`` rows of activations, so that merging costs less than
-the two rank-r projections it replaces, which read and write whole activations.
+or as ``jax_default_matmul_precision``), and only where merging is not dearer: when the op
+has ``T`` rows of activations with ``T (d_in + d_out) >= d_in d_out`` (``T >= d / 2`` for
+a square kernel), so that merging (``d_in d_out r`` flops, as one well-shaped matmul) costs
+no more than the two rank-r projections it replaces (``T r (d_in + d_out)``, which read
+and write whole activations).
 ``merging("never" | "always" | "auto")`` overrides the choice (``"always"`` keeps the
 dtype and precision conditions); the environment variable ``SDSLORA_JAX_MERGING`` sets
 the default.
@@ -91,7 +95,8 @@ def use_merged(x: Any, w: Any, d_in: int, d_out: int, precision: Any = None) -> 
     return False
   if not _full_precision(precision):
     return False
-  return mode == "always" or x.size // max(d_in, 1) >= max(d_in, d_out)
+  rows = x.size // max(d_in, 1)
+  return mode == "always" or rows * (d_in + d_out) >= d_in * d_out
 
 
 def _is_primal(v: Any) -> bool:
@@ -139,9 +144,9 @@ def fused_call(
     x, w, ad, rest = res
     if isinstance(g, SymbolicZero):
       return None, None, None, None
-    # The merged kernel is formed again from the inputs behind an optimization barrier:
-    # without it XLA would take the forward's (equal computations are merged) and keep it
-    # alive from the forward to the backward, one kernel per layer.
+    # The merged kernel is formed again once g is there (an optimization barrier ties the
+    # inputs to g): otherwise XLA reuses the forward's (equal computations are merged) or
+    # forms it early, and it stays alive from the forward pass on, one kernel per layer.
     w, ad, g = jax.lax.optimization_barrier((w, ad, g))
     w_eff = merged(w, ad)
     if perturbed["w"] or perturbed["rest"]:

@@ -8,9 +8,9 @@ name,)``, its output gets the adapter's contribution:
 
 * ``Dense``, ``DenseGeneral`` (without ``batch_dims``) and plain-matmul
   ``Einsum``: the rank-r path (``tree.apply_dense_general``); no kernel-sized
-  update or gradient is formed. Where the call has at least as many rows of
-  activations as the kernel has inputs or outputs (float32, full precision, the
-  plain module types, no other method interceptor), the module runs once on the
+  update or gradient is formed. Where the call has enough rows of
+  activations (``T (d_in + d_out) >= d_in d_out``; float32, full precision, the plain
+  module types, no other method interceptor), the module runs once on the
   merged kernel instead (``sdslora_jax.fused``): one matmul each way, no kernel
   gradient; ``sdslora_jax.merging("never")`` keeps the rank-r path.
 * ``Embed``: the update's rows are gathered from the factors (``__call__``),

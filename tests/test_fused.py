@@ -163,8 +163,8 @@ def test_op_level_merged_op_equals_the_dense_reference(mode, method):
 
 def test_merging_is_chosen_by_size_dtype_and_precision():
   x, w = jnp.zeros((64, 32)), jnp.zeros((32, 48))
-  assert fused.use_merged(x, w, 32, 48)  # 64 rows >= max(d_in, d_out)
-  assert not fused.use_merged(x[:40], w, 32, 48)  # fewer rows: the rank-r op
+  assert fused.use_merged(x[:20], w, 32, 48)  # 20 rows: 20 * (32 + 48) >= 32 * 48
+  assert not fused.use_merged(x[:19], w, 32, 48)  # fewer rows: the rank-r op
   assert not fused.use_merged(x.astype(jnp.bfloat16), w, 32, 48)  # would round the update
   assert not fused.use_merged(x, w.astype(jnp.bfloat16), 32, 48)
   with fused.merging("always"):
@@ -262,3 +262,22 @@ def test_merged_adapters_step_needs_less_temporary_memory_than_full_fine_tuning(
   assert temps["always"] < temps["full"], temps
   # ...where the rank-r op keeps about one more activation per layer (the check can fail).
   assert temps["never"] >= temps["full"] + act, temps
+
+
+@pytest.mark.parametrize("mode", ["auto", "never"])
+def test_adapted_matmul_is_the_layer_with_its_adapter(mode):
+  import sdslora_jax as sl_top
+  kernel = jax.random.normal(jax.random.key(0), (D, HIDDEN)) / D**0.5
+  ad = randomize(sl_top.init_adapter(jax.random.key(1), D, HIDDEN, rank=RANK, scale=0.5,
+                                     method="sds", sds_on=True), jax.random.key(2))
+  x = jax.random.normal(jax.random.key(3), (TOKENS, D))  # 64 rows: merged
+  f = lambda a: jnp.sum(jnp.sin(sl_top.adapted_matmul(x, kernel, a)))  # noqa: E731
+  ref = lambda a: jnp.sum(jnp.sin(x @ (kernel + sl_top.kernel_delta(a))))  # noqa: E731
+  with fused.merging(mode), _counting() as spy:
+    got, grad = jax.value_and_grad(f)(ad)
+  assert spy.call_count == (1 if mode == "auto" else 0)
+  assert abs(float(got - ref(ad))) < 1e-4 * abs(float(ref(ad)))
+  _assert_close_grads(grad, jax.grad(ref)(ad))
+  with pytest.raises(ValueError, match=r"kernel has shape \(48, 32\), the adapter is for a "
+                                       r"\(32, 48\) kernel"):
+    sl_top.adapted_matmul(x, kernel.T, ad)
