@@ -456,7 +456,8 @@ def matrix_delta(adapter: Adapter, *, as_applied: bool = False) -> jax.Array:
   A stacked adapter gives ``(*L, d_in, d_out)``, one update per layer.
   ``as_applied=True`` gives the update as ``adapter_matmul`` applies it, in one
   product (``ops.warmup_sds_delta``): for an adapter with ``fresh_bases`` its
-  bases are taken to span its factors, as the op takes them.
+  bases are taken to span its factors, as the op takes them. That is the forward
+  value of a merged layer (``fused``); differentiate the default form instead.
   """
   if adapter.layer_axes and adapter.a.ndim > 2:
     return _stacked(functools.partial(matrix_delta, as_applied=as_applied), adapter)

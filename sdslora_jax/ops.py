@@ -237,26 +237,22 @@ def warmup_sds_delta(
 ) -> jax.Array:
   """The dense ``(d_in, d_out)`` update that ``warmup_sds_matmul`` applies, in float32.
 
-  One product: ``s left @ m`` for ``fresh=True`` (the rank-r op's factors, so the
+  One product of the op's own operands: ``s left @ m`` for ``fresh=True`` (so the
   bases are taken to span ``a`` in the SDS phase, as the op takes them), else the
-  two-branch ``s coef [left, a] @ [b; right.T]``. The bases and the flag get no
-  gradient. For the shape checks and the exact update of any bases, see
-  ``sds_delta`` and ``lora_delta``; this is the op's own form, for callers that
-  merge it into a kernel for the forward pass.
+  two-branch ``s coef [left, a] @ [b; right.T]``. For the forward value of a merged
+  layer (``sdslora_jax.fused``), whose gradients come from the op's custom VJP: this
+  function's own autodiff is not SDS-LoRA's gradient (``sds_delta`` is).
   """
   hi = jax.lax.Precision.HIGHEST
-  on = in_sds_phase(sds_on)
-  qa, qb = (jax.lax.stop_gradient(jnp.asarray(v, _F32)) for v in (qa, qb))
-  a32, b32 = jnp.asarray(a, _F32), jnp.asarray(b, _F32)
+  operands = _phase_operands(a, b, qa, qb, sds_on, fresh)
   if fresh:
-    r_qb = jnp.matmul(jnp.matmul(qa.T, jax.lax.stop_gradient(a32), precision=hi), qb.T,
-                      precision=hi)
-    m = jnp.where(on, b32 + r_qb, b32)
-    return scale * jnp.matmul(jnp.where(on, qa, a32), m, precision=hi)
-  left = jnp.concatenate([jnp.where(on, qa, a32), a32], axis=1)
-  right = jnp.concatenate([b32, jnp.where(on, qb, b32.T).T], axis=0)
-  coef = jnp.where(on, 1.0, 0.5).astype(_F32)
-  return (coef * scale) * jnp.matmul(left, right, precision=hi)
+    left, m, _ = operands
+    return scale * jnp.matmul(left, m, precision=hi)
+  left, right, coef = operands
+  a32, b32 = jnp.asarray(a, _F32), jnp.asarray(b, _F32)
+  both = jnp.matmul(jnp.concatenate([left, a32], axis=1),
+                    jnp.concatenate([b32, right.T], axis=0), precision=hi)
+  return (coef * scale) * both
 
 
 def in_sds_phase(sds_on: jax.Array) -> jax.Array:
@@ -274,21 +270,30 @@ def _sds_or_warmup(x, a, b, qa, qb, sds_on, scale, fresh):
   ``fresh`` (static) promises that the bases span the factors whenever ``sds_on``:
   one rank-r op then serves both phases. Otherwise the exact two-branch op runs.
   """
+  if fresh:
+    return _rank_r_matmul(x, a, b, *_phase_operands(a, b, qa, qb, sds_on, True), scale)
+  return _two_branch_matmul(x, a, b, *_phase_operands(a, b, qa, qb, sds_on, False), scale)
+
+
+def _phase_operands(a, b, qa, qb, sds_on, fresh):
+  """The phase switch's operands, written once (constants of the ops' custom VJPs).
+
+  ``fresh``: ``(left, m, right)`` of the rank-r op, LoRA ``(a, b, b.T)``, fresh SDS-LoRA
+  ``(qa, b + (qa.T a) qb.T, qb)``. Otherwise ``(left, right, coef)`` of the two-branch
+  op, LoRA ``(a, b.T, 1/2)``, SDS-LoRA ``(qa, qb, 1)``. Float32, no gradient.
+  """
   on = in_sds_phase(sds_on)
   qa, qb = (jax.lax.stop_gradient(jnp.asarray(v, _F32)) for v in (qa, qb))
   a32, b32 = (jax.lax.stop_gradient(jnp.asarray(v, _F32)) for v in (a, b))
-  if fresh:
-    # LoRA: (left, m, right) = (a, b, b.T); fresh SDS-LoRA: (qa, b + (qa.T a) qb.T, qb).
-    # O(d r^2) work at full float32 precision (TPUs would otherwise round the
-    # products to bfloat16 passes): m is part of the exact reparameterisation.
-    hi = jax.lax.Precision.HIGHEST
-    m = jnp.where(on, b32 + jnp.matmul(jnp.matmul(qa.T, a32, precision=hi), qb.T, precision=hi),
-                  b32)
-    return _rank_r_matmul(x, a, b, jnp.where(on, qa, a32), m, jnp.where(on, qb, b32.T), scale)
-  left = jnp.where(on, qa, a32)
-  right = jnp.where(on, qb, b32.T)
-  coef = jnp.where(on, 1.0, 0.5).astype(_F32)
-  return _two_branch_matmul(x, a, b, left, right, coef, scale)
+  left, right = jnp.where(on, qa, a32), jnp.where(on, qb, b32.T)
+  if not fresh:
+    return left, right, jnp.where(on, 1.0, 0.5).astype(_F32)
+  # O(d r^2) work at full float32 precision (TPUs would otherwise round the products to
+  # bfloat16 passes): m is part of the exact reparameterisation.
+  hi = jax.lax.Precision.HIGHEST
+  m = jnp.where(on, b32 + jnp.matmul(jnp.matmul(qa.T, a32, precision=hi), qb.T, precision=hi),
+                b32)
+  return left, m, right
 
 
 def _mm(lhs, rhs, dtype):
