@@ -433,9 +433,9 @@ def adapted_matmul(x: jax.Array, kernel: jax.Array, adapter: Adapter, *,
 
   ``kernel`` is the frozen ``(d_in, d_out)`` matrix the adapter belongs to. Where merging
   is cheaper and exact enough (float32 at full precision, ``T`` rows of ``x`` with
-  ``T (d_in + d_out) >= d_in d_out``; see ``merging``), this runs as one matmul on ``kernel + update`` each way
-  (``fused.fused_call``): XLA then keeps what full fine-tuning keeps for the backward pass
-  (``x``) and forms no kernel gradient. Otherwise it is the sum of the two, the adapter
+  ``T (d_in + d_out) >= d_in d_out``; see ``merging``), this runs as one matmul on
+  ``kernel + update`` each way (``fused.fused_call``): XLA then keeps what full
+  fine-tuning keeps for the backward pass (``x``) and forms no kernel gradient. Otherwise it is the sum of the two, the adapter
   through its rank-r op.
   """
   layer = layer_view(adapter)

@@ -112,7 +112,9 @@ def fused_call(
     ad: Any,
     rest: Any = (),
 ) -> jax.Array:
-  """``op(x, w + delta(ad), rest)`` with the gradients of ``op(x, w, rest) + adapter_output(x, ad)``.
+  """``op(x, w + delta(ad), rest)``, with the gradients of ``op(x, w, rest) + adapter(x)``.
+
+  ``adapter(x)`` is ``adapter_output(x, ad)``.
 
   Args:
     op: the base op, ``op(x, w, rest)``; differentiable in all three.

@@ -26,8 +26,9 @@ fix; nothing is ever shared or skipped silently.
 The forward and backward passes of a dense weight's adapter go through the
 rank-r ops of ``sdslora_jax.ops`` (``lora_matmul``, ``warmup_sds_matmul``): no
 array of the weight's size is formed. Where the op has enough rows of activations
-(``T (d_in + d_out) >= d_in d_out``), in float32 at full precision, it runs instead as one op on the merged weight (``sdslora_jax.fused``: one matmul
-each way, the adapter's gradients from its rank-r backward, no kernel gradient);
+(``T (d_in + d_out) >= d_in d_out``), in float32 at full precision, it runs
+instead as one op on the merged weight (``sdslora_jax.fused``: one matmul each way,
+the adapter's gradients from its rank-r backward, no kernel gradient);
 ``merging("never")`` keeps the rank-r ops. Convolutions merge the update per call,
 as the Flax frontends do.
 

@@ -9,9 +9,10 @@ original module (``.base``, unchanged) and the ``Adapter`` in an
 * ``nnx.state(model, AdapterVariable)`` is the adapter tree (train this);
   ``nnx.Param`` stays the frozen base, now at ``<module path>/base/kernel``.
 * Linear / LinearGeneral (without ``batch_axis``) / plain-matmul Einsum use the
-  rank-r path, or one merged op where that is cheaper (``sdslora_jax.fused``); Embed gathers the update's rows; a 1x1 Conv (unit strides and
-  dilations) uses the rank-r path over channels; other Conv (and any other case)
-  merges the kernel per call.
+  rank-r path, or one merged op where that is cheaper (``sdslora_jax.fused``); Embed
+  gathers the update's rows; a 1x1 Conv (unit strides and dilations) uses the
+  rank-r path over channels; other Conv (and any other case) merges the kernel per
+  call.
 * Kernels of layers stacked by ``nnx.vmap`` (layer axes first) get one
   adapter per layer, stored stacked in one ``AdapterVariable``; an
   ``nnx.scan`` over the layers slices it with the kernels, so each layer runs
