@@ -435,7 +435,8 @@ def adapted_matmul(x: jax.Array, kernel: jax.Array, adapter: Adapter, *,
   is cheaper and exact enough (float32 at full precision, ``T`` rows of ``x`` with
   ``T (d_in + d_out) >= d_in d_out``; see ``merging``), this runs as one matmul on
   ``kernel + update`` each way (``fused.fused_call``): XLA then keeps what full
-  fine-tuning keeps for the backward pass (``x``) and forms no kernel gradient. Otherwise it is the sum of the two, the adapter
+  fine-tuning keeps for the backward pass (``x``) and forms no kernel gradient.
+  Otherwise it is the sum of the two, the adapter
   through its rank-r op.
   """
   layer = layer_view(adapter)
