@@ -602,9 +602,11 @@ def test_grouped_update_equals_each_adapter_alone():
   together = run(tree)
   for name in ("l1", "odd"):  # a member of the stacked group, and a group of its own
     alone = run({name: tree[name]})[name]
+    # Same trajectory up to float32 rounding: the group's QRs run as batched matmuls,
+    # one adapter's as single ones, and these round differently (2e-7 seen, entries O(1)).
     for f in ("a", "b", "qa", "qb", "sds_on"):
       np.testing.assert_allclose(getattr(together[name], f), getattr(alone, f), rtol=1e-6,
-                                 atol=1e-7, err_msg=f"{name}.{f}")
+                                 atol=1e-6, err_msg=f"{name}.{f}")
     # A stamp hashes its arrays' bits (batched and single matmuls may round differently):
     # each must match its own arrays.
     for got in (together[name], alone):
