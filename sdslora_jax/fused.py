@@ -130,6 +130,9 @@ def fused_call(
 
   @jax.custom_vjp
   def call(x, w, ad, rest):
+    # The update is formed once x is there: otherwise XLA forms every layer's update
+    # (independent of the activations) at the start of the step, all alive at once.
+    x, w, ad = jax.lax.optimization_barrier((x, w, ad))
     return op(x, merged(w, ad), rest)
 
   # Which of the base's inputs are differentiated, from the forward rule (symbolic zeros):

@@ -166,8 +166,11 @@ def _accurate_gram(y, axis_name):
   g = _cross(y, y, axis_name)
   sq = y * y
   big = jnp.abs(y) >= _SPIKE
-  parts = jnp.stack([jnp.where(big, sq, 0.0), jnp.where(big, 0.0, sq)])
-  parts = _psum(jnp.sum(parts, axis=1), axis_name)
+  # Two reductions, stacked after summing: a stack of the (n, r) parts would be
+  # materialised (two temporaries of the factor's size).
+  parts = jnp.stack([jnp.sum(jnp.where(big, sq, 0.0), axis=0),
+                     jnp.sum(jnp.where(big, 0.0, sq), axis=0)])
+  parts = _psum(parts, axis_name)
   diag = parts[0] + parts[1]
   eye = jnp.eye(g.shape[0], dtype=bool)
   g = 0.5 * (g + g.T)
