@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -425,6 +426,28 @@ def adapter_matmul(x: jax.Array, adapter: Adapter) -> jax.Array:
       x, adapter.a, adapter.b, adapter.qa, adapter.qb, adapter.sds_on, scale=adapter.scale,
       fresh=adapter.fresh_bases,
   )
+
+
+def adapted_module_call(x: jax.Array, kernel: Any, adapter: Adapter, *, mergeable: bool,
+                        precision: Any, merged_op: Callable[[], tuple[Callable, Any]],
+                        base_call: Callable[[], jax.Array],
+                        adapter_output: Callable[[jax.Array, Adapter], jax.Array]) -> jax.Array:
+  """A frontend's adapted layer: the module's call plus ``adapter_output(x, adapter)``.
+
+  One merged op (``fused.fused_call`` on ``kernel + kernel_delta``) where the module may
+  be called again on a merged kernel (``mergeable``: the Linen and NNX frontends decide),
+  ``kernel`` is an array and ``fused.use_merged`` says so; else the sum of
+  ``base_call()`` and the adapter's rank-r term. ``merged_op()`` returns ``(op, rest)``,
+  the module as ``op(x, kernel, rest)`` with its other variables ``rest``; it is called
+  only when merging.
+  """
+  if (mergeable and isinstance(kernel, jax.Array)
+      and fused.use_merged(x, kernel, *adapter.shape, precision)):
+    op, rest = merged_op()
+    delta = functools.partial(kernel_delta, as_applied=True)
+    return fused.fused_call(op, delta, adapter_output, x, kernel, adapter, rest)
+  y = base_call()
+  return y + adapter_output(x.astype(y.dtype), adapter)
 
 
 def adapted_matmul(x: jax.Array, kernel: jax.Array, adapter: Adapter, *,

@@ -46,7 +46,8 @@ from flax.linen import module as _linen_module  # an internal: see _plain
 import jax.numpy as jnp
 
 from sdslora_jax import fused
-from sdslora_jax.adapter import Adapter, guard_tree, is_adapter, kernel_delta, layer_view
+from sdslora_jax.adapter import (
+    Adapter, adapted_module_call, guard_tree, is_adapter, kernel_delta, layer_view)
 from sdslora_jax.targets import KernelLayout, Rule, einsum_in_axes, path_str
 from sdslora_jax.tree import (
     adapter_items,
@@ -199,13 +200,10 @@ def _merged_call(module, ad: Adapter, name, next_args, kwargs, method_name):
 
 
 def _adapted_call(module, ad: Adapter, next_fun, args, kwargs, adapter_output):
-  """The module's call plus ``adapter_output(x, ad)``: one merged op where
-  ``fused.use_merged`` says so (``fused.fused_call``), else the sum of the two."""
-  x = _inputs(args, kwargs)
-  kernel = module.variables.get("params", {}).get("kernel")
+  """The module's call plus ``adapter_output(x, ad)`` (``adapter.adapted_module_call``)."""
   parts = fused.split_input(args, kwargs)
-  if (parts is not None and _plain(module) and isinstance(kernel, jax.Array)
-      and fused.use_merged(x, kernel, *ad.shape, getattr(module, "precision", None))):
+
+  def merged_op():
     _, rebuild = parts
     unbound = module.clone(parent=None)
     variables = {c: v for c, v in module.variables.items()}
@@ -220,10 +218,13 @@ def _adapted_call(module, ad: Adapter, next_fun, args, kwargs, adapter_output):
       finally:
         _state.bypass -= 1
 
-    delta = lambda ad: kernel_delta(ad, as_applied=True)  # noqa: E731
-    return fused.fused_call(op, delta, adapter_output, x, kernel, ad, rest)
-  y = next_fun(*args, **kwargs)
-  return y + adapter_output(x.astype(y.dtype), ad)
+    return op, rest
+
+  return adapted_module_call(
+      _inputs(args, kwargs), module.variables.get("params", {}).get("kernel"), ad,
+      mergeable=parts is not None and _plain(module),
+      precision=getattr(module, "precision", None), merged_op=merged_op,
+      base_call=lambda: next_fun(*args, **kwargs), adapter_output=adapter_output)
 
 
 def _plain(module) -> bool:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdslora_jax import fused
-from sdslora_jax.adapter import Adapter, kernel_delta, layer_view
+from sdslora_jax.adapter import Adapter, adapted_module_call, kernel_delta, layer_view
 from sdslora_jax.targets import KernelLayout, Rule, einsum_in_axes, path_str, select_targets
 from sdslora_jax.tree import (
     adapter_items,
@@ -162,8 +162,7 @@ class Adapted(nnx.Module):
     return nnx.merge(graphdef, state)(*args, **kwargs)
 
   def _adapted_call(self, ad: Adapter, args, kwargs, adapter_output):
-    """The base module's call plus ``adapter_output(x, ad)``: one merged op where
-    ``fused.use_merged`` says so (``fused.fused_call``), else the sum of the two.
+    """The base module's call plus ``adapter_output(x, ad)`` (``adapter.adapted_module_call``).
 
     Merged only for the plain module types with Flax's own ``dot_general`` and a float32
     (or unset) ``dtype``: a module that rounds or quantizes its kernel would round the
@@ -173,24 +172,26 @@ class Adapted(nnx.Module):
     parts = fused.split_input(args, kwargs)
     kernel = getattr(base, "kernel", None)
     kernel = kernel.get_value() if isinstance(kernel, nnx.Variable) else None
-    if (parts is not None and type(base) in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
-        and getattr(base, "dot_general", jax.lax.dot_general) is jax.lax.dot_general
-        and getattr(base, "dtype", None) in (None, jnp.float32) and isinstance(kernel, jax.Array)
-        and fused.use_merged(parts[0], kernel, *ad.shape, getattr(base, "precision", None))):
-      x, rebuild = parts
+    mergeable = (parts is not None and type(base) in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+                 and getattr(base, "dot_general", jax.lax.dot_general) is jax.lax.dot_general
+                 and getattr(base, "dtype", None) in (None, jnp.float32))
+
+    def merged_op():
+      _, rebuild = parts
       graphdef, state = nnx.split(base)
-      pure = nnx.to_pure_dict(state)
-      rest = {k: v for k, v in pure.items() if k != "kernel"}
+      rest = {k: v for k, v in nnx.to_pure_dict(state).items() if k != "kernel"}
 
       def op(x, k, rest):
         a, kw = rebuild(x)
         return nnx.merge(graphdef, {**rest, "kernel": k})(*a, **kw)
 
-      delta = lambda ad: kernel_delta(ad, as_applied=True)  # noqa: E731
-      return fused.fused_call(op, delta, adapter_output, x, kernel, ad, rest)
-    y = base(*args, **kwargs)
+      return op, rest
+
     x = parts[0] if parts is not None else (args[0] if args else kwargs["inputs"])
-    return y + adapter_output(x.astype(y.dtype), ad)
+    return adapted_module_call(
+        x, kernel, ad, mergeable=mergeable, precision=getattr(base, "precision", None),
+        merged_op=merged_op, base_call=lambda: base(*args, **kwargs),
+        adapter_output=adapter_output)
 
   def __call__(self, *args, **kwargs):
     ad = self._adapter()
