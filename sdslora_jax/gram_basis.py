@@ -27,12 +27,12 @@ not drop to bfloat16 / TF32 passes):
    Exactly-zero columns are replaced by the identity column ``e_j``, so an
    all-zero ``m`` gives ``I[:, :r]`` exactly, as Householder does.
 2. *Fast path*: ``passes`` Cholesky-QR sweeps ``Y <- Y R^-1``,
-   ``R^T R = Y^T Y + s I``. The first sweep factors the column-equilibrated
-   Gram matrix (unit diagonal). The first ``passes - 2`` sweeps are shifted,
-   ``s = SHIFT_FACTOR * u * ||Y||_F^2`` with ``u = 2^-24`` (shifted
-   CholeskyQR3: Fukaya, Kannan, Nakatsukasa, Yamamoto & Yanagisawa, SIAM J.
-   Sci. Comput. 2020), the last two are plain (CholeskyQR2, ``s = 0``). The
-   last sweep's Gram diagonal is summed spike-safely (``_accurate_gram``).
+   ``R^T R = Y^T Y + s I``. Every sweep factors the column-equilibrated Gram
+   matrix (unit diagonal), its diagonal summed spike-safely (``_accurate_gram``).
+   The first ``passes - 2`` sweeps are shifted, ``s = SHIFT_FACTOR * u *
+   ||Y||_F^2`` with ``u = 2^-24`` (shifted CholeskyQR3: Fukaya, Kannan,
+   Nakatsukasa, Yamamoto & Yanagisawa, SIAM J. Sci. Comput. 2020), the last two
+   are plain (CholeskyQR2, ``s = 0``). The sweeps are one ``lax.scan``.
 3. *Acceptance*: the fast path's result is kept when every ``R^-1`` is finite,
    the Gram matrix of the last sweep's input is within ``ACCEPT_TOL`` of ``I``
    in Frobenius norm (so the last sweep is a CholeskyQR of a matrix with
@@ -141,11 +141,6 @@ def _cross(y, z, axis_name):
       out_sharding=_replicated_spec(y),
   )
   return _psum(g, axis_name)
-
-
-def _gram(y, axis_name):
-  g = _cross(y, y, axis_name)
-  return 0.5 * (g + g.T)
 
 
 _SPIKE = 2.0**-4
@@ -277,26 +272,35 @@ def _prepare(m, axis_name):
 
 
 def _fast_path(xs, passes, axis_name):
-  """CholeskyQR sweeps; returns ``(q, ok)``."""
-  g = _gram(xs, axis_name)
-  dinv = lax.rsqrt(jnp.diagonal(g))
-  g = g * dinv[:, None] * dinv[None, :]
-  y, finite, g_last = xs, jnp.bool_(True), g
-  rho = jnp.ones_like(dinv)  # diagonal of the R factor of the equilibrated m
-  for k in range(passes):
-    if k:
-      g = (_accurate_gram if k == passes - 1 else _gram)(y, axis_name)
-    g_last = g
-    if k < passes - 2:
-      g = g + _shift(g) * jnp.eye(g.shape[0], dtype=_F32)
-    l, linv, bad = _cholesky_and_inverse(g, jnp.zeros_like(rho))
-    rho = rho * jnp.diagonal(l)
-    rinv = linv.T
-    if k == 0:
-      rinv = dinv[:, None] * rinv
+  """CholeskyQR sweeps in one ``lax.scan`` (one compiled body); returns ``(q, ok)``.
+
+  Every sweep factors the column-equilibrated Gram matrix (unit diagonal; the spike-safe
+  diagonal of ``_accurate_gram``), the first ``passes - 2`` of them shifted. One loop
+  body rather than ``passes`` unrolled sweeps: each sweep holds a Cholesky loop, and
+  XLA:CPU compiles every loop body on its own (about 0.3 s each).
+  """
+  r = xs.shape[1]
+  eye = jnp.eye(r, dtype=_F32)
+  schedule = (jnp.asarray([k < passes - 2 for k in range(passes)]),  # shifted
+              jnp.asarray([k == 0 for k in range(passes)]))  # first
+
+  def sweep(carry, param):
+    y, rho, finite, _ = carry
+    is_shifted, first = param
+    g = _accurate_gram(y, axis_name)
+    dinv = lax.rsqrt(jnp.diagonal(g))
+    ge = g * dinv[:, None] * dinv[None, :]
+    ge = ge + jnp.where(is_shifted, _shift(ge), 0.0) * eye
+    l, linv, bad = _cholesky_and_inverse(ge, jnp.zeros((r,), _F32))
+    # rho: the diagonal of the R factor of the equilibrated m (sweep 1's, then the
+    # later sweeps' own R, un-equilibrated).
+    rho = rho * jnp.diagonal(l) * jnp.where(first, 1.0, 1.0 / dinv)
+    rinv = dinv[:, None] * linv.T
     finite = finite & ~jnp.any(bad) & jnp.all(jnp.isfinite(rinv))
-    y = _times(y, rinv)
-  eye = jnp.eye(g_last.shape[0], dtype=_F32)
+    return (_times(y, rinv), rho, finite, g), None
+
+  init = (xs, jnp.ones((r,), _F32), jnp.bool_(True), eye)
+  (y, rho, finite, g_last), _ = lax.scan(sweep, init, schedule)
   near_identity = jnp.sqrt(jnp.sum((g_last - eye) ** 2)) <= ACCEPT_TOL
   ok = finite & near_identity & jnp.all(rho > RANK_TOL)
   return y, ok
