@@ -431,21 +431,22 @@ def adapter_matmul(x: jax.Array, adapter: Adapter) -> jax.Array:
 def adapted_module_call(x: jax.Array, kernel: Any, adapter: Adapter, *, mergeable: bool,
                         precision: Any, merged_op: Callable[[], tuple[Callable, Any]],
                         base_call: Callable[[], jax.Array],
-                        adapter_output: Callable[[jax.Array, Adapter], jax.Array]) -> jax.Array:
-  """A frontend's adapted layer: the module's call plus ``adapter_output(x, adapter)``.
+                        adapter_output: Callable[[jax.Array, Adapter], jax.Array],
+                        delta: Callable[..., jax.Array] | None = None) -> jax.Array:
+  """An adapted layer: the module's call plus ``adapter_output(x, adapter)``.
 
-  One merged op (``fused.fused_call`` on ``kernel + kernel_delta``) where the module may
-  be called again on a merged kernel (``mergeable``: the Linen and NNX frontends decide),
-  ``kernel`` is an array and ``fused.use_merged`` says so; else the sum of
-  ``base_call()`` and the adapter's rank-r term. ``merged_op()`` returns ``(op, rest)``,
-  the module as ``op(x, kernel, rest)`` with its other variables ``rest``; it is called
-  only when merging.
+  One merged op (``fused.fused_call`` on ``kernel + delta(adapter, as_applied=True)``,
+  ``delta`` by default ``kernel_delta``) where the module may be called again on a merged
+  kernel (``mergeable``: the Linen and NNX frontends decide), ``kernel`` is an array and
+  ``fused.use_merged`` says so; else the sum of ``base_call()`` and the adapter's rank-r
+  term. ``merged_op()`` returns ``(op, rest)``, the module as ``op(x, kernel, rest)``
+  with its other variables ``rest``; it is called only when merging.
   """
   if (mergeable and isinstance(kernel, jax.Array)
       and fused.use_merged(x, kernel, *adapter.shape, precision)):
     op, rest = merged_op()
-    delta = functools.partial(kernel_delta, as_applied=True)
-    return fused.fused_call(op, delta, adapter_output, x, kernel, adapter, rest)
+    merged_delta = functools.partial(delta or kernel_delta, as_applied=True)
+    return fused.fused_call(op, merged_delta, adapter_output, x, kernel, adapter, rest)
   y = base_call()
   return y + adapter_output(x.astype(y.dtype), adapter)
 
@@ -467,11 +468,10 @@ def adapted_matmul(x: jax.Array, kernel: jax.Array, adapter: Adapter, *,
     raise ValueError(f"adapted_matmul: the kernel has shape {tuple(jnp.shape(kernel))}, the "
                      f"adapter is for a {layer.shape} kernel")
   op = lambda x, k, rest: jnp.matmul(x, k, precision=precision)  # noqa: E731
-  if fused.use_merged(x, kernel, *layer.shape, precision):
-    delta = functools.partial(matrix_delta, as_applied=True)
-    return fused.fused_call(op, delta, adapter_matmul, x, kernel, adapter)
-  y = op(x, kernel, ())
-  return y + adapter_matmul(x.astype(y.dtype), adapter).astype(y.dtype)
+  return adapted_module_call(
+      x, kernel, adapter, mergeable=True, precision=precision, merged_op=lambda: (op, ()),
+      base_call=lambda: op(x, kernel, ()),
+      adapter_output=lambda x, ad: adapter_matmul(x, ad).astype(x.dtype), delta=matrix_delta)
 
 
 def matrix_delta(adapter: Adapter, *, as_applied: bool = False) -> jax.Array:
