@@ -88,6 +88,22 @@ def test_fast_path_is_taken_up_to_1e6_and_safe_path_agrees():
   assert not bool(gb._basis(dependent, 3, None)[1])
 
 
+def test_a_batch_mixing_both_fast_attempts_keeps_each_matrix_s_own_result():
+  # kappa 10 is accepted by the first attempt (CholeskyQR2), 1e5 only by the second
+  # (shifted); together in one batch each keeps the result it gets alone.
+  well, ill = _spectrum_matrix(1024, 16, 10.0, seed=5), _spectrum_matrix(1024, 16, 1e5, seed=6)
+  first = jax.jit(lambda x: jax.vmap(lambda y: gb._fast_path(y, (False, False), None))(x))
+  assert list(np.asarray(first(np.stack([well, ill]))[1])) == [True, False]
+  q, fast = gb._basis(np.stack([well, ill]), 3, None)
+  assert np.asarray(fast).all()
+  for i, m in enumerate((well, ill)):
+    np.testing.assert_allclose(q[i], gb._basis(m, 3, None)[0], atol=1e-6)
+    assert _orth_error(q[i]) <= ORTH_TOL
+  np.testing.assert_allclose(q[0], _exact_q(well), atol=2e-6)
+  safe = gb._safe_path(gb._prepare(ill, None)[0], None)  # the independent path, full rank
+  assert np.abs(np.asarray(safe) - np.asarray(q[1])).max() <= 1e-6 + 1e-8 * 1e5
+
+
 @pytest.mark.parametrize("passes", [2, 4])  # 3 (the default) is tested above
 def test_every_pass_count_is_orthonormal_even_past_its_range(passes):
   for kappa in (1.0, 1e6, 1e8):
