@@ -1,4 +1,4 @@
-"""The implicit-basis prototype computes SDS-LoRA: the library's op with explicit bases is the reference."""
+"""The implicit-basis prototype is SDS-LoRA: its op against the library's op with explicit bases."""
 
 import jax
 import jax.numpy as jnp
