@@ -106,7 +106,7 @@ lora_matmul.defvjp(_lora_fwd, _lora_bwd)
 
 
 def step_times(d: int, rank: int, tokens: int, layers: int, repeats: int) -> dict[str, float]:
-  """Median step times (s) and compile times (s) of LoRA and implicit-basis SDS-LoRA."""
+  """Median step times and compile times (s), first and last losses, of both variants."""
   scale = 2.0
   keys = jax.random.split(jax.random.key(0), 3 * layers + 1)
   kernels = jnp.stack([jax.random.normal(keys[i], (d, d)) / d**0.5 for i in range(layers)])
@@ -150,27 +150,26 @@ def step_times(d: int, rank: int, tokens: int, layers: int, repeats: int) -> dic
     return p, refreshed(p), state, loss  # the refresh: Ra^-1, Rb^-1 of the updated factors
 
   copy = lambda t: jax.tree.map(jnp.copy, t)
-  lora = [copy(factors), tx.init(factors)]
-  sds = [copy(factors), refreshed(factors), tx.init(factors)]
-  out = {}
-  for name, fn, args in (("lora", lora_step, lora), ("sds", sds_step, sds)):
+  states = {"lora": [copy(factors), tx.init(factors)],
+            "sds": [copy(factors), refreshed(factors), tx.init(factors)]}
+  out, compiled = {}, {}
+  for name, fn in (("lora", lora_step), ("sds", sds_step)):
     t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    compiled[name] = fn.lower(*states[name]).compile()
     out[f"{name}_compile_s"] = time.perf_counter() - t0
-    out[f"_{name}"] = compiled
   times = {"lora": [], "sds": []}
   for k in range(repeats + 2):
-    for name, args in (("lora", lora), ("sds", sds)):
+    for name, args in states.items():
       t0 = time.perf_counter()
-      *state, loss = out[f"_{name}"](*args)
+      *state, loss = compiled[name](*args)
       jax.block_until_ready((state, loss))
       if k >= 2:  # two warm-up steps
         times[name].append(time.perf_counter() - t0)
       args[:] = state
+      out.setdefault(f"{name}_first_loss", float(loss))
       out[f"{name}_loss"] = float(loss)
-  for name in times:
-    out[f"{name}_step_s"] = float(np.median(times[name]))
-    del out[f"_{name}"]
+  for name, t in times.items():
+    out[f"{name}_step_s"] = float(np.median(t))
   return out
 
 

@@ -160,8 +160,9 @@ def _accurate_gram(y, axis_name):
   entries ``>= 2^-4`` (at most 256 in a unit column) summed apart from the rest:
   an elementwise pass and an all-reduce of ``2 x r`` floats, no second matmul.
   Off-diagonal entries of a near-orthonormal ``y`` are small sums and need no
-  care. Used for the last sweep, whose Gram error is the final orthogonality
-  error.
+  care. The last sweep's Gram error is the final orthogonality error; the
+  earlier sweeps use it too, so that all sweeps share one loop body (the
+  masked sums cost about as much as a Gram matmul on CPU).
   """
   g = _cross(y, y, axis_name)
   sq = y * y
@@ -311,14 +312,7 @@ def _fast_path(xs, shifted, axis_name):
   return y, ok
 
 
-def _fast_schedules(passes):
-  """The fast path's attempts: CholeskyQR2, then (if ``passes > 2``) ``passes`` sweeps.
-
-  The first ``passes - 2`` sweeps of the second attempt are shifted. The second
-  attempt runs only when the first is not accepted for some matrix of the batch.
-  """
-  plain = (False, False)
-  return (plain,) if passes == 2 else (plain, (True,) * (passes - 2) + plain)
+_CHOLESKY_QR2 = (False, False)  # the fast path's first attempt: two plain sweeps
 
 
 _DECIDE = (True, True, False)  # shifted?, per sweep, before the rank decision
@@ -393,10 +387,13 @@ def _basis(m, passes, axis_name):
   shape = m.shape
   ms = m.reshape((-1, *shape[-2:]))
   xs, finite = jax.vmap(lambda x: _prepare(x, axis_name))(ms)
-  first, *retries = _fast_schedules(passes)
-  q, ok = jax.vmap(lambda x: _fast_path(x, first, axis_name))(xs)
-  for shifted in retries:
-    def retry(q, ok, shifted=shifted):
+  q, ok = jax.vmap(lambda x: _fast_path(x, _CHOLESKY_QR2, axis_name))(xs)
+  if passes > 2:
+    # The second attempt, from the input, only when the first failed for some matrix:
+    # ``passes`` sweeps, the first ``passes - 2`` shifted.
+    shifted = (True,) * (passes - 2) + _CHOLESKY_QR2
+
+    def retry(q, ok):
       q2, ok2 = jax.vmap(lambda x: _fast_path(x, shifted, axis_name))(xs)
       return jnp.where(ok[:, None, None], q, q2), ok | ok2
 
