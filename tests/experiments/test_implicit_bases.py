@@ -49,9 +49,11 @@ def test_lora_baseline_matches_the_library():
 
 
 def test_step_benchmark_trains_both_variants():
-  t = ib.step_times(d=32, rank=4, tokens=16, layers=2, repeats=3)
+  t = ib.step_times(d=32, rank=4, tokens=16, layers=2, repeats=20)
   assert t["lora_step_s"] > 0 and t["sds_step_s"] > 0
-  assert np.isfinite(t["lora_loss"]) and np.isfinite(t["sds_loss"])
+  # Both variants train (from the same factors, though not the same update: SDS-LoRA's
+  # s a (Ra^-1 + Rb^-T) b is not LoRA's s a b without the switch's reparameterisation).
+  assert t["lora_loss"] < t["lora_first_loss"] and t["sds_loss"] < t["sds_first_loss"]
 
 
 def test_implicit_basis_loses_orthonormality_with_the_square_of_the_condition_number():
