@@ -35,17 +35,17 @@ not drop to bfloat16 / TF32 passes):
    the input: ``passes`` sweeps, the first ``passes - 2`` shifted, ``s =
    SHIFT_FACTOR * u * ||Y||_F^2`` with ``u = 2^-24`` (shifted CholeskyQR3:
    Fukaya, Kannan, Nakatsukasa, Yamamoto & Yanagisawa, SIAM J. Sci. Comput.
-   2020), the last two plain. Each attempt's sweeps are one ``lax.scan``. (The
-   first attempt made the QR of eight ``(1024, 64)`` factors 8.2 -> 5.8 ms on a
-   2-core CPU, against three sweeps every time, for about 0.2 s more compile.)
+   2020), the last two plain. (The first attempt made the QR of eight ``(1024,
+   64)`` factors 8.2 -> 5.8 ms on a 2-core CPU, against three sweeps every time.)
 3. *Acceptance*: the fast path's result is kept when every ``R^-1`` is finite,
    the Gram matrix of the last sweep's input is within ``ACCEPT_TOL`` of ``I``
    in Frobenius norm (so the last sweep is a CholeskyQR of a matrix with
    condition number ``<= sqrt(3)``: orthonormal to float32 rounding), and every
    column's part independent of the previous columns, the diagonal of the
    accumulated ``R`` of the equilibrated ``m``, exceeds ``RANK_TOL`` (relative
-   to the column norm). Otherwise a ``lax.cond`` (on a replicated scalar, so
-   the same on every device) runs the safe path.
+   to the column norm). Otherwise the next attempt runs, and after the second
+   the safe path (a decision on the whole batch, a replicated scalar: the same
+   on every device).
 4. *Safe path* (rank-deficient or too ill-conditioned ``m``): Cholesky-QR
    sweeps with a Cholesky that *deflates* a column instead of failing (no
    later column is orthogonalised against it, its output is zero). Two shifted
@@ -56,6 +56,12 @@ not drop to bfloat16 / TF32 passes):
    from a murmur3 hash of the global row and column index: the same on every
    device and for every sharding), and the modified matrix gets two shifted
    and two plain deflating sweeps.
+5. *One loop*: every sweep of the three attempts runs in one ``lax.while_loop``
+   whose one body (``_sweep``) serves both paths, its flags read from a static
+   schedule. XLA:CPU compiles every loop body on its own, at about 10 ms per
+   fusion: one loop per attempt made the QR 139 fusions, one loop makes it 68,
+   and its compile 1.5-1.9 s -> 1.0-1.25 s for eight ``(1024, 64)`` factors on
+   a 2-core CPU (the same bases, bit for bit, and the same run time).
 
 Result convention, as ``orthonormal_basis``: ``m = Q R`` with ``R = Q^T m``
 upper-triangular with non-negative diagonal. For full-rank ``m`` this is the
@@ -79,6 +85,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Hashable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -277,103 +284,143 @@ def _prepare(m, axis_name):
   return jnp.where(zero[None, :], eye, x * scale[None, :]), jnp.all(jnp.isfinite(colmax))
 
 
-def _fast_path(xs, shifted, axis_name):
-  """CholeskyQR sweeps in one ``lax.scan`` (one compiled body); returns ``(q, ok)``.
+class _Flags(NamedTuple):
+  """What one Cholesky-QR sweep does (bools: static in a schedule, traced in the loop)."""
 
-  ``shifted`` holds one flag per sweep (a tuple of bools, static). Every sweep factors the
-  column-equilibrated Gram matrix (unit diagonal; the spike-safe diagonal of
-  ``_accurate_gram``), shifted where its flag says. One loop body rather than unrolled
-  sweeps: each sweep holds a Cholesky loop, and XLA:CPU compiles every loop body on its
-  own (about 0.3 s each).
-  """
-  r = xs.shape[1]
-  eye = jnp.eye(r, dtype=_F32)
-  schedule = (jnp.asarray(shifted), jnp.asarray([k == 0 for k in range(len(shifted))]))
+  shifted: object  # shift the Gram matrix (``_shift``)
+  safe: object  # deflate failing columns (safe path); else any failure rejects the attempt
+  first: object  # first sweep of an attempt: reset its bookkeeping
+  restart: object  # start from the input (dependent columns replaced by their stand-ins)
+  decide: object  # safe path: this sweep's pivots decide which columns are dependent
+  last: object  # last sweep of an attempt: accept its result, or go on to the next attempt
 
-  def sweep(carry, param):
-    y, rho, finite, _ = carry
-    is_shifted, first = param
-    g = _accurate_gram(y, axis_name)
-    dinv = lax.rsqrt(jnp.diagonal(g))
-    ge = g * dinv[:, None] * dinv[None, :]
-    ge = ge + jnp.where(is_shifted, _shift(ge), 0.0) * eye
-    l, linv, bad = _cholesky_and_inverse(ge, jnp.zeros((r,), _F32))
-    # rho: the diagonal of the R factor of the equilibrated m (sweep 1's, then the
-    # later sweeps' own R, un-equilibrated).
-    rho = rho * jnp.diagonal(l) * jnp.where(first, 1.0, 1.0 / dinv)
-    rinv = dinv[:, None] * linv.T
-    finite = finite & ~jnp.any(bad) & jnp.all(jnp.isfinite(rinv))
-    return (_times(y, rinv), rho, finite, g), None
 
-  init = (xs, jnp.ones((r,), _F32), jnp.bool_(True), eye)
-  (y, rho, finite, g_last), _ = lax.scan(sweep, init, schedule)
-  near_identity = jnp.sqrt(jnp.sum((g_last - eye) ** 2)) <= ACCEPT_TOL
-  ok = finite & near_identity & jnp.all(rho > RANK_TOL)
-  return y, ok
+def _attempt(shifted, *, safe=False, decide_at=None, restart=True):
+  """The flags of one attempt's sweeps (``shifted``: one bool per sweep)."""
+  n = len(shifted)
+  return [_Flags(sh, safe, k == 0, restart and k == 0, k == decide_at, k == n - 1)
+          for k, sh in enumerate(shifted)]
 
 
 _CHOLESKY_QR2 = (False, False)  # the fast path's first attempt: two plain sweeps
-
-
 _DECIDE = (True, True, False)  # shifted?, per sweep, before the rank decision
 _FINISH = (True, True, False, False)  # on the input with dependent columns replaced
+# The safe path: sweeps 1-3 decide the rank, sweeps 4-7 orthonormalise the repaired input.
+_SAFE = [_Flags(shifted, True, k in (0, len(_DECIDE)), k in (0, len(_DECIDE)),
+                k == len(_DECIDE) - 1, k == len(_DECIDE + _FINISH) - 1)
+         for k, shifted in enumerate(_DECIDE + _FINISH)]
 
 
-def _safe_path(xs, axis_name):
-  """Dependent columns replaced by fixed pseudo-random ones, then a guarded CholeskyQR4.
+def _schedule(passes):
+  """Every sweep ``_basis`` may run, in order: CholeskyQR2, the second attempt, the safe path."""
+  rows = _attempt(_CHOLESKY_QR2, restart=False)  # the loop starts from the input
+  if passes > 2:  # the second attempt: ``passes`` sweeps, the first ``passes - 2`` shifted
+    rows += _attempt((True,) * (passes - 2) + _CHOLESKY_QR2)
+  return rows + _SAFE
 
-  Seven Cholesky-QR sweeps in one ``lax.scan`` (one compiled body), all with
-  the deflating Cholesky, an equilibrated Gram matrix and the spike-safe
-  diagonal. Sweeps 1-3 (shifted, shifted, plain) only decide which columns
-  are dependent: after the two shifts a direction of relative size ``rho`` has
-  grown to ``~ rho / s``, and the plain sweep deflates column j when
-  ``rho_j``, the diagonal of the R factor of the column-normalised input,
-  ``diag(T)_j * nu_j * l_jj`` (``xs / |xs| = y_k T``, ``nu_j = |y_k[:, j]|``),
-  is below ``RANK_TOL``. Sweep 4 restarts from the input with those columns
-  replaced (so no kept column has been orthogonalised against a dropped one)
-  and sweeps 4-7 (shifted, shifted, plain, plain) orthonormalise it.
+
+def _sweep(y, keep, t_diag, rho, finite, flags, axis_name):
+  """One Cholesky-QR sweep ``Y <- Y R^-1`` of one matrix, for either path.
+
+  Every sweep factors the column-equilibrated Gram matrix (unit diagonal; the
+  spike-safe diagonal of ``_accurate_gram``), shifted where ``flags.shifted``.
+  Fast path (``safe`` false): any column whose pivot is not positive, or a
+  non-finite ``R^-1``, makes the attempt fail (``finite``); ``rho`` tracks the
+  diagonal of the R factor of the equilibrated input (sweep 1's, then the later
+  sweeps' own R, un-equilibrated). Safe path: such columns are deflated (output
+  zero, ``keep`` false), and on the ``decide`` sweep a column whose independent
+  part, ``t_diag * nu * l_jj`` (``xs / |xs| = y T``, ``nu_j = |y[:, j]|``), is
+  below ``RANK_TOL`` counts as dependent. With every column kept the safe
+  formulas reduce to the fast ones. Returns the new ``(y, keep, t_diag, rho,
+  finite)`` and the sweep's Gram matrix (the acceptance test reads the last).
+  """
+  r = y.shape[1]
+  g = _accurate_gram(y, axis_name)
+  norm2 = jnp.diagonal(g)
+  live = keep & (norm2 > 0)
+  dinv = jnp.where(live, lax.rsqrt(jnp.where(live, norm2, 1.0)), 0.0)
+  nu = jnp.where(live, jnp.sqrt(norm2), 1.0)
+  t_diag = jnp.where(flags.first, 1.0 / nu, t_diag)
+  ge = g * dinv[:, None] * dinv[None, :] + jnp.diag(jnp.where(live, 0.0, 1.0))
+  s = jnp.where(flags.shifted, _shift(ge), 0.0)
+  ge = ge + s * jnp.eye(r, dtype=_F32)
+  rank_floor = jnp.where(flags.decide, (RANK_TOL / (t_diag * nu)) ** 2, 0.0)
+  # A shifted pivot is >= s in exact arithmetic; a plain one is relative to 1.
+  safe_thresholds = jnp.where(flags.shifted, 0.5 * s, jnp.maximum(PIVOT_TOL, rank_floor))
+  thresholds = jnp.where(live, jnp.where(flags.safe, safe_thresholds, 0.0), jnp.inf)
+  l, linv, bad = _cholesky_and_inverse(ge, thresholds)
+  ldiag = jnp.diagonal(l)
+  keep = jnp.where(flags.safe, live & ~bad, keep)
+  rinv = dinv[:, None] * linv.T
+  ok = ~jnp.any(bad) & jnp.all(jnp.isfinite(rinv))
+  finite = jnp.where(flags.first, True, finite) & ok
+  rho = (jnp.where(flags.first, 1.0, rho) * ldiag
+         * jnp.where(flags.first, 1.0, 1.0 / jnp.where(live, dinv, 1.0)))
+  t_diag = t_diag * nu * ldiag
+  # Deflated columns are zeroed through R^-1 (r x r), not by a pass over the tall output.
+  y = _times(y, rinv * keep[None, :].astype(_F32))
+  return (y, keep, t_diag, rho, finite), g
+
+
+def _accepted(g_last, rho, finite):
+  """The fast path's acceptance test (module docstring, step 3)."""
+  eye = jnp.eye(g_last.shape[-1], dtype=_F32)
+  near_identity = jnp.sqrt(jnp.sum((g_last - eye) ** 2, axis=(-2, -1))) <= ACCEPT_TOL
+  return finite & near_identity & jnp.all(rho > RANK_TOL, axis=-1)
+
+
+def _restarted(keep, xs, stand_ins):
+  """The input with the columns not kept replaced by their stand-ins."""
+  return jnp.where(keep[..., None, :], xs, stand_ins)
+
+
+def _init_state(xs):
+  r = xs.shape[-1]
+  lead = xs.shape[:-2]
+  return (jnp.ones((*lead, r), bool), jnp.ones((*lead, r), _F32),
+          jnp.ones((*lead, r), _F32), jnp.ones(lead, bool))
+
+
+def _run_attempt(xs, rows, axis_name):
+  """The sweeps of ``rows`` on one matrix, in one ``lax.scan`` (one compiled body).
+
+  Returns ``(y, accepted)``. ``_basis`` runs every attempt in one loop instead; this
+  runs one attempt alone (the independent paths the tests compare it with).
   """
   n_local, r = xs.shape
   stand_ins = _completion_columns(n_local, r, axis_name)
-  n_decide = len(_DECIDE)
-  schedule = _DECIDE + _FINISH
-  params = tuple(
-      jnp.asarray(flags, bool)
-      for flags in (
-          schedule,
-          [k == n_decide - 1 for k in range(len(schedule))],  # decide the rank
-          [k in (0, n_decide) for k in range(len(schedule))],  # first sweep of a phase
-          [k == n_decide for k in range(len(schedule))],  # restart from the input
-      )
-  )
+  params = _Flags(*(jnp.asarray(column, bool) for column in zip(*rows)))
 
-  def sweep(carry, param):
-    y, t_diag, keep = carry
-    is_shifted, decide_rank, first, restart = param
-    y = jnp.where(restart, jnp.where(keep[None, :], xs, stand_ins), y)
-    keep = keep | restart
-    g = _accurate_gram(y, axis_name)
-    norm2 = jnp.diagonal(g)
-    live = keep & (norm2 > 0)
-    dinv = jnp.where(live, lax.rsqrt(jnp.where(live, norm2, 1.0)), 0.0)
-    nu = jnp.where(live, jnp.sqrt(norm2), 1.0)
-    t_diag = jnp.where(first, 1.0 / nu, t_diag)
-    g = g * dinv[:, None] * dinv[None, :] + jnp.diag(jnp.where(live, 0.0, 1.0))
-    s = jnp.where(is_shifted, _shift(g), 0.0)
-    g = g + s * jnp.eye(r, dtype=_F32)
-    rank_floor = jnp.where(decide_rank, (RANK_TOL / (t_diag * nu)) ** 2, 0.0)
-    # A shifted pivot is >= s in exact arithmetic; a plain one is relative to 1.
-    thresholds = jnp.where(is_shifted, 0.5 * s, jnp.maximum(PIVOT_TOL, rank_floor))
-    l, linv, bad = _cholesky_and_inverse(g, jnp.where(live, thresholds, jnp.inf))
-    keep = live & ~bad
-    rinv = dinv[:, None] * linv.T
-    y = _times(y, rinv) * keep[None, :].astype(_F32)
-    t_diag = t_diag * nu * jnp.diagonal(l)
-    return (y, t_diag, keep), None
+  def step(carry, flags):
+    y, state = carry
+    y = jnp.where(flags.restart, _restarted(state[0], xs, stand_ins), y)
+    state = (state[0] | flags.restart, *state[1:])
+    (y, *state), g = _sweep(y, *state, flags, axis_name)
+    return (y, tuple(state)), g
 
-  init = (xs, jnp.ones((r,), _F32), jnp.ones((r,), bool))
-  (q, _, _), _ = lax.scan(sweep, init, params)
-  return q
+  (y, (_, _, rho, finite)), grams = lax.scan(step, (xs, _init_state(xs)), params)
+  return y, _accepted(grams[-1], rho, finite)
+
+
+def _fast_path(xs, shifted, axis_name):
+  """One fast attempt alone (``shifted``: a flag per sweep); returns ``(q, accepted)``."""
+  return _run_attempt(xs, _attempt(shifted, restart=False), axis_name)
+
+
+def _safe_path(xs, axis_name):
+  """The safe path alone: dependent columns replaced by fixed pseudo-random ones, then a
+  guarded CholeskyQR4.
+
+  Seven Cholesky-QR sweeps, all with the deflating Cholesky, an equilibrated Gram
+  matrix and the spike-safe diagonal. Sweeps 1-3 (shifted, shifted, plain) only
+  decide which columns are dependent: after the two shifts a direction of relative
+  size ``rho`` has grown to ``~ rho / s``, and the plain sweep deflates column j
+  when its independent part is below ``RANK_TOL`` (``_sweep``). Sweep 4 restarts
+  from the input with those columns replaced (so no kept column has been
+  orthogonalised against a dropped one) and sweeps 4-7 (shifted, shifted, plain,
+  plain) orthonormalise it.
+  """
+  return _run_attempt(xs, _SAFE, axis_name)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("passes", "axis_name"))
@@ -381,34 +428,50 @@ def _basis(m, passes, axis_name):
   """Returns ``(q, fast)``: the basis and whether the fast path's result was kept.
 
   ``m`` may have leading batch axes: the matrices are then orthonormalised
-  together (one batched program, whatever their number), and the safe path
-  runs, for all of them, only when the fast path failed for one of them.
+  together (one batched program, whatever their number). Every sweep of every
+  attempt runs in one ``lax.while_loop`` with one compiled body (``_sweep``,
+  batched), its flags read from the schedule (``_schedule``; module docstring,
+  step 5). After the last sweep of a fast attempt the loop stops when every
+  matrix of the batch has been accepted (by this attempt or an earlier one,
+  whose result it keeps); otherwise the next attempt runs, for all of them. A
+  batch-wide decision, not a per-matrix select, which would run every attempt
+  every time.
   """
   shape = m.shape
   ms = m.reshape((-1, *shape[-2:]))
-  xs, finite = jax.vmap(lambda x: _prepare(x, axis_name))(ms)
-  q, ok = jax.vmap(lambda x: _fast_path(x, _CHOLESKY_QR2, axis_name))(xs)
-  if passes > 2:
-    # The second attempt, from the input, only when the first failed for some matrix:
-    # ``passes`` sweeps, the first ``passes - 2`` shifted.
-    shifted = (True,) * (passes - 2) + _CHOLESKY_QR2
+  xs, finite_input = jax.vmap(lambda x: _prepare(x, axis_name))(ms)
+  n_local, r = shape[-2:]
+  stand_ins = _completion_columns(n_local, r, axis_name)
+  rows = _schedule(passes)
+  table = _Flags(*(jnp.asarray(column, bool) for column in zip(*rows)))
+  sweep = jax.vmap(functools.partial(_sweep, axis_name=axis_name),
+                   in_axes=(0, 0, 0, 0, 0, None))
+  none = jnp.zeros(xs.shape[:1], bool)
 
-    def retry(q, ok):
-      q2, ok2 = jax.vmap(lambda x: _fast_path(x, shifted, axis_name))(xs)
-      return jnp.where(ok[:, None, None], q, q2), ok | ok2
+  def body(carry):
+    k, y, state, kept_q, stored, accepted = carry
+    flags = _Flags(*(column[k] for column in table))
+    y = lax.cond(flags.restart, lambda: _restarted(state[0], xs, stand_ins), lambda: y)
+    state = (state[0] | flags.restart, *state[1:])
+    (y, *state), g = sweep(y, *state, flags)
+    fast_end = flags.last & ~flags.safe
+    newly = fast_end & _accepted(g, state[2], state[3]) & ~accepted
+    accepted = accepted | newly
+    done = flags.last & (flags.safe | jnp.all(accepted))
+    # Keep the matrices accepted now apart while the others try again.
+    kept_q, stored = lax.cond(
+        jnp.any(newly) & ~done,
+        lambda: (jnp.where(newly[:, None, None], y, kept_q), stored | newly),
+        lambda: (kept_q, stored))
+    k = jnp.where(done, len(rows), k + 1)
+    return k, y, tuple(state), kept_q, stored, accepted
 
-    q, ok = lax.cond(jnp.all(ok), lambda q, ok: (q, ok), retry, q, ok)
-
-  def safe(q, xs):
-    q_safe = jax.vmap(lambda x: _safe_path(x, axis_name))(xs)
-    return jnp.where(ok[:, None, None], q, q_safe)
-
-  # A cond on the whole batch (not a per-matrix select under vmap, which would run
-  # both paths every time).
-  q = lax.cond(jnp.all(ok), lambda q, xs: q, safe, q, xs)
+  init = (jnp.int32(0), xs, _init_state(xs), jnp.zeros_like(xs), none, none)
+  _, y, _, kept_q, stored, fast = lax.while_loop(lambda c: c[0] < len(rows), body, init)
   # The safe path would turn NaN columns into stand-ins: keep garbage visible.
-  q = jnp.where(finite[:, None, None], q, jnp.nan)
-  return q.reshape(shape), ok.reshape(shape[:-2])
+  q = jnp.where(stored[:, None, None], kept_q, y)
+  q = jnp.where(finite_input[:, None, None], q, jnp.nan)
+  return q.reshape(shape), fast.reshape(shape[:-2])
 
 
 def _check(m, passes, axis_name):
@@ -454,8 +517,8 @@ def gram_orthonormal_basis(
       handle go to the safe path, so the result is orthonormal anyway;
       ``passes`` only trades fast-path cost against how often the safe path
       runs (such a call costs about 3-4x a fast one). Under ``vmap`` with a
-      batched decision every attempt and both paths always run: pass a batch
-      instead.
+      batched decision the loop runs as long as its slowest matrix needs, for
+      all of them: pass a batch instead.
     axis_name: mesh axis name(s) over which the rows of ``m`` are split, for use
       inside ``shard_map``; Gram matrices are ``psum``-ed over it. ``None``
       (default) under ``jit`` with sharded inputs, where XLA inserts the
