@@ -28,7 +28,8 @@ not drop to bfloat16 / TF32 passes):
    all-zero ``m`` gives ``I[:, :r]`` exactly, as Householder does.
 2. *Fast path*: Cholesky-QR sweeps ``Y <- Y R^-1``, ``R^T R = Y^T Y + s I``.
    Every sweep factors the column-equilibrated Gram matrix (unit diagonal), its
-   diagonal summed spike-safely (``_accurate_gram``). First attempt: two plain
+   diagonal summed spike-safely (``_accurate_gram``) in the last sweep of each
+   attempt and on the safe path. First attempt: two plain
    sweeps (CholeskyQR2, ``s = 0``; four ``n r^2`` matmuls), enough for
    condition numbers up to ~1e3, as trained factors usually have. Only when it
    is not accepted (step 3) for some matrix of the batch, a second attempt from
@@ -59,9 +60,10 @@ not drop to bfloat16 / TF32 passes):
 5. *One loop*: every sweep of the three attempts runs in one ``lax.while_loop``
    whose one body (``_sweep``) serves both paths, its flags read from a static
    schedule. XLA:CPU compiles every loop body on its own, at about 10 ms per
-   fusion: one loop per attempt made the QR 139 fusions, one loop makes it 68,
-   and its compile 1.5-1.9 s -> 1.0-1.25 s for eight ``(1024, 64)`` factors on
-   a 2-core CPU (the same bases, bit for bit, and the same run time).
+   fusion: one loop per attempt made the QR 139 fusions, one loop makes it 68
+   (72 with ``_accurate_gram``'s ``lax.cond``), and its compile 1.5-1.9 s ->
+   0.9-1.25 s for eight ``(1024, 64)`` factors on a 2-core CPU (bit for bit the
+   same bases as the loop per attempt, and the same run time).
 
 Result convention, as ``orthonormal_basis``: ``m = Q R`` with ``R = Q^T m``
 upper-triangular with non-negative diagonal. For full-rank ``m`` this is the
@@ -158,7 +160,7 @@ def _cross(y, z, axis_name):
 _SPIKE = 2.0**-4
 
 
-def _accurate_gram(y, axis_name):
+def _accurate_gram(y, axis_name, exact_diagonal=True):
   """Gram matrix of a near-orthonormal ``y`` whose diagonal is right for spiky columns too.
 
   A float32 dot adds many tiny squares to an accumulator that holds a column's
@@ -167,19 +169,27 @@ def _accurate_gram(y, axis_name):
   entries ``>= 2^-4`` (at most 256 in a unit column) summed apart from the rest:
   an elementwise pass and an all-reduce of ``2 x r`` floats, no second matmul.
   Off-diagonal entries of a near-orthonormal ``y`` are small sums and need no
-  care. The last sweep's Gram error is the final orthogonality error; the
-  earlier sweeps use it too, so that all sweeps share one loop body (the
-  masked sums cost about as much as a Gram matmul on CPU).
+  care. The last sweep's Gram error is the final orthogonality error; an
+  earlier fast sweep only needs a Gram matrix that the next sweep corrects, so
+  ``exact_diagonal`` false (traced: a ``lax.cond``) takes the dot's own diagonal
+  there. The masked sums cost 0.68 ms for eight ``(1024, 64)`` factors on a
+  2-core CPU; skipping them in CholeskyQR2's first sweep made that QR 7.28 ->
+  7.03 ms, and 1.64 -> 1.51 ms at r = 16 (one program beside the other), for
+  four more fusions (72).
   """
   g = _cross(y, y, axis_name)
-  sq = y * y
-  big = jnp.abs(y) >= _SPIKE
-  # Two reductions, stacked after summing: a stack of the (n, r) parts would be
-  # materialised (two temporaries of the factor's size).
-  parts = jnp.stack([jnp.sum(jnp.where(big, sq, 0.0), axis=0),
-                     jnp.sum(jnp.where(big, 0.0, sq), axis=0)])
-  parts = _psum(parts, axis_name)
-  diag = parts[0] + parts[1]
+
+  def spike_safe_diagonal():
+    sq = y * y
+    big = jnp.abs(y) >= _SPIKE
+    # Two reductions, stacked after summing: a stack of the (n, r) parts would be
+    # materialised (two temporaries of the factor's size).
+    parts = jnp.stack([jnp.sum(jnp.where(big, sq, 0.0), axis=0),
+                       jnp.sum(jnp.where(big, 0.0, sq), axis=0)])
+    parts = _psum(parts, axis_name)
+    return parts[0] + parts[1]
+
+  diag = lax.cond(exact_diagonal, spike_safe_diagonal, lambda: jnp.diagonal(g))
   eye = jnp.eye(g.shape[0], dtype=bool)
   g = 0.5 * (g + g.T)
   return jnp.where(eye, diag[None, :], g)
@@ -323,7 +333,8 @@ def _sweep(y, keep, t_diag, rho, finite, flags, axis_name):
   """One Cholesky-QR sweep ``Y <- Y R^-1`` of one matrix, for either path.
 
   Every sweep factors the column-equilibrated Gram matrix (unit diagonal; the
-  spike-safe diagonal of ``_accurate_gram``), shifted where ``flags.shifted``.
+  spike-safe diagonal of ``_accurate_gram`` in an attempt's last sweep and on
+  the safe path), shifted where ``flags.shifted``.
   Fast path (``safe`` false): any column whose pivot is not positive, or a
   non-finite ``R^-1``, makes the attempt fail (``finite``); ``rho`` tracks the
   diagonal of the R factor of the equilibrated input (sweep 1's, then the later
@@ -335,7 +346,7 @@ def _sweep(y, keep, t_diag, rho, finite, flags, axis_name):
   finite)`` and the sweep's Gram matrix (the acceptance test reads the last).
   """
   r = y.shape[1]
-  g = _accurate_gram(y, axis_name)
+  g = _accurate_gram(y, axis_name, flags.last | flags.safe)
   norm2 = jnp.diagonal(g)
   live = keep & (norm2 > 0)
   dinv = jnp.where(live, lax.rsqrt(jnp.where(live, norm2, 1.0)), 0.0)
