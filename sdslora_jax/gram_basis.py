@@ -305,10 +305,10 @@ class _Flags(NamedTuple):
   last: object  # last sweep of an attempt: accept its result, or go on to the next attempt
 
 
-def _attempt(shifted, *, safe=False, decide_at=None, restart=True):
-  """The flags of one attempt's sweeps (``shifted``: one bool per sweep)."""
+def _fast_attempt(shifted, *, restart=True):
+  """The flags of one fast attempt's sweeps (``shifted``: one bool per sweep)."""
   n = len(shifted)
-  return [_Flags(sh, safe, k == 0, restart and k == 0, k == decide_at, k == n - 1)
+  return [_Flags(sh, False, k == 0, restart and k == 0, False, k == n - 1)
           for k, sh in enumerate(shifted)]
 
 
@@ -323,9 +323,9 @@ _SAFE = [_Flags(shifted, True, k in (0, len(_DECIDE)), k in (0, len(_DECIDE)),
 
 def _schedule(passes):
   """Every sweep ``_basis`` may run, in order: CholeskyQR2, the second attempt, the safe path."""
-  rows = _attempt(_CHOLESKY_QR2, restart=False)  # the loop starts from the input
+  rows = _fast_attempt(_CHOLESKY_QR2, restart=False)  # the loop starts from the input
   if passes > 2:  # the second attempt: ``passes`` sweeps, the first ``passes - 2`` shifted
-    rows += _attempt((True,) * (passes - 2) + _CHOLESKY_QR2)
+    rows += _fast_attempt((True,) * (passes - 2) + _CHOLESKY_QR2)
   return rows + _SAFE
 
 
@@ -380,9 +380,20 @@ def _accepted(g_last, rho, finite):
   return finite & near_identity & jnp.all(rho > RANK_TOL, axis=-1)
 
 
-def _restarted(keep, xs, stand_ins):
-  """The input with the columns not kept replaced by their stand-ins."""
-  return jnp.where(keep[..., None, :], xs, stand_ins)
+def _restart_and_sweep(sweep, y, state, flags, xs, axis_name):
+  """``sweep`` after a restart where ``flags.restart``: ``y`` becomes the input, its columns
+  not kept replaced by their stand-ins (computed only then), and every column is kept.
+
+  ``sweep`` is ``_sweep`` or its batched form (``y``, ``xs``: ``(..., n, r)``); returns
+  ``(y, state, g)``.
+  """
+  def restarted():
+    stand_ins = _completion_columns(*xs.shape[-2:], axis_name)
+    return jnp.where(state[0][..., None, :], xs, stand_ins)
+
+  y = lax.cond(flags.restart, restarted, lambda: y)
+  (y, *state), g = sweep(y, state[0] | flags.restart, *state[1:], flags)
+  return y, tuple(state), g
 
 
 def _init_state(xs):
@@ -398,16 +409,12 @@ def _run_attempt(xs, rows, axis_name):
   Returns ``(y, accepted)``. ``_basis`` runs every attempt in one loop instead; this
   runs one attempt alone (the independent paths the tests compare it with).
   """
-  n_local, r = xs.shape
-  stand_ins = _completion_columns(n_local, r, axis_name)
   params = _Flags(*(jnp.asarray(column, bool) for column in zip(*rows)))
+  sweep = functools.partial(_sweep, axis_name=axis_name)
 
   def step(carry, flags):
-    y, state = carry
-    y = jnp.where(flags.restart, _restarted(state[0], xs, stand_ins), y)
-    state = (state[0] | flags.restart, *state[1:])
-    (y, *state), g = _sweep(y, *state, flags, axis_name)
-    return (y, tuple(state)), g
+    y, state, g = _restart_and_sweep(sweep, *carry, flags, xs, axis_name)
+    return (y, state), g
 
   (y, (_, _, rho, finite)), grams = lax.scan(step, (xs, _init_state(xs)), params)
   return y, _accepted(grams[-1], rho, finite)
@@ -415,7 +422,7 @@ def _run_attempt(xs, rows, axis_name):
 
 def _fast_path(xs, shifted, axis_name):
   """One fast attempt alone (``shifted``: a flag per sweep); returns ``(q, accepted)``."""
-  return _run_attempt(xs, _attempt(shifted, restart=False), axis_name)
+  return _run_attempt(xs, _fast_attempt(shifted, restart=False), axis_name)
 
 
 def _safe_path(xs, axis_name):
@@ -451,8 +458,6 @@ def _basis(m, passes, axis_name):
   shape = m.shape
   ms = m.reshape((-1, *shape[-2:]))
   xs, finite_input = jax.vmap(lambda x: _prepare(x, axis_name))(ms)
-  n_local, r = shape[-2:]
-  stand_ins = _completion_columns(n_local, r, axis_name)
   rows = _schedule(passes)
   table = _Flags(*(jnp.asarray(column, bool) for column in zip(*rows)))
   sweep = jax.vmap(functools.partial(_sweep, axis_name=axis_name),
@@ -462,9 +467,7 @@ def _basis(m, passes, axis_name):
   def body(carry):
     k, y, state, kept_q, stored, accepted = carry
     flags = _Flags(*(column[k] for column in table))
-    y = lax.cond(flags.restart, lambda: _restarted(state[0], xs, stand_ins), lambda: y)
-    state = (state[0] | flags.restart, *state[1:])
-    (y, *state), g = sweep(y, *state, flags)
+    y, state, g = _restart_and_sweep(sweep, y, state, flags, xs, axis_name)
     fast_end = flags.last & ~flags.safe
     newly = fast_end & _accepted(g, state[2], state[3]) & ~accepted
     accepted = accepted | newly
@@ -475,7 +478,7 @@ def _basis(m, passes, axis_name):
         lambda: (jnp.where(newly[:, None, None], y, kept_q), stored | newly),
         lambda: (kept_q, stored))
     k = jnp.where(done, len(rows), k + 1)
-    return k, y, tuple(state), kept_q, stored, accepted
+    return k, y, state, kept_q, stored, accepted
 
   init = (jnp.int32(0), xs, _init_state(xs), jnp.zeros_like(xs), none, none)
   _, y, _, kept_q, stored, fast = lax.while_loop(lambda c: c[0] < len(rows), body, init)
