@@ -55,6 +55,16 @@ def test_the_library_imports_nothing_from_the_experiments():
   assert not {m: v for m, v in bad.items() if v}
 
 
+def test_the_library_tests_need_no_experiments():
+  """``tests/*.py`` (``make test-library``) run without the experiments' code; tests of the
+  library on the experiments' models and problems live in ``tests/experiments/``."""
+  tests = pathlib.Path(__file__).resolve().parent
+  bad = {p.name: sorted(i for i in _imports(p, ast.walk(ast.parse(p.read_text())))
+                        if i.split(".")[0] == "experiments")
+         for p in tests.glob("*.py")}
+  assert not {m: v for m, v in bad.items() if v}
+
+
 @pytest.mark.parametrize("module", CORE)
 def test_the_functional_core_needs_no_flax(module):
   graph, seen, todo = _graph(), set(), [module]

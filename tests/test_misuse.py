@@ -21,10 +21,8 @@ from sdslora_jax.basis import factor_bases
 from sdslora_jax import linen as sl
 from sdslora_jax import nnx as snnx
 from sdslora_jax.adapter import adapter_stamp, restamp, verify_stamps, with_fresh_bases
-from experiments.models import bert
 from sdslora_jax.optim import sds_lora, trainable_params
 from sdslora_jax.targets import rule
-from testing_utils import linen_mse_step
 
 MISUSE = "trained without|outside sdslora_jax.optim.sds_lora|without sdslora_jax.optim.sds_lora"
 
@@ -48,30 +46,6 @@ def test_sds_on_init_is_zero_update_with_sds_gradients(d_in, d_out, rank):
   np.testing.assert_allclose(g.b, 2.0 * ad.qa.T @ big_g, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(g.a, 2.0 * big_g @ ad.qb, rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(g.a).max()) > 0 and float(jnp.abs(g.b).max()) > 0
-
-
-@pytest.mark.slow  # the sds_on init is covered on small adapters and NNX by default
-def test_bert_sds_on_exact_at_init_and_trains_without_warmup():
-  model = bert.BertEncoder(bert.tiny_config())
-  ids = jax.random.randint(jax.random.key(0), (2, 8), 0, 100)
-  params = model.init(jax.random.key(1), ids)["params"]
-  rules = [rule(r".*attention/(query|key|value|output)/kernel", rank=4, alpha=8.0)]
-  ads = sl.init_adapters(jax.random.key(2), model, params, rules, ids, sds_on=True)
-  y0 = model.apply({"params": params}, ids)
-  np.testing.assert_array_equal(sl.apply(model, {"params": params}, ads, ids), y0)
-  target = jax.random.normal(jax.random.key(3), y0.shape)
-  tx = sds_lora(optax.adam(1e-2), warmup_steps=0)
-  state = tx.init(ads)
-
-  step = linen_mse_step(model, tx, ids, target)
-  losses = []
-  for _ in range(5):
-    ads, state, value = step(ads, state, params)
-    losses.append(float(value))
-  assert losses[-1] < 0.9 * losses[0]
-  for ad in jax.tree.leaves(ads, is_leaf=sds.is_adapter):
-    assert float(ad.sds_on) == 1.0
-    np.testing.assert_allclose(ad.qa.T @ ad.qa, jnp.eye(4), atol=1e-5)
 
 
 def test_nnx_adapt_sds_on_is_exact():

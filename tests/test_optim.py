@@ -12,9 +12,7 @@ import optax
 import pytest
 
 import sdslora_jax as sl
-from sdslora_jax.basis import factor_bases
 from sdslora_jax.adapter import restamp, with_fresh_bases
-from experiments import teacher
 from sdslora_jax.optim import SdsLoraState, sds_lora, trainable_params
 from sdslora_jax.optim.schedules import make_refresh_schedule, refresh_phases, refresh_steps
 
@@ -473,101 +471,6 @@ def test_tree_without_sds_adapters_is_plain_inner():
   want, _ = inner.update(grads, inner.init(params), params)
   chex.assert_trees_all_equal(u, want)
   assert int(s.count) == 1
-
-
-# -------------------------------------------------------- independent reference (teacher)
-
-
-def _teacher_adapter(cfg, method):
-  a, b = teacher.init_factors(cfg)
-  if method == "lora":
-    return sl.Adapter(a=a, b=b, method="lora", scale=cfg.scale)
-  qa, qb = factor_bases(a, b)
-  off = jnp.zeros((), jnp.float32)
-  return sl.Adapter(a=a, b=b, qa=qa, qb=qb, sds_on=off, method="sds", scale=cfg.scale)
-
-
-@pytest.mark.parametrize("kappa", [1.0, 100.0])
-def test_sgd_matches_hand_written_loop(kappa):
-  """LoRA steps, activate_sds, SDS steps with bases recomputed every step."""
-  cfg = teacher.Teacher(kappa=kappa, scale=0.5)
-  steps, warm, lr = 60, 10, 1.0
-  target = teacher.make_target(cfg)
-  tx = sds_lora(optax.sgd(lr), warmup_steps=warm, step_scale=1.0, rewarmup_steps=0)
-  loss = lambda p: 0.5 * jnp.sum((sl.kernel_delta(p) - target) ** 2)
-
-  def body(carry, _):
-    p, s = carry
-    u, s = tx.update(jax.grad(loss)(p), s, p)
-    p = optax.apply_updates(p, u)
-    return (p, s), teacher.relative_loss(sl.kernel_delta(p), target)
-
-  p0 = _teacher_adapter(cfg, "sds")
-  (p, _), curve = jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), None, length=steps))(p0)
-  ref = teacher.train(cfg, "sds", "sgd", lr, steps=steps, warmup_steps=warm)
-  np.testing.assert_allclose(np.asarray(curve), ref, rtol=2e-3, atol=1e-9)
-  # The run converges at SDS-LoRA's conditioning-free GD rate; LoRA lags at kappa=100.
-  assert ref[-1] < 1e-4
-  if kappa > 1:
-    assert ref[-1] < 1e-2 * teacher.train(cfg, "lora", "sgd", lr, steps=steps)[-1]
-  _assert_bases_consistent(p)
-
-
-# ------------------------------------------------------------------ teacher comparison
-
-LRS = (1e-3, 3e-3, 1e-2, 3e-2)
-
-
-def teacher_sweep(method, kappa, *, steps=400, warmup_steps=10, refresh="every_step",
-                  lrs=LRS, weight_decay=1e-4):
-  """Final relative losses of AdamW + warm-up cosine on the teacher problem, per lr."""
-  cfg = teacher.Teacher(kappa=kappa)
-  target = teacher.make_target(cfg)
-  p0 = with_fresh_bases(_teacher_adapter(cfg, method), refresh == "every_step")
-  unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(1, steps // 20), steps, end_value=0.01)
-  loss = lambda p: 0.5 * jnp.sum((sl.kernel_delta(p) - target) ** 2)
-
-  def run(lr):
-    tx = optax.adamw(lambda c: lr * unit(c), weight_decay=weight_decay)
-    if method == "sds":
-      tx = sds_lora(tx, warmup_steps=warmup_steps, refresh=refresh, total_steps=steps)
-
-    def body(carry, _):
-      p, s = carry
-      u, s = tx.update(jax.grad(loss)(p), s, p)
-      return (optax.apply_updates(p, u), s), None
-
-    (p, _), _ = jax.lax.scan(body, (p0, tx.init(p0)), None, length=steps)
-    return teacher.relative_loss(sl.kernel_delta(p), target)
-
-  return np.asarray(jax.jit(jax.vmap(run))(jnp.asarray(lrs)))
-
-
-FLOOR = 1e-10  # below this both methods have converged to float32 round-off
-
-
-@pytest.mark.parametrize(
-    "steps,kappa",
-    [
-        (400, 1.0),
-        pytest.param(
-            400,
-            100.0,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="measured: with AdamW + warm-up cosine over 400 steps, SDS-LoRA's best "
-                "final loss (1.4e-3) is above LoRA's (5.6e-4) at kappa=100; the hand-written "
-                "reference loop in experiments/teacher.py shows the same",
-            ),
-        ),
-        (1500, 1.0),
-        (1500, 100.0),
-    ],
-)
-def test_sds_at_least_as_good_as_lora_at_best_lr(steps, kappa):
-  lora = teacher_sweep("lora", kappa, steps=steps)
-  sds = teacher_sweep("sds", kappa, steps=steps)
-  assert sds.min() <= max(lora.min(), FLOOR), (lora, sds)
 
 
 def _alike_tree(n, seed=0):

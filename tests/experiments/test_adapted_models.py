@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
+import sdslora_jax
 from sdslora_jax import linen as sl
 from sdslora_jax import nnx as snnx
 from sdslora_jax import fused, peft, tree
@@ -17,7 +18,7 @@ from sdslora_jax.adapter import is_adapter
 from experiments.models import bert, convnet
 from sdslora_jax.optim import sds_lora
 from sdslora_jax.targets import rule
-from testing_utils import big_intermediates, randomize
+from testing_utils import big_intermediates, linen_mse_step, randomize
 
 BERT_RULES = [
     rule(r".*attention/(query|key|value|output)/kernel", rank=4, alpha=8.0),
@@ -212,3 +213,27 @@ def test_bert_layer_384_training_step_jaxpr(frontend):
     dense_loss = lambda a, p, i: jnp.mean(model.apply({"params": tree.merge(p, a)}, i) ** 2)
     dense = jax.make_jaxpr(training_step(dense_loss))(ads, opt_state, params, ids)
     assert big_intermediates(dense, smallest_kernel)[0]
+
+
+@pytest.mark.slow  # the sds_on init is covered on small adapters and NNX by default
+def test_bert_sds_on_exact_at_init_and_trains_without_warmup():
+  model = bert.BertEncoder(bert.tiny_config())
+  ids = jax.random.randint(jax.random.key(0), (2, 8), 0, 100)
+  params = model.init(jax.random.key(1), ids)["params"]
+  rules = [rule(r".*attention/(query|key|value|output)/kernel", rank=4, alpha=8.0)]
+  ads = sdslora_jax.init_adapters(jax.random.key(2), model, params, rules, ids, sds_on=True)
+  y0 = model.apply({"params": params}, ids)
+  np.testing.assert_array_equal(sdslora_jax.apply(model, {"params": params}, ads, ids), y0)
+  target = jax.random.normal(jax.random.key(3), y0.shape)
+  tx = sds_lora(optax.adam(1e-2), warmup_steps=0)
+  state = tx.init(ads)
+
+  step = linen_mse_step(model, tx, ids, target)
+  losses = []
+  for _ in range(5):
+    ads, state, value = step(ads, state, params)
+    losses.append(float(value))
+  assert losses[-1] < 0.9 * losses[0]
+  for ad in jax.tree.leaves(ads, is_leaf=is_adapter):
+    assert float(ad.sds_on) == 1.0
+    np.testing.assert_allclose(ad.qa.T @ ad.qa, jnp.eye(4), atol=1e-5)
