@@ -15,17 +15,18 @@ from sdslora_jax.optim import (
     loraplus,
     scale_by_riemannian_lora,
 )
+from testing_utils import random_normal
 
 
 def _params(seed=0):
   k = jax.random.split(jax.random.key(seed), 5)
   lora = sl.Adapter(
-      a=jax.random.normal(k[0], (9, 3)), b=jax.random.normal(k[1], (3, 7)), method="lora", scale=2.0
+      a=random_normal(k[0], (9, 3)), b=random_normal(k[1], (3, 7)), method="lora", scale=2.0
   )
   sds = sl.init_adapter(k[2], 7, 5, rank=2, scale=1.0, method="sds", sds_on=True)
-  sds = sl.Adapter(a=sds.a, b=jax.random.normal(k[3], (2, 5)), qa=sds.qa, qb=sds.qb,
+  sds = sl.Adapter(a=sds.a, b=random_normal(k[3], (2, 5)), qa=sds.qa, qb=sds.qb,
                    sds_on=sds.sds_on, method="sds", scale=1.0)
-  return {"lora": lora, "sds": sds, "head": jax.random.normal(k[4], (5,))}
+  return {"lora": lora, "sds": sds, "head": random_normal(k[4], (5,))}
 
 
 def test_riemannian_preconditioner_formula():

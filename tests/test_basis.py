@@ -7,10 +7,11 @@ import pytest
 
 import sdslora_jax as sds
 from sdslora_jax.basis import align_signs, factor_bases
+from testing_utils import random_normal
 
 
 def _rand(seed, shape, dtype=jnp.float32):
-  return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+  return random_normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
 
 
 @pytest.mark.parametrize("shape", [(7, 3), (64, 8), (5, 5)])

@@ -23,7 +23,7 @@ from sdslora_jax import tree as stree
 from sdslora_jax.adapter import is_adapter, with_fresh_bases
 from sdslora_jax.optim import factor_labels, sds_lora
 from sdslora_jax.targets import rule
-from testing_utils import randomize_adapter
+from testing_utils import random_normal, randomize_adapter
 
 # Orbax's readers leave coroutines behind when array files are damaged; they are collected (and
 # reported) at some later point, not necessarily inside the test that damaged the files.
@@ -168,7 +168,7 @@ def test_restored_arrays_take_the_target_shardings(tmp_path):
 
 def _train_setup():
   params, ads = _mixed()
-  y = jax.random.normal(jax.random.key(7), (2, 4, 5))
+  y = random_normal(jax.random.key(7), (2, 4, 5))
   tx = sds_lora(optax.adamw(3e-2, weight_decay=1e-2), warmup_steps=4)
 
   def loss(a):
@@ -346,7 +346,7 @@ def _remove_data(d):
 @pytest.mark.parametrize("with_target", [False, True], ids=["no_target", "target"])
 def test_damaged_array_files_are_an_error(tmp_path, damage, message, with_target):
   _, ads = _mixed()
-  big = {**ads, "table": jax.random.normal(jax.random.key(5), (64, 32))}  # the largest file
+  big = {**ads, "table": random_normal(jax.random.key(5), (64, 32))}  # the largest file
   ckpt.save_adapters(tmp_path / "ck", big)
   damage(tmp_path / "ck")
   with pytest.raises(ckpt.CheckpointDamagedError, match=message) as e:
@@ -396,7 +396,7 @@ class TwoLayers(nnx.Module):
 
 
 NNX_RULES = [rule("l1/kernel", rank=2, alpha=4.0), rule("l2/kernel", method="lora", rank=3)]
-X = jax.random.normal(jax.random.key(9), (3, 8))
+X = random_normal(jax.random.key(9), (3, 8))
 
 
 def _trained_nnx():

@@ -11,13 +11,13 @@ import sdslora_jax as sds
 from sdslora_jax.adapter import take_layer
 from sdslora_jax.basis import factor_bases
 from sdslora_jax import diagnostics as diag
-from testing_utils import big_intermediates
+from testing_utils import big_intermediates, random_normal
 
 D_IN, D_OUT, R, S = 12, 10, 3, 1.7
 
 
 def _rand(seed, shape):
-  return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32))
+  return np.asarray(random_normal(jax.random.key(seed), shape, jnp.float32))
 
 
 def _adapter(method, seed=0, a=None, b=None, sds_on=1.0):

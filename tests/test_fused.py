@@ -24,7 +24,7 @@ from sdslora_jax import linen as sl
 from sdslora_jax import nnx as snnx
 from sdslora_jax.adapter import is_adapter
 from sdslora_jax.targets import rule
-from testing_utils import randomize
+from testing_utils import random_normal, randomize
 
 D, HIDDEN, TOKENS, RANK = 32, 48, 64, 4
 PHASES = {"lora": ("lora", 0.0), "sds_warmup": ("sds", 0.0), "sds": ("sds", 1.0)}
@@ -62,9 +62,9 @@ class _Mlp(nn.Module):
 def _linen_case(phase):
   method, sds_on = PHASES[phase]
   model = _Mlp()
-  x = jax.random.normal(jax.random.key(0), (2, TOKENS // 2, D))
+  x = random_normal(jax.random.key(0), (2, TOKENS // 2, D))
   params = model.init(jax.random.key(1), x)["params"]
-  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(7), p.shape), params)
+  params = jax.tree.map(lambda p: p + 0.1 * random_normal(jax.random.key(7), p.shape), params)
   extra = {"sds_on": True} if method == "sds" else {}
   ads = sl.init_adapters(jax.random.key(2), model, params,
                          [rule(r".*kernel", rank=RANK, method=method)], x, **extra)
@@ -100,7 +100,7 @@ def test_nnx_merged_op_equals_the_dense_reference():
     def __call__(self, x):
       return self.down(jax.nn.gelu(self.up(x)))
 
-  x = jax.random.normal(jax.random.key(0), (TOKENS, D))
+  x = random_normal(jax.random.key(0), (TOKENS, D))
   model = Mlp(nnx.Rngs(0))
   fn, pure, _ = snnx.as_function(model)  # the plain model, for the reference
   snnx.adapt(model, [rule(r".*kernel", rank=RANK, method="sds")], key=jax.random.key(1),
@@ -128,9 +128,9 @@ def _op_level_model():
   layer stack scanned along axis 1 (as MaxText stores it)."""
   n, h, layers = 2, 24, 3
   ks = jax.random.split(jax.random.key(0), 4)
-  params = {"w": jax.random.normal(ks[0], (n, D, h)) / D**0.5,
-            "o": jax.random.normal(ks[1], (n * h, D)) / (n * h)**0.5,
-            "s": jax.random.normal(ks[2], (D, layers, D)) / D**0.5}
+  params = {"w": random_normal(ks[0], (n, D, h)) / D**0.5,
+            "o": random_normal(ks[1], (n * h, D)) / (n * h)**0.5,
+            "s": random_normal(ks[2], (D, layers, D)) / D**0.5}
 
   def fn(p, x):
     q = jnp.tanh(jnp.einsum("btd,ndh->btnh", x, p["w"]))
@@ -138,7 +138,7 @@ def _op_level_model():
     y, _ = jax.lax.scan(lambda c, k: (jnp.tanh(c @ k), None), y, jnp.moveaxis(p["s"], 1, 0))
     return y @ p["o"].T
 
-  x = jax.random.normal(ks[3], (2, TOKENS // 2, D))
+  x = random_normal(ks[3], (2, TOKENS // 2, D))
   return fn, params, x
 
 
@@ -231,7 +231,7 @@ def _dense_stack_step_temps(layers=4, d=256, tokens=1024):
       return h
 
   model = Stack()
-  x = jax.random.normal(jax.random.key(0), (tokens, d))
+  x = random_normal(jax.random.key(0), (tokens, d))
   params = model.init(jax.random.key(1), x)["params"]
   ads = randomize(sl.init_adapters(jax.random.key(2), model, params,
                                    [rule(r".*kernel", rank=8, method="lora")], x),
@@ -267,10 +267,10 @@ def test_merged_adapters_step_needs_less_temporary_memory_than_full_fine_tuning(
 @pytest.mark.parametrize("mode", ["auto", "never"])
 def test_adapted_matmul_is_the_layer_with_its_adapter(mode):
   import sdslora_jax as sl_top
-  kernel = jax.random.normal(jax.random.key(0), (D, HIDDEN)) / D**0.5
+  kernel = random_normal(jax.random.key(0), (D, HIDDEN)) / D**0.5
   ad = randomize(sl_top.init_adapter(jax.random.key(1), D, HIDDEN, rank=RANK, scale=0.5,
                                      method="sds", sds_on=True), jax.random.key(2))
-  x = jax.random.normal(jax.random.key(3), (TOKENS, D))  # 64 rows: merged
+  x = random_normal(jax.random.key(3), (TOKENS, D))  # 64 rows: merged
   f = lambda a: jnp.sum(jnp.sin(sl_top.adapted_matmul(x, kernel, a)))  # noqa: E731
   ref = lambda a: jnp.sum(jnp.sin(x @ (kernel + sl_top.kernel_delta(a))))  # noqa: E731
   with fused.merging(mode), _counting() as spy:

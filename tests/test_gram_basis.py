@@ -16,6 +16,7 @@ import pytest
 from sdslora_jax import gram_basis as gb
 from sdslora_jax.basis import orthonormal_basis
 from sdslora_jax.gram_basis import gram_orthonormal_basis, gram_qr
+from testing_utils import random_normal
 
 ORTH_TOL = 1e-6
 # gram_orthonormal_basis calls a jitted core (one compile per shape and pass
@@ -193,7 +194,7 @@ def test_jit_and_vmap():
 
 
 def test_bfloat16_input():
-  m = jax.random.normal(jax.random.key(0), (1024, 16), jnp.bfloat16)
+  m = random_normal(jax.random.key(0), (1024, 16), jnp.bfloat16)
   q = _basis(m)
   assert q.dtype == jnp.float32
   assert _orth_error(q) <= ORTH_TOL

@@ -13,7 +13,7 @@ import pytest
 
 from sdslora_jax import fused, intercept, tree
 from sdslora_jax.targets import rule
-from testing_utils import big_intermediates, randomize, train_adapters
+from testing_utils import big_intermediates, random_normal, randomize, train_adapters
 
 
 def _rel(x, y):
@@ -57,17 +57,17 @@ def _ops_fn(p, x, ids):
 
 def _ops_params():
   k = jax.random.split(jax.random.key(0), 5)
-  return {"wq": jax.random.normal(k[0], (16, 2, 8)) / 4,
-          "mlp": {"up": jax.random.normal(k[1], (16, 24)) / 4,
-                  "down": jax.random.normal(k[2], (24, 12)) / 5},
-          "emb": jax.random.normal(k[3], (30, 12)),
-          "wo": jax.random.normal(k[4], (12, 2, 4)) / 3}
+  return {"wq": random_normal(k[0], (16, 2, 8)) / 4,
+          "mlp": {"up": random_normal(k[1], (16, 24)) / 4,
+                  "down": random_normal(k[2], (24, 12)) / 5},
+          "emb": random_normal(k[3], (30, 12)),
+          "wo": random_normal(k[4], (12, 2, 4)) / 3}
 
 
 @pytest.mark.parametrize("method", ["sds", "lora"])
 def test_every_supported_op_matches_dense_reference(method):
   params = _ops_params()
-  x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+  x = random_normal(jax.random.key(1), (2, 5, 16))
   ids = jnp.array([[1, 2, 3, 4, 29], [0, 7, 7, 8, 9]])
   rules = [rule(r"wq|mlp/up|mlp/down|emb|wo", method=method, rank=3)]
   lay = intercept.layouts(_ops_fn, params, rules, x, ids)
@@ -84,9 +84,9 @@ def test_every_supported_op_matches_dense_reference(method):
 
 def test_batched_weight_gets_one_adapter_per_batch_index():
   # A weight whose leading axis is a dot_general batch axis (per-head or per-expert).
-  params = {"experts": jax.random.normal(jax.random.key(0), (3, 16, 8)) / 4}
+  params = {"experts": random_normal(jax.random.key(0), (3, 16, 8)) / 4}
   fn = lambda p, x: jnp.einsum("ebd,edf->ebf", x, p["experts"])
-  x = jax.random.normal(jax.random.key(1), (3, 4, 16))
+  x = random_normal(jax.random.key(1), (3, 4, 16))
   ads = intercept.init_adapters(jax.random.key(2), fn, params, [rule("experts", rank=2)], x)
   assert ads["experts"].layer_axes == (0,) and ads["experts"].a.shape == (3, 16, 2)
   _check_against_merge(fn, params, randomize(ads, jax.random.key(3)), x)
@@ -111,14 +111,14 @@ def _scanned(layer_axis, remat):
   shape2 = [32, 16]
   shape2.insert(layer_axis, 3)
   k1, k2 = jax.random.split(jax.random.key(0))
-  params = {"w1": jax.random.normal(k1, shape1) / 4, "w2": jax.random.normal(k2, shape2) / 6}
+  params = {"w1": random_normal(k1, shape1) / 4, "w2": random_normal(k2, shape2) / 6}
   return fn, params
 
 
 @pytest.mark.parametrize("layer_axis,remat", [(0, False), (1, True), (2, False)])
 def test_scanned_layers_on_any_axis_get_their_own_adapters(layer_axis, remat):
   fn, params = _scanned(layer_axis, remat)
-  x = jax.random.normal(jax.random.key(1), (4, 16))
+  x = random_normal(jax.random.key(1), (4, 16))
   ads = intercept.init_adapters(jax.random.key(2), fn, params, [rule("w1|w2", rank=4)], x)
   assert ads["w1"].layer_axes == (layer_axis,) and ads["w1"].a.shape == (3, 16, 4)
   ads = randomize(ads, jax.random.key(3))
@@ -132,9 +132,9 @@ def test_scanned_layers_on_any_axis_get_their_own_adapters(layer_axis, remat):
 def test_step_holds_no_kernel_sized_array():
   """The rank-r path: an adapted step has no more kernel-sized arrays than the frozen model."""
   d = 256
-  params = {"w": jax.random.normal(jax.random.key(0), (d, d)) / 16}
+  params = {"w": random_normal(jax.random.key(0), (d, d)) / 16}
   fn = lambda p, x: jnp.tanh(x @ p["w"].astype(jnp.bfloat16).astype(jnp.float32))
-  x = jax.random.normal(jax.random.key(1), (8, d))
+  x = random_normal(jax.random.key(1), (8, d))
   ads = intercept.init_adapters(jax.random.key(2), fn, params, [rule("w", rank=4)], x)
   size = d * d
 
@@ -151,7 +151,7 @@ def test_step_holds_no_kernel_sized_array():
 
 def test_trains_through_the_switch_in_one_trace():
   fn, params = _scanned(1, True)
-  x = jax.random.normal(jax.random.key(1), (32, 16))
+  x = random_normal(jax.random.key(1), (32, 16))
   target = jnp.sin(x)
   ads = intercept.init_adapters(jax.random.key(2), fn, params, [rule("w1|w2", rank=4)], x)
   loss = lambda a, params, x: jnp.mean((intercept.apply(fn, params, a, x) - target) ** 2)
@@ -208,10 +208,10 @@ def test_selection_errors():
 
 
 def test_conv_is_merged_per_call():
-  params = {"k": jax.random.normal(jax.random.key(0), (3, 3, 4, 6)) / 6}
+  params = {"k": random_normal(jax.random.key(0), (3, 3, 4, 6)) / 6}
   fn = lambda p, x: jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME",
                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  x = jax.random.normal(jax.random.key(1), (2, 5, 5, 4))
+  x = random_normal(jax.random.key(1), (2, 5, 5, 4))
   ads = intercept.init_adapters(jax.random.key(2), fn, params, [rule("k", rank=2)], x)
   assert ads["k"].kind == "conv" and ads["k"].in_axes == (0, 1, 2)
   _check_against_merge(fn, params, randomize(ads, jax.random.key(3)), x)
@@ -222,7 +222,7 @@ def test_checkpoint_round_trip_of_axis_1_stack(tmp_path):
   with and without a target, and the restored ones compute the same function."""
   from sdslora_jax import checkpoint
   fn, params = _scanned(1, False)
-  x = jax.random.normal(jax.random.key(1), (4, 16))
+  x = random_normal(jax.random.key(1), (4, 16))
   ads = intercept.init_adapters(jax.random.key(2), fn, params, [rule("w1|w2", rank=4)], x)
   ads = randomize(ads, jax.random.key(3))
   checkpoint.save_adapters(tmp_path / "ck", ads)
@@ -239,13 +239,13 @@ def test_bfloat16_model_matches_reference_within_bfloat16_rounding():
   """A model computing in bfloat16 (weights cast inside, as MaxText and Gemma do): the
   adapted output stays bfloat16 and equals the float32 reference to bfloat16 precision."""
   k1, k2 = jax.random.split(jax.random.key(0))
-  params = {"w1": jax.random.normal(k1, (32, 64)) / 6, "w2": jax.random.normal(k2, (64, 32)) / 8}
+  params = {"w1": random_normal(k1, (32, 64)) / 6, "w2": random_normal(k2, (64, 32)) / 8}
 
   def fn(p, x, dtype=jnp.bfloat16):
     h = jnp.tanh(x.astype(dtype) @ p["w1"].astype(dtype))
     return h @ p["w2"].astype(dtype)
 
-  x = jax.random.normal(jax.random.key(1), (8, 32))
+  x = random_normal(jax.random.key(1), (8, 32))
   ads = intercept.init_adapters(jax.random.key(2), fn, params, [rule("w1|w2", rank=4)], x)
   ads = randomize(ads, jax.random.key(3))
   got = jax.jit(lambda p, a: intercept.apply(fn, p, a, x))(params, ads)

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 
 from sdslora_jax._linalg import map_matrices
+from testing_utils import random_normal
 
 
 def test_map_matrices_matches_vmap_for_qr_and_svd():
-  m = jax.random.normal(jax.random.key(0), (2, 3, 12, 4))
+  m = random_normal(jax.random.key(0), (2, 3, 12, 4))
   q, r = jax.jit(lambda x: map_matrices(lambda y: jnp.linalg.qr(y), x))(m)
   q_ref, r_ref = jax.vmap(jax.vmap(jnp.linalg.qr))(m)
   np.testing.assert_allclose(q, q_ref, atol=1e-6)
@@ -34,15 +35,15 @@ def test_map_matrices_matches_vmap_for_qr_and_svd():
 
 
 def test_map_matrices_two_arguments_and_unbatched():
-  a = jax.random.normal(jax.random.key(1), (5, 4, 4))
-  b = jax.random.normal(jax.random.key(2), (5, 4, 3))
+  a = random_normal(jax.random.key(1), (5, 4, 4))
+  b = random_normal(jax.random.key(2), (5, 4, 3))
   x = map_matrices(lambda p, q: p @ q, a, b)
   np.testing.assert_allclose(x, np.einsum("nij,njk->nik", a, b), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(map_matrices(lambda p: p.T, a[0]), a[0].T)
 
 
 def test_map_matrices_is_differentiable():
-  m = jax.random.normal(jax.random.key(3), (3, 6, 2))
+  m = random_normal(jax.random.key(3), (3, 6, 2))
   loss = lambda f: lambda x: jnp.sum(f(x) ** 3)
   g = jax.grad(loss(lambda x: map_matrices(lambda y: jnp.linalg.qr(y)[1], x)))(m)
   g_ref = jax.grad(loss(lambda x: jnp.linalg.qr(x)[1]))(m)

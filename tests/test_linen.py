@@ -13,7 +13,7 @@ from sdslora_jax import linen as sl
 from sdslora_jax import fused, tree
 from sdslora_jax.adapter import is_adapter
 from sdslora_jax.targets import rule
-from testing_utils import big_intermediates, randomize
+from testing_utils import big_intermediates, random_normal, randomize
 
 
 class Zoo(nn.Module):
@@ -145,7 +145,7 @@ def test_dense_general_unsorted_axis(x_shape):
       return nn.DenseGeneral(5, axis=(-1, -2), name="dg")(x)
 
   model = M()
-  x = jax.random.normal(jax.random.key(0), x_shape)
+  x = random_normal(jax.random.key(0), x_shape)
   params = model.init(jax.random.key(1), x)["params"]
   assert params["dg"]["kernel"].shape == (*x_shape[1:], 5)
   ads = sl.init_adapters(jax.random.key(2), model, params, [rule("dg/kernel", rank=2)], x)
@@ -200,7 +200,7 @@ def test_conv_kinds_forward_and_export(tmp_path):
   from sdslora_jax import peft
 
   model = Convs()
-  x = jax.random.normal(jax.random.key(0), (2, 6, 4))
+  x = random_normal(jax.random.key(0), (2, 6, 4))
   params = model.init(jax.random.key(1), x)["params"]
   ads = sl.init_adapters(jax.random.key(2), model, params, [rule(r".*/kernel", rank=2)], x)
   kinds = {k: v["kernel"].kind for k, v in ads.items()}
@@ -243,7 +243,7 @@ def test_pointwise_conv_takes_the_rank_r_path_and_matches_the_merged_kernel(meth
       return nn.Conv(6, (3, 3), name="full")(h)
 
   model = Net()
-  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 8))
+  x = random_normal(jax.random.key(0), (2, 5, 5, 8))
   params = model.init(jax.random.key(1), x)["params"]
   ads = sl.init_adapters(jax.random.key(2), model, params,
                          [rule(r".*kernel", method=method, rank=3, alpha=3.0)], x)

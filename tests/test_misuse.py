@@ -23,6 +23,7 @@ from sdslora_jax import nnx as snnx
 from sdslora_jax.adapter import adapter_stamp, restamp, verify_stamps, with_fresh_bases
 from sdslora_jax.optim import sds_lora, trainable_params
 from sdslora_jax.targets import rule
+from testing_utils import random_normal
 
 MISUSE = "trained without|outside sdslora_jax.optim.sds_lora|without sdslora_jax.optim.sds_lora"
 
@@ -33,13 +34,13 @@ MISUSE = "trained without|outside sdslora_jax.optim.sds_lora|without sdslora_jax
 @pytest.mark.parametrize("d_in,d_out,rank", [(16, 8, 3), (5, 40, 5)])
 def test_sds_on_init_is_zero_update_with_sds_gradients(d_in, d_out, rank):
   ad = sds.init_adapter(jax.random.key(0), d_in, d_out, rank=rank, scale=2.0, sds_on=True)
-  x = jax.random.normal(jax.random.key(1), (7, d_in))
+  x = random_normal(jax.random.key(1), (7, d_in))
   np.testing.assert_array_equal(sds.adapter_matmul(x, ad), jnp.zeros((7, d_out)))
   np.testing.assert_array_equal(sds.kernel_delta(ad), jnp.zeros((d_in, d_out)))
   np.testing.assert_allclose(ad.qa.T @ ad.qa, jnp.eye(rank), atol=1e-6)
   np.testing.assert_allclose(ad.qb.T @ ad.qb, jnp.eye(rank), atol=1e-6)
   # Gradients: the SDS rule dL/db = s qa.T G, dL/da = s G qb, with G = dL/dK of the dense model.
-  target = jax.random.normal(jax.random.key(2), (7, d_out))
+  target = random_normal(jax.random.key(2), (7, d_out))
   loss = lambda a: jnp.sum((sds.adapter_matmul(x, a) - target) ** 2)
   g = jax.grad(loss)(ad)
   big_g = jax.grad(lambda k: jnp.sum((x @ k - target) ** 2))(jnp.zeros((d_in, d_out)))
@@ -58,7 +59,7 @@ def test_nnx_adapt_sds_on_is_exact():
       return self.l2(jax.nn.relu(self.l1(x)))
 
   m = M(nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (3, 8))
+  x = random_normal(jax.random.key(1), (3, 8))
   y0 = m(x)
   snnx.adapt(m, [rule(r".*kernel", rank=2)], key=jax.random.key(2), sds_on=True)
   np.testing.assert_array_equal(m(x), y0)
@@ -73,8 +74,8 @@ def test_sds_on_requires_sds_method():
 
 
 def _factors(dtype=jnp.float32):
-  a = jax.random.normal(jax.random.key(0), (6, 2)).astype(dtype)
-  b = jax.random.normal(jax.random.key(1), (2, 5)).astype(dtype)
+  a = random_normal(jax.random.key(0), (6, 2)).astype(dtype)
+  b = random_normal(jax.random.key(1), (2, 5)).astype(dtype)
   return a, b
 
 
@@ -130,8 +131,8 @@ def test_low_precision_floats_still_work():
 def _problem(sds_on=False):
   k = jax.random.split(jax.random.key(0), 3)
   params = {"w": sds.init_adapter(k[0], 12, 10, rank=3, scale=1.0, sds_on=sds_on)}
-  x = jax.random.normal(k[1], (32, 12))
-  y = jax.random.normal(k[2], (32, 10))
+  x = random_normal(k[1], (32, 12))
+  y = random_normal(k[2], (32, 10))
   loss = lambda p: jnp.mean((sds.adapter_matmul(x, p["w"]) - y) ** 2)
   return params, loss
 
@@ -174,7 +175,7 @@ def test_plain_optax_on_sds_adapters_is_loud(tx, sds_on):
 
 def test_plain_optax_on_lora_adapters_is_fine():
   params = {"w": sds.init_adapter(jax.random.key(0), 12, 10, rank=3, scale=1.0, method="lora")}
-  x = jax.random.normal(jax.random.key(1), (4, 12))
+  x = random_normal(jax.random.key(1), (4, 12))
   tx = optax.adamw(1e-2)
   state = tx.init(params)
   for _ in range(3):
@@ -206,8 +207,8 @@ def test_bfloat16_switch_is_rounding_limited():
   k = jax.random.split(jax.random.key(0), 3)
   d_in, d_out, r, s = 64, 48, 8, 2.0
   ad = sds.init_adapter(k[0], d_in, d_out, rank=r, scale=s, dtype=jnp.bfloat16)
-  x = jax.random.normal(k[1], (256, d_in))
-  y = jax.random.normal(k[2], (256, d_out))
+  x = random_normal(k[1], (256, d_in))
+  y = random_normal(k[2], (256, d_out))
   loss = lambda p: jnp.mean((sds.adapter_matmul(x, p["w"]).astype(jnp.float32) - y) ** 2)
   params = with_fresh_bases({"w": ad}, False)
   inner = optax.adam(3e-2)
@@ -293,7 +294,7 @@ def test_stacked_kernel_with_in_axes_and_no_example_inputs_fails_clearly():
 def test_tree_cast_for_compute_is_not_flagged():
   """Casting the whole adapter tree (stamp included) for bfloat16 compute is a view, not misuse."""
   params, _ = _problem()
-  x = jax.random.normal(jax.random.key(9), (4, 12))
+  x = random_normal(jax.random.key(9), (4, 12))
   cast = jax.tree.map(lambda v: v.astype(jnp.bfloat16), params)
   loss = lambda p: jnp.sum(sds.adapter_matmul(x.astype(jnp.bfloat16), p["w"]).astype(jnp.float32))
   g = jax.block_until_ready(jax.grad(loss)(cast))
@@ -307,7 +308,7 @@ def _linen_two_layer():
       return nn.Dense(6, name="out")(nn.relu(nn.Dense(8, name="hid")(x)))
 
   model = Mlp()
-  x = jax.random.normal(jax.random.key(3), (5, 8))
+  x = random_normal(jax.random.key(3), (5, 8))
   params = model.init(jax.random.key(0), x)["params"]
   rules = [rule(".*kernel", method="sds", rank=2, alpha=2.0)]
   adapters = sl.init_adapters(jax.random.key(1), model, params, rules, x)

@@ -21,6 +21,7 @@ from sdslora_jax.gram_basis import gram_orthonormal_basis
 from sdslora_jax import sharding
 from sdslora_jax.adapter import with_fresh_bases
 from sdslora_jax.optim import sds_lora, trainable_params
+from testing_utils import random_normal
 
 D_IN, D_HID, D_OUT, RANK, BATCH = 256, 128, 64, 8, 32
 WARMUP = 2
@@ -35,12 +36,12 @@ def _mesh():
 
 def _problem(method, rank=RANK):
   k = jax.random.split(jax.random.key(0), 6)
-  base = {"w1": jax.random.normal(k[0], (D_IN, D_HID)) / np.sqrt(D_IN),
-          "w2": jax.random.normal(k[1], (D_HID, D_OUT)) / np.sqrt(D_HID)}
+  base = {"w1": random_normal(k[0], (D_IN, D_HID)) / np.sqrt(D_IN),
+          "w2": random_normal(k[1], (D_HID, D_OUT)) / np.sqrt(D_HID)}
   ads = {"w1": sds.init_adapter(k[2], D_IN, D_HID, rank=rank, scale=2.0, method=method),
          "w2": sds.init_adapter(k[3], D_HID, D_OUT, rank=rank, scale=2.0, method=method)}
-  x = jax.random.normal(k[4], (BATCH, D_IN))
-  y = jax.random.normal(k[5], (BATCH, D_OUT))
+  x = random_normal(k[4], (BATCH, D_IN))
+  y = random_normal(k[5], (BATCH, D_OUT))
   return base, ads, x, y
 
 
@@ -169,7 +170,7 @@ def test_sharded_step_equals_single_device(method, fresh):
 def test_gather_checker_sees_householder_gathering():
   """The HLO check can fail: Householder QR of a sharded factor all-gathers it."""
   mesh = _mesh()
-  a = jax.device_put(jax.random.normal(jax.random.key(0), (D_IN, RANK)),
+  a = jax.device_put(random_normal(jax.random.key(0), (D_IN, RANK)),
                      NamedSharding(mesh, P("fsdp", None)))
   hh = jax.jit(sds.orthonormal_basis).lower(a).compile().as_text()
   gram = jax.jit(gram_orthonormal_basis).lower(a).compile().as_text()

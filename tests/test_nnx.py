@@ -13,7 +13,7 @@ from sdslora_jax import nnx as snnx
 from sdslora_jax import tree
 from sdslora_jax.adapter import Adapter, is_adapter
 from sdslora_jax.targets import rule
-from testing_utils import nnx_mse_step, randomize_adapter
+from testing_utils import nnx_mse_step, random_normal, randomize_adapter
 
 
 class Zoo(nnx.Module):
@@ -140,7 +140,7 @@ def test_linear_general_unsorted_axis(x_shape):
     def __call__(self, x):
       return self.lin(x)
 
-  x = jax.random.normal(jax.random.key(0), x_shape)
+  x = random_normal(jax.random.key(0), x_shape)
   model = M(nnx.Rngs(0))
   y0 = model(x)
   snnx.adapt(model, [rule("lin/kernel", rank=2)], key=jax.random.key(1))
@@ -204,7 +204,7 @@ def test_conv_kinds_forward_and_export(tmp_path):
     def __call__(self, x):
       return self.transpose(self.grouped(self.conv(x)))
 
-  x = jax.random.normal(jax.random.key(0), (2, 6, 4))
+  x = random_normal(jax.random.key(0), (2, 6, 4))
   model = Convs(nnx.Rngs(0))
   snnx.adapt(model, [rule(r".*/kernel", rank=2)], key=jax.random.key(1))
   randomize(model, jax.random.key(2))
@@ -231,8 +231,8 @@ class _TwoLayers(nnx.Module):
 def test_nnx_optimizer_many_steps_one_trace_matches_split_state(method):
   from sdslora_jax.optim import sds_lora
 
-  x = jax.random.normal(jax.random.key(5), (6, 8))
-  y = jax.random.normal(jax.random.key(6), (6, 4))
+  x = random_normal(jax.random.key(5), (6, 8))
+  y = random_normal(jax.random.key(6), (6, 4))
   rules = [rule(r".*kernel", rank=2, method=method)]
   make_tx = lambda: sds_lora(optax.adamw(1e-2), warmup_steps=3)
 
@@ -289,5 +289,5 @@ def test_pointwise_conv_matches_the_merged_model():
   fresh = randomize(snnx.adapters(model), jax.random.key(2))
   for name in ("pw", "full"):
     getattr(model, name).adapter.set_value(fresh[name]["kernel"])
-  x = jax.random.normal(jax.random.key(3), (2, 5, 5, 8))
+  x = random_normal(jax.random.key(3), (2, 5, 5, 8))
   np.testing.assert_allclose(model(x), snnx.merged(model)(x), rtol=1e-5, atol=1e-6)

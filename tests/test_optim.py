@@ -15,6 +15,7 @@ import sdslora_jax as sl
 from sdslora_jax.adapter import restamp, with_fresh_bases
 from sdslora_jax.optim import SdsLoraState, sds_lora, trainable_params
 from sdslora_jax.optim.schedules import make_refresh_schedule, refresh_phases, refresh_steps
+from testing_utils import random_normal
 
 D_IN, D_OUT, RANK = 12, 10, 3
 
@@ -30,13 +31,13 @@ def _tree(seed=0, on=False):
       "layer0": {"kernel": _sds(k[0], on=on)},
       "layer1": {"kernel": _sds(k[1], d_in=D_OUT, d_out=6, rank=2, scale=2.0, on=on)},
       "lora": sl.init_adapter(k[2], D_IN, 6, rank=2, scale=1.0, method="lora"),
-      "head": jax.random.normal(k[3], (6, 4)) * 0.1,
+      "head": random_normal(k[3], (6, 4)) * 0.1,
   }
 
 
 def _data(seed=1, n=32):
   kx, ky = jax.random.split(jax.random.key(seed))
-  return jax.random.normal(kx, (n, D_IN)), jax.random.normal(ky, (n, 4))
+  return random_normal(kx, (n, D_IN)), random_normal(ky, (n, 4))
 
 
 def _forward(params, x):
@@ -273,8 +274,8 @@ def test_sds_only_tree_restarts_adam_exactly():
   params = _sds_only()
   tx = sds_lora(optax.adamw(lr, weight_decay=0.0), warmup_steps=warm, step_scale=1.0,
                 rewarmup_steps=0)
-  x = jax.random.normal(jax.random.key(3), (16, D_IN))
-  y = jax.random.normal(jax.random.key(4), (16, 6))
+  x = random_normal(jax.random.key(3), (16, D_IN))
+  y = random_normal(jax.random.key(4), (16, 6))
 
   def loss(p):
     h = jnp.tanh(sl.adapter_matmul(x, p["q"]) + x[:, :D_OUT])
@@ -487,7 +488,7 @@ def test_grouped_update_equals_each_adapter_alone():
   # Gradients that leave b at full rank after the warm-up (cos(2 b + s) alone is constant
   # for b = 0: b would be rank 1, and in a direction the warm-up left at zero the switch's
   # basis vector is any orthonormal completion, chosen by rounding noise).
-  noise = lambda x: 0.5 * jax.random.normal(jax.random.key(x.size), x.shape)
+  noise = lambda x: 0.5 * random_normal(jax.random.key(x.size), x.shape)
   grads_at = lambda t, s: jax.tree.map(
       lambda ad: dataclasses.replace(ad, a=jnp.sin(ad.a * 3.0 + s),
                                      b=jnp.cos(ad.b * 2.0 + s) + noise(ad.b)),

@@ -13,6 +13,7 @@ import pytest
 import sdslora_jax as sl
 from sdslora_jax.optim import factor_labels, loraplus, sds_lora
 from sdslora_jax.adapter import with_fresh_bases
+from testing_utils import random_normal
 
 D_IN, D_OUT, RANK = 12, 8, 3
 
@@ -21,7 +22,7 @@ def _tree(seed=0):
   """A frozen base kernel, two SDS adapters and a trainable bias."""
   k = jax.random.split(jax.random.key(seed), 3)
   return {
-      "base": {"kernel": jax.random.normal(k[0], (D_IN, D_OUT)) / np.sqrt(D_IN)},
+      "base": {"kernel": random_normal(k[0], (D_IN, D_OUT)) / np.sqrt(D_IN)},
       "adapters": {
           "q": sl.init_adapter(k[1], D_IN, D_OUT, rank=RANK, scale=0.5, method="sds"),
           "v": sl.init_adapter(k[2], D_IN, D_OUT, rank=2, scale=1.0, method="sds"),
@@ -38,8 +39,8 @@ def _forward(params, x):
 
 def _data(seed=1, n=32):
   kx, kw = jax.random.split(jax.random.key(seed))
-  x = jax.random.normal(kx, (n, D_IN))
-  return x, jnp.sin(x @ jax.random.normal(kw, (D_IN, D_OUT)))
+  x = random_normal(kx, (n, D_IN))
+  return x, jnp.sin(x @ random_normal(kw, (D_IN, D_OUT)))
 
 
 def _loss(params, x, y):

@@ -20,7 +20,7 @@ import qwix
 
 from sdslora_jax import intercept, quantized, tree
 from sdslora_jax.targets import rule
-from testing_utils import randomize, train_adapters
+from testing_utils import random_normal, randomize, train_adapters
 
 RULES = [rule(r"Dense_\d/kernel", method="sds", rank=4)]
 
@@ -33,7 +33,7 @@ class Mlp(nn.Module):
 
 def _quantized(qtype, tile):
   model = Mlp()
-  x = jax.random.normal(jax.random.key(5), (8, 16))
+  x = random_normal(jax.random.key(5), (8, 16))
   params = model.init(jax.random.key(0), x)["params"]
   provider = qwix.PtqProvider([qwix.QuantizationRule(module_path=".*", weight_qtype=qtype,
                                                      tile_size=tile)])
@@ -69,7 +69,7 @@ def test_quantized_base_matches_dequantized_reference(qtype, tile):
 
 def test_quantized_base_trains_through_the_switch_in_one_trace():
   _, fn, qparams, _, x = _quantized("nf4", 8)
-  target = jnp.sin(jax.random.normal(jax.random.key(7), (8, 64)))
+  target = jnp.sin(random_normal(jax.random.key(7), (8, 64)))
   ads = intercept.init_adapters(jax.random.key(1), fn, qparams, RULES, x)
   loss = lambda a, qparams: jnp.mean((intercept.apply(fn, qparams, a, x) - target) ** 2)
   ads, losses, traces = train_adapters(loss, ads, qparams)
@@ -92,7 +92,7 @@ def test_quantized_weight_outside_a_matmul_is_refused():
 @pytest.mark.parametrize("qtype,tile,asym", [("int8", None, False), ("int4", 8, False),
                                              ("nf4", 8, False), ("int8", 4, True)])
 def test_dequantize_matches_qwix(qtype, tile, asym):
-  w = jax.random.normal(jax.random.key(0), (32, 24))
+  w = random_normal(jax.random.key(0), (32, 24))
   qa = qwix.quantize(w, qtype, channelwise_axes=[1], tiled_axes={0: tile} if tile else None,
                      calibration_method="minmax" if asym else "absmax")
   assert (qa.zero_point is not None) == asym
@@ -114,8 +114,8 @@ def quantized_table():
     ((((1, 2), (0, 1)), ((), ())), (4, 8, 24), (3, 4, 8), 1),    # two contracted axes
 ])
 def test_blocked_dot_general_matches_dense(dn, w_shape, x_shape, w_side):
-  w = jax.random.normal(jax.random.key(1), w_shape)
-  x = jax.random.normal(jax.random.key(2), x_shape)
+  w = random_normal(jax.random.key(1), w_shape)
+  x = random_normal(jax.random.key(2), x_shape)
   qa = qwix.quantize(w, "int8", channelwise_axes=[len(w_shape) - 1],
                      tiled_axes={len(w_shape) - 2: 4})
   dense = qwix.dequantize(qa)
@@ -124,7 +124,7 @@ def test_blocked_dot_general_matches_dense(dn, w_shape, x_shape, w_side):
       x, {"qvalue": qa.qvalue, "scale": qa.scale}, w_side=w_side, dimension_numbers=dn,
       dtype=jnp.float32)
   np.testing.assert_allclose(got(x), ref(x), rtol=1e-5, atol=1e-5)
-  ct = jax.random.normal(jax.random.key(3), ref(x).shape)
+  ct = random_normal(jax.random.key(3), ref(x).shape)
   np.testing.assert_allclose(jax.vjp(got, x)[1](ct)[0], jax.vjp(ref, x)[1](ct)[0],
                              rtol=1e-5, atol=1e-5)
 
@@ -144,7 +144,7 @@ def test_no_float_copy_of_a_quantized_kernel_in_the_step():
     def __call__(self, x):
       return nn.Dense(4096, use_bias=False)(x)
 
-  x = jax.random.normal(jax.random.key(0), (8, 1024))
+  x = random_normal(jax.random.key(0), (8, 1024))
   model = Wide()
   params = model.init(jax.random.key(0), x)["params"]
   provider = qwix.PtqProvider([qwix.QuantizationRule(module_path=".*", weight_qtype="int8")])
@@ -213,7 +213,7 @@ def test_peft_export_import_and_checkpoint_on_a_quantized_base(tmp_path):
 def test_scanned_quantized_stack_dequantizes_per_layer_in_blocks():
   """A layer stack stored quantized and sliced by ``lax.scan`` (as ``nn.scan`` does):
   per-layer adapters; the float stack and a float layer never appear in the step."""
-  stack = jax.random.normal(jax.random.key(0), (3, 16, 32)) / 4
+  stack = random_normal(jax.random.key(0), (3, 16, 32)) / 4
   qa = qwix.quantize(stack, "int8", channelwise_axes=[0, 2])
   params = {"w": qa}
 
@@ -222,7 +222,7 @@ def test_scanned_quantized_stack_dequantizes_per_layer_in_blocks():
       return jnp.tanh(h @ qwix.dequantize(q))[:, :16], None
     return lax.scan(layer, x, p["w"])[0]
 
-  x = jax.random.normal(jax.random.key(1), (4, 16))
+  x = random_normal(jax.random.key(1), (4, 16))
   ads = intercept.init_adapters(jax.random.key(2), fn, params, [rule("w", rank=4)], x)
   assert ads["w"].layer_axes == (0,) and ads["w"].kernel_shape == (3, 16, 32)
   ads = randomize(ads, jax.random.key(3))
@@ -243,7 +243,7 @@ def _dense_scan(w, x):
 
 
 def test_unreadable_quantized_type_is_refused_by_name():
-  qa = qwix.quantize(jax.random.normal(jax.random.key(0), (16, 32)), "int8",
+  qa = qwix.quantize(random_normal(jax.random.key(0), (16, 32)), "int8",
                      channelwise_axes=[1])
   odd = dataclasses.replace(qa, qtype="mxfp4")
   fn = lambda p, x: x @ p["w"].qvalue.astype(jnp.float32)

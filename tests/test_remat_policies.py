@@ -22,7 +22,7 @@ import sdslora_jax as sl
 import sdslora_jax.linen as sl_linen
 from sdslora_jax import tree
 from sdslora_jax.targets import rule
-from testing_utils import randomize
+from testing_utils import random_normal, randomize
 
 D, TOKENS, RANK = 128, 512, 4
 ACT = TOKENS * D * 4  # one float32 activation, bytes
@@ -45,8 +45,8 @@ def _rank_r_allowance(layers: int) -> int:
 def _op_stack_temps(method: str, policy, layers: int) -> tuple[int, int]:
   """Temporary bytes of the adapters' gradient: ours, and the dense reference's."""
   keys = jax.random.split(jax.random.key(0), 2 * layers + 1)
-  kernels = [jax.random.normal(keys[i], (D, D)) / D**0.5 for i in range(layers)]
-  x = jax.random.normal(keys[-1], (TOKENS, D))
+  kernels = [random_normal(keys[i], (D, D)) / D**0.5 for i in range(layers)]
+  x = random_normal(keys[-1], (TOKENS, D))
   extra = {"sds_on": True} if method == "sds" else {}
   adapters = randomize([sl.init_adapter(keys[layers + i], D, D, rank=RANK, scale=1.0,
                                         method=method, **extra) for i in range(layers)],
@@ -105,7 +105,7 @@ class _Stack(nn.Module):
 
 def _linen_temps(method: str, policy_name: str, layers: int) -> tuple[int, int]:
   model = _Stack(layers, policy_name)
-  x = jax.random.normal(jax.random.key(2), (TOKENS, D))
+  x = random_normal(jax.random.key(2), (TOKENS, D))
   params = model.init(jax.random.key(3), x)["params"]
   extra = {"sds_on": True} if method == "sds" else {}
   adapters = sl_linen.init_adapters(jax.random.key(4), model, params,

@@ -7,10 +7,11 @@ import pytest
 
 import sdslora_jax as sds
 from sdslora_jax.gram_basis import gram_orthonormal_basis
+from testing_utils import random_normal
 
 
 def _rand(seed, shape):
-  return jax.random.normal(jax.random.key(seed), shape)
+  return random_normal(jax.random.key(seed), shape)
 
 
 @pytest.mark.parametrize("scale", [0.5, 2.0, 16.0])
@@ -82,8 +83,8 @@ def test_batched_switch_equals_one_adapter_at_a_time():
   from sdslora_jax.reparam import activate_sds_batch
 
   keys = jax.random.split(jax.random.key(5), 6)
-  a = jax.random.normal(keys[0], (3, 20, 4))
-  b = jax.random.normal(keys[1], (3, 4, 12))
+  a = random_normal(keys[0], (3, 20, 4))
+  b = random_normal(keys[1], (3, 4, 12))
   scales = jnp.asarray([0.5, 2.0, 4.0])
   got = activate_sds_batch(a, b, scales)
   for n in range(3):

@@ -17,7 +17,7 @@ from sdslora_jax import tree
 from sdslora_jax.adapter import is_adapter, kernel_delta, take_layer
 from sdslora_jax.optim import sds_lora
 from sdslora_jax.targets import rule
-from testing_utils import linen_mse_step, nnx_mse_step, randomize
+from testing_utils import linen_mse_step, nnx_mse_step, random_normal, randomize
 
 L, D, H, K = 3, 16, 2, 4
 
@@ -80,7 +80,7 @@ def _unrolled_adapters(ads):
 @pytest.fixture(scope="module", params=[False, True], ids=["scan", "scan+remat"])
 def setup(request):
   model = Scanned(remat=request.param)
-  x = jax.random.normal(jax.random.key(0), (2, 5, D))
+  x = random_normal(jax.random.key(0), (2, 5, D))
   params = model.init(jax.random.key(1), x)["params"]
   ads = slinen.init_adapters(jax.random.key(2), model, params, RULES, x)
   return model, x, params, ads
@@ -142,7 +142,7 @@ def test_scanned_matches_unrolled_outputs_and_gradients(setup, sds_on):
 @_REMAT_COVERS_SCAN
 def test_scanned_trains_with_sds_lora_one_trace(setup):
   model, x, params, ads = setup
-  target = jax.random.normal(jax.random.key(4), (2, 5, 4))
+  target = random_normal(jax.random.key(4), (2, 5, 4))
   tx = sds_lora(optax.adam(1e-2), warmup_steps=2)
   state = tx.init(ads)
   traces = []
@@ -224,7 +224,7 @@ class NnxScanned(nnx.Module):
 
 def test_nnx_scanned_matches_unrolled_and_trains():
   model = NnxScanned(nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (6, D))
+  x = random_normal(jax.random.key(1), (6, D))
   y0 = model(x)
   snnx.adapt(model, [rule(r"blocks/(up|down)/kernel", rank=2)], key=jax.random.key(2))
   np.testing.assert_array_equal(model(x), y0)
@@ -267,7 +267,7 @@ def test_nnx_scanned_matches_unrolled_and_trains():
       w, gv = getattr(want, f), getattr(got, f)
       np.testing.assert_allclose(gv, w, rtol=1e-3, atol=1e-4 * float(jnp.abs(w).max()))
 
-  target = jax.random.normal(jax.random.key(4), (6, 4))
+  target = random_normal(jax.random.key(4), (6, 4))
   opt = nnx.Optimizer(model, sds_lora(optax.adam(1e-2), warmup_steps=2), wrt=snnx.AdapterVariable)
   traces = []
   step = nnx_mse_step(x, target, traces)
@@ -298,8 +298,9 @@ def test_stacked_peft_round_trip_one_module_per_layer(setup, tmp_path):
     assert dst.layer_axes == (0,) and dst.kernel_shape == src.kernel_shape
     np.testing.assert_allclose(kernel_delta(dst), kernel_delta(src), rtol=1e-5, atol=1e-5)
   # The same as one PEFT module per layer of the unrolled model.
-  np.testing.assert_allclose(slinen.apply(model, {"params": params}, back, x),
-                             slinen.apply(model, {"params": params}, ads, x), rtol=1e-4, atol=1e-5)
+  want = slinen.apply(model, {"params": params}, ads, x)  # entries up to ~100: float32 rounding
+  np.testing.assert_allclose(slinen.apply(model, {"params": params}, back, x), want,
+                             rtol=1e-4, atol=1e-6 * float(jnp.abs(want).max()))
   # A dict mapping needs a '{layer}' placeholder for stacked kernels.
   with pytest.raises(ValueError, match=r"must contain '\{layer\}'"):
     peft.export_peft(tmp_path / "d", {"layers": {"up": ads["layers"]["up"]}},
@@ -325,7 +326,7 @@ class LogicalScanned(nn.Module):
 
 
 def test_scan_with_layer_axis_named_in_partitioning_metadata():
-  model, x = LogicalScanned(), jax.random.normal(jax.random.key(0), (2, D))
+  model, x = LogicalScanned(), random_normal(jax.random.key(0), (2, D))
   boxed = model.init(jax.random.key(1), x)["params"]
   assert isinstance(boxed["layers"]["up"]["kernel"], nn.LogicallyPartitioned)
   assert boxed["layers"]["up"]["kernel"].names == ("layers", "embed", "mlp")

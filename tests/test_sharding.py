@@ -16,6 +16,7 @@ from sdslora_jax.adapter import Adapter, adapter_stamp, is_adapter
 from sdslora_jax.optim import SdsLoraState, sds_lora
 from sdslora_jax.sharding import adapter_shardings, adapter_spec, opt_state_shardings
 from sdslora_jax.targets import rule
+from testing_utils import random_normal
 
 R = 4
 
@@ -29,12 +30,12 @@ def mesh():
 def _base_params():
   k = jax.random.split(jax.random.key(0), 4)
   return {
-      "dense": {"kernel": jax.random.normal(k[0], (64, 32))},
+      "dense": {"kernel": random_normal(k[0], (64, 32))},
       "attn": {
-          "query": {"kernel": jax.random.normal(k[1], (64, 4, 8))},
-          "out": {"kernel": jax.random.normal(k[2], (4, 8, 64))},
+          "query": {"kernel": random_normal(k[1], (64, 4, 8))},
+          "out": {"kernel": random_normal(k[2], (4, 8, 64))},
       },
-      "embed": {"embedding": jax.random.normal(k[3], (100, 64))},
+      "embed": {"embedding": random_normal(k[3], (100, 64))},
   }
 
 
@@ -55,12 +56,12 @@ def _adapter(key, kernel_shape, in_axes, method="sds", layer_axes=None, kind=Non
   d_in = int(np.prod([kernel_shape[i] for i in in_axes]))
   d_out = int(np.prod(kernel_shape)) // d_in // int(np.prod(lead))
   k = jax.random.split(key, 4)
-  ad = Adapter(a=jax.random.normal(k[0], (*lead, d_in, R)) / 8,
-               b=jax.random.normal(k[1], (*lead, R, d_out)) / 2, method=method, scale=0.5,
+  ad = Adapter(a=random_normal(k[0], (*lead, d_in, R)) / 8,
+               b=random_normal(k[1], (*lead, R, d_out)) / 2, method=method, scale=0.5,
                kernel_shape=kernel_shape, in_axes=in_axes, kind=kind, layer_axes=layer_axes)
   if method == "lora":
     return ad
-  qa, qb = jax.random.normal(k[2], (*lead, d_in, R)), jax.random.normal(k[3], (*lead, d_out, R))
+  qa, qb = random_normal(k[2], (*lead, d_in, R)), random_normal(k[3], (*lead, d_out, R))
   sds_on = jnp.full(lead, sds_on, jnp.float32)
   stamp = _stamp
   for _ in lead:
@@ -289,7 +290,7 @@ def test_nnx_partitioning(mesh):
   want = {("up", "kernel"): dict(a=P("fsdp", None), b=P(None, "tensor"), qa=P("fsdp", None),
                                  qb=P("tensor", None), sds_on=P(), stamp=P()),
           ("down", "kernel"): dict(a=P("tensor", None), b=P(None, "fsdp"))}
-  x = jax.random.normal(jax.random.key(3), (8, 64))
+  x = random_normal(jax.random.key(3), (8, 64))
   y0 = model(x)
   snnx.adapt(model, [rule("(up|down)/kernel", rank=R)], key=jax.random.key(1), sds_on=True)
   ads = snnx.adapters(model)
@@ -340,7 +341,7 @@ def test_sharded_adapters_compute_the_same(mesh):
                      is_leaf=lambda x: isinstance(x, P))
   p_placed = jax.device_put(params, psh)
   x_sh = NamedSharding(mesh, P("data", "fsdp"))
-  x = jax.random.normal(jax.random.key(4), (8, 64))
+  x = random_normal(jax.random.key(4), (8, 64))
   ids = jnp.arange(16).reshape(2, 8) * 6 % 100
 
   def fwd(p, a, x, ids):
@@ -418,7 +419,7 @@ def test_opt_state_shardings_sds_lora(mesh, name):
     updates, state = tx.update(grads, state, ads)
     return optax.apply_updates(ads, updates), state
 
-  x = jax.random.normal(jax.random.key(5), (8, 64))
+  x = random_normal(jax.random.key(5), (8, 64))
   x_sh = NamedSharding(mesh, P("data", "fsdp"))
   sharded_step = jax.jit(step, in_shardings=(sh, ssh, psh, x_sh), out_shardings=(sh, ssh))
   p_placed, x_placed = jax.device_put(params, psh), jax.device_put(x, x_sh)

@@ -10,15 +10,15 @@ import pytest
 from sdslora_jax import tree
 from sdslora_jax.adapter import matrix_delta, is_adapter, kernel_delta
 from sdslora_jax.targets import rule
-from testing_utils import random_adapter
+from testing_utils import random_adapter, random_normal
 
 
 def _params():
   k = jax.random.split(jax.random.key(0), 4)
   return {
-      "dense": {"kernel": jax.random.normal(k[0], (6, 5)), "bias": jnp.zeros(5)},
-      "q": {"kernel": jax.random.normal(k[1], (8, 2, 4)).astype(jnp.bfloat16)},
-      "o": {"kernel": jax.random.normal(k[2], (2, 4, 8))},
+      "dense": {"kernel": random_normal(k[0], (6, 5)), "bias": jnp.zeros(5)},
+      "q": {"kernel": random_normal(k[1], (8, 2, 4)).astype(jnp.bfloat16)},
+      "o": {"kernel": random_normal(k[2], (2, 4, 8))},
   }
 
 
@@ -53,7 +53,7 @@ def test_kernel_delta_layout(shape, in_axes):
 @pytest.mark.parametrize("method,sds_on", [("lora", 0.0), ("sds", 0.0), ("sds", 1.0)])
 def test_apply_dense_general_matches_dense(method, sds_on):
   ad = random_adapter(jax.random.key(3), (3, 5, 7), (0, 2), method=method, sds_on=sds_on)
-  x = jax.random.normal(jax.random.key(4), (7, 2, 3))  # contract axes (2, 0) with kernel (0, 2)
+  x = random_normal(jax.random.key(4), (7, 2, 3))  # contract axes (2, 0) with kernel (0, 2)
 
   def fast(ad):
     return jnp.sum(tree.apply_dense_general(x, ad, (2, 0)) ** 2)
@@ -69,7 +69,7 @@ def test_apply_dense_general_matches_dense(method, sds_on):
 
 def test_apply_einsum_and_embedding_match_dense():
   ad = random_adapter(jax.random.key(5), (2, 4, 8), (0, 1))
-  x = jax.random.normal(jax.random.key(6), (3, 5, 4, 2))
+  x = random_normal(jax.random.key(6), (3, 5, 4, 2))
   eq = "btkh,hkd->dbt"
   np.testing.assert_allclose(tree.apply_einsum(x, ad, eq), jnp.einsum(eq, x, kernel_delta(ad)),
                              rtol=1e-5, atol=1e-5)
@@ -77,7 +77,7 @@ def test_apply_einsum_and_embedding_match_dense():
     tree.apply_einsum(x[..., 0, :], ad, "bth,hkd->btkd")
   emb = random_adapter(jax.random.key(7), (10, 6), (0,), kind="embed")
   ids = jnp.array([[1, 3, 9], [0, 0, 4]])
-  q = jax.random.normal(jax.random.key(8), (2, 6))
+  q = random_normal(jax.random.key(8), (2, 6))
 
   def fast(ad):
     return jnp.sum(tree.lookup_embedding(ids, ad) ** 2) + jnp.sum(jnp.sin(tree.attend_embedding(q, ad)))
@@ -110,7 +110,7 @@ def test_merge_gradient_is_sds_rule():
   # Independent check of the SDS rule through merge: dL/db = s qa.T G, dL/da = s G qb.
   ad = random_adapter(jax.random.key(10), (6, 5), (0,))
   params = _params()
-  target = jax.random.normal(jax.random.key(11), (6, 5))
+  target = random_normal(jax.random.key(11), (6, 5))
 
   def loss(ad):
     return 0.5 * jnp.sum((tree.merge(params, {"dense": {"kernel": ad}})["dense"]["kernel"] - target) ** 2)

@@ -1,24 +1,45 @@
 """Helpers shared by the tests: random adapters and a jaxpr size checker."""
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.extend
 import jax.numpy as jnp
+import numpy as np
 
 from sdslora_jax.adapter import Adapter, is_adapter, per_layer, restamp
 from sdslora_jax.basis import factor_bases
 
 
+def random_normal(key, shape, dtype=jnp.float32):
+  """Standard normal test data, drawn by NumPy from the bits of ``key``.
+
+  The role of ``jax.random.normal`` in a test's set-up, without its XLA
+  program: called eagerly, ``jax.random.normal`` compiles one per new shape
+  (about 0.2 s each at the tests' optimisation level; the suite drew some 250
+  shapes). Different keys give different draws. Under a trace (a traced key),
+  it is ``jax.random.normal``.
+  """
+  if isinstance(key, jax.core.Tracer):
+    return jax.random.normal(key, shape, dtype)
+  if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  draw = np.random.default_rng(np.asarray(key).ravel().tolist()).standard_normal(shape)
+  return jnp.asarray(np.asarray(draw, dtype=jnp.dtype(dtype)))
+
+
 def randomize_adapter(ad, key, sds_on=1.0):
   """``ad`` with random factors (unit-scale updates) and, for SDS-LoRA, fresh bases."""
   ka, kb = jax.random.split(key)
-  a = jax.random.normal(ka, ad.a.shape) / math.sqrt(ad.a.shape[-2])
-  b = jax.random.normal(kb, ad.b.shape) / math.sqrt(ad.b.shape[-2])
+  a = random_normal(ka, ad.a.shape) / math.sqrt(ad.a.shape[-2])
+  b = random_normal(kb, ad.b.shape) / math.sqrt(ad.b.shape[-2])
   ad = dataclasses.replace(ad, a=a, b=b)
   if ad.method == "sds":
-    qa, qb = per_layer(factor_bases, ad)(a, b)  # one basis per layer of a stacked adapter
+    # One basis per layer of a stacked adapter; LAPACK QR: a tenth of the Gram QR's compile
+    # time for each new shape, the same bases up to rounding (the Gram QR is tested on its own).
+    qa, qb = per_layer(functools.partial(factor_bases, method="householder"), ad)(a, b)
     ad = restamp(dataclasses.replace(ad, qa=qa, qb=qb,
                                      sds_on=jnp.full(ad.layer_shape, sds_on, jnp.float32)))
   return ad
@@ -65,13 +86,13 @@ def random_adapter(key, shape, in_axes, *, method="sds", sds_on=1.0, rank=2, sca
   d_in = math.prod(shape[i] for i in in_axes)
   d_out = math.prod(shape) // d_in
   ka, kb = jax.random.split(key)
-  a = jax.random.normal(ka, (d_in, rank))
-  b = jax.random.normal(kb, (rank, d_out))
+  a = random_normal(ka, (d_in, rank))
+  b = random_normal(kb, (rank, d_out))
   extra = {}
   if method == "sds":
-    qa, qb = factor_bases(a, b)
+    qa, qb = factor_bases(a, b, method="householder")
     if stale_bases:
-      qa = qa + 0.1 * jax.random.normal(kb, qa.shape)
+      qa = qa + 0.1 * random_normal(kb, qa.shape)
     extra = dict(qa=qa, qb=qb, sds_on=jnp.float32(sds_on))
   return Adapter(a=a, b=b, method=method, scale=scale, kernel_shape=tuple(shape),
                  in_axes=tuple(in_axes), kind=kind, **extra)
