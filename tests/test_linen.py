@@ -96,10 +96,10 @@ def test_base_gets_no_gradient_and_no_optimizer_state(setup):
   def loss(a, p):
     return jnp.mean(sl.apply(model, {"params": p}, a, ids) ** 2)
 
-  grads = jax.grad(loss)(ads, params)
+  grads = jax.jit(jax.grad(loss))(ads, params)
   assert jax.tree.structure(grads) == jax.tree.structure(ads)
-  updates, _ = opt.update(grads, state, ads)
-  new = optax.apply_updates(ads, updates)
+  updates, _ = jax.jit(opt.update)(grads, state, ads)
+  new = jax.jit(optax.apply_updates)(ads, updates)
   assert all(is_adapter(x) for x in jax.tree.leaves(new, is_leaf=is_adapter))
 
 
@@ -255,8 +255,8 @@ def test_pointwise_conv_takes_the_rank_r_path_and_matches_the_merged_kernel(meth
   def merged(ad):  # the reference: kernels with their updates folded in, plain autodiff
     return jnp.sum(jnp.sin(model.apply({"params": tree.merge(params, ad)}, x)))
 
-  np.testing.assert_allclose(adapted(ads), merged(ads), rtol=1e-5)
-  got, want = jax.grad(adapted)(ads), jax.grad(merged)(ads)
+  np.testing.assert_allclose(jax.jit(adapted)(ads), jax.jit(merged)(ads), rtol=1e-5)
+  got, want = jax.jit(jax.grad(adapted))(ads), jax.jit(jax.grad(merged))(ads)
   for k in ("pw", "full"):
     np.testing.assert_allclose(got[k]["kernel"].a, want[k]["kernel"].a, rtol=2e-4, atol=1e-5)
     np.testing.assert_allclose(got[k]["kernel"].b, want[k]["kernel"].b, rtol=2e-4, atol=1e-5)

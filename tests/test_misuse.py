@@ -338,7 +338,7 @@ def test_linen_apply_checks_the_whole_tree_once():
         h, ad["out"]["kernel"])
     return jnp.mean(out ** 2)
 
-  got, want = jax.grad(loss)(adapters), jax.grad(by_hand)(adapters)
+  got, want = jax.jit(jax.grad(loss))(adapters), jax.jit(jax.grad(by_hand))(adapters)
   for k in ("hid", "out"):
     for f in ("a", "b"):
       np.testing.assert_allclose(getattr(got[k]["kernel"], f), getattr(want[k]["kernel"], f),

@@ -545,8 +545,8 @@ def test_switch_state_keep_carries_the_moments_on():
   state = tx.init(params)
   for _ in range(2):
     params, state, _ = step(params, state, x, y)
-  _, want = inner.update(trainable_params(jax.grad(_loss)(params, x, y)), state.inner_state,
-                         trainable_params(params))
+  _, want = jax.jit(lambda p, s: inner.update(trainable_params(jax.grad(_loss)(p, x, y)), s,
+                                              trainable_params(p)))(params, state.inner_state)
   params, state, _ = step(params, state, x, y)  # the switch
   assert all(float(ad.sds_on) == 1.0 for ad in _sds_adapters(params))
   chex.assert_trees_all_close(state.inner_state, want, rtol=1e-5, atol=1e-10)

@@ -57,11 +57,11 @@ def test_quantized_base_matches_dequantized_reference(qtype, tile):
       rtol=1e-5, atol=1e-6)
   ads = randomize(ads, jax.random.key(2))
   got = jax.jit(lambda p, a: intercept.apply(fn, p, a, x))(qparams, ads)
-  want = model.apply({"params": tree.merge(dequantized, ads)}, x)
+  want = jax.jit(lambda a: model.apply({"params": tree.merge(dequantized, a)}, x))(ads)
   assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5
-  g_ops = jax.grad(lambda a: jnp.sum(jnp.sin(intercept.apply(fn, qparams, a, x))))(ads)
-  g_ref = jax.grad(lambda a: jnp.sum(jnp.sin(model.apply({"params": tree.merge(dequantized, a)},
-                                                          x))))(ads)
+  g_ops = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(intercept.apply(fn, qparams, a, x)))))(ads)
+  g_ref = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(
+      model.apply({"params": tree.merge(dequantized, a)}, x)))))(ads)
   scale = max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(g_ref))
   for u, v in zip(jax.tree.leaves(g_ops), jax.tree.leaves(g_ref)):  # zero ones too
     np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6 * scale)

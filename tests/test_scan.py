@@ -113,20 +113,22 @@ def test_scanned_matches_unrolled_outputs_and_gradients(setup, sds_on):
   unrolled = Unrolled()
   u_params = _unrolled_params(params)
   u_ads = _unrolled_adapters(ads)
-  y = slinen.apply(model, {"params": params}, ads, x)
-  y_u = slinen.apply(unrolled, {"params": u_params}, u_ads, x)
+  # Jitted: one program each instead of some 270 eager op-by-op programs.
+  y = jax.jit(lambda a: slinen.apply(model, {"params": params}, a, x))(ads)
+  y_u = jax.jit(lambda a: slinen.apply(unrolled, {"params": u_params}, a, x))(u_ads)
   # |y| reaches ~160 after three layers of randomised adapters; the scanned and the unrolled
   # programs round differently (1.5e-5 relative seen). A wrong layer's adapter is O(1) off.
   np.testing.assert_allclose(y, y_u, rtol=5e-5, atol=1e-5)
   print(f"scanned vs unrolled (sds_on={sds_on}): max |dy| {float(jnp.abs(y - y_u).max()):.1e}")
   # The dense reference: the merged stacked kernels.
-  np.testing.assert_allclose(y, model.apply({"params": tree.merge(params, ads)}, x),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      y, jax.jit(lambda a: model.apply({"params": tree.merge(params, a)}, x))(ads),
+      rtol=1e-4, atol=1e-4)
 
   loss = lambda a: jnp.sum(jnp.sin(slinen.apply(model, {"params": params}, a, x)))
   loss_u = lambda a: jnp.sum(jnp.sin(slinen.apply(unrolled, {"params": u_params}, a, x)))
-  g = jax.grad(loss)(ads)
-  g_u = jax.grad(loss_u)(u_ads)
+  g = jax.jit(jax.grad(loss))(ads)
+  g_u = jax.jit(jax.grad(loss_u))(u_ads)
   for name in ("query", "out", "up"):
     for f in ("a", "b"):
       got = getattr(g["layers"][name]["kernel"], f)
@@ -237,14 +239,19 @@ def test_nnx_scanned_matches_unrolled_and_trains():
   y = model(x)
   ads = snnx.adapters(model)["blocks"]
   base = nnx.state(model.blocks, nnx.Param)
-  h = x
-  for i in range(L):
-    up_k = base["up"]["base"]["kernel"][...][i] + kernel_delta(take_layer(ads["up"]["kernel"], i))
-    up_b = base["up"]["base"]["bias"][...][i]
-    dn_k = base["down"]["base"]["kernel"][...][i] + kernel_delta(
-        take_layer(ads["down"]["kernel"], i))
-    dn_b = base["down"]["base"]["bias"][...][i]
-    h = h + nnx.gelu(h @ up_k + up_b) @ dn_k + dn_b
+
+  @jax.jit
+  def unrolled(up, down):
+    h = x
+    for i in range(L):
+      up_k = base["up"]["base"]["kernel"][...][i] + kernel_delta(take_layer(up, i))
+      up_b = base["up"]["base"]["bias"][...][i]
+      dn_k = base["down"]["base"]["kernel"][...][i] + kernel_delta(take_layer(down, i))
+      dn_b = base["down"]["base"]["bias"][...][i]
+      h = h + nnx.gelu(h @ up_k + up_b) @ dn_k + dn_b
+    return h
+
+  h = unrolled(ads["up"]["kernel"], ads["down"]["kernel"])
   np.testing.assert_allclose(y, model.head(h), rtol=1e-4, atol=1e-5)
   print(f"NNX scanned vs unrolled: max |dy| {float(jnp.abs(y - model.head(h)).max()):.1e}")
 
@@ -258,7 +265,8 @@ def test_nnx_scanned_matches_unrolled_and_trains():
           "bias"][...][i]
     return jnp.sum(jnp.sin(model.head(h)))
 
-  g_u = jax.grad(unrolled_loss, argnums=(0, 1))(ads["up"]["kernel"], ads["down"]["kernel"])
+  g_u = jax.jit(jax.grad(unrolled_loss, argnums=(0, 1)))(ads["up"]["kernel"],
+                                                          ads["down"]["kernel"])
   g = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))), argnums=nnx.DiffState(0, snnx.AdapterVariable))(
       model)
   for (name, want) in zip(("up", "down"), g_u):
