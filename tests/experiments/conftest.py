@@ -1,4 +1,5 @@
-"""The experiments' tests (models, trainer, data pipeline, benchmarks, result tables).
+"""The experiments' tests (models, trainer, data pipeline, benchmarks, result tables, and the
+library on the experiments' models and teacher problem).
 
 Everything in this folder carries the ``experiments`` marker: ``make test`` runs it with the
 library's tests; ``make test-library`` leaves it out.
