@@ -15,7 +15,7 @@ import sdslora_jax as sl
 from sdslora_jax.adapter import restamp, with_fresh_bases
 from sdslora_jax.optim import SdsLoraState, sds_lora, trainable_params
 from sdslora_jax.optim.schedules import make_refresh_schedule, refresh_phases, refresh_steps
-from testing_utils import random_normal
+from testing_utils import assert_bases_consistent, random_normal
 
 D_IN, D_OUT, RANK = 12, 10, 3
 
@@ -75,18 +75,6 @@ def _no_stamps(tree):
 def _sds_adapters(tree):
   leaves = jax.tree.leaves(tree, is_leaf=sl.is_adapter)
   return [x for x in leaves if sl.is_adapter(x) and x.method == "sds"]
-
-
-def _assert_bases_consistent(adapter, atol=2e-5):
-  """Bases orthonormal and spanning the factors (projection residual ~ 0)."""
-  qa, qb = adapter.qa, adapter.qb
-  r = qa.shape[1]
-  np.testing.assert_allclose(qa.T @ qa, np.eye(r), atol=atol)
-  np.testing.assert_allclose(qb.T @ qb, np.eye(r), atol=atol)
-  a, bt = adapter.a, adapter.b.T
-  res_a = jnp.linalg.norm(a - qa @ (qa.T @ a)) / (jnp.linalg.norm(a) + 1e-30)
-  res_b = jnp.linalg.norm(bt - qb @ (qb.T @ bt)) / (jnp.linalg.norm(bt) + 1e-30)
-  assert float(res_a) < atol and float(res_b) < atol, (res_a, res_b)
 
 
 # ----------------------------------------------------------------------------- factory
@@ -193,7 +181,7 @@ def test_warmup_is_plain_inner_optimizer_then_switch_preserves_function():
   # Update 4 is the switch: SDS mode, consistent bases, same function.
   for ad, ref in zip(_sds_adapters(params), _sds_adapters(ref_params)):
     assert float(ad.sds_on) == 1.0
-    _assert_bases_consistent(ad)
+    assert_bases_consistent(ad)
     want = sl.lora_delta(ref.a, ref.b, scale=ref.scale)
     np.testing.assert_allclose(sl.kernel_delta(ad), want, atol=1e-5 * float(jnp.abs(want).max()))
   np.testing.assert_allclose(_forward(params, x), _forward(ref_params, x), rtol=1e-5, atol=1e-6)
@@ -361,10 +349,10 @@ def test_bases_after_every_refresh(refresh):
       fresh = bool(jnp.linalg.norm(ad.a - ad.qa @ (ad.qa.T @ ad.a))
                    <= 1e-4 * jnp.linalg.norm(ad.a))
       if j == 0:
-        _assert_bases_consistent(ad)  # the switch
+        assert_bases_consistent(ad)  # the switch
         assert fresh
       elif j > 0 and j in expected:
-        _assert_bases_consistent(ad)
+        assert_bases_consistent(ad)
         assert not jnp.array_equal(ad.qa, old.qa)
         assert fresh
         seen.add(j)
@@ -452,7 +440,7 @@ def test_warmup_zero():
     new, state, updates = step(params, state, x, y)
     for ad, old, u in zip(_sds_adapters(new), _sds_adapters(params), _sds_adapters(updates)):
       assert float(ad.sds_on) == 1.0
-      _assert_bases_consistent(ad)
+      assert_bases_consistent(ad)
       if on:  # no reparameterization: the factors took the plain inner step
         chex.assert_trees_all_equal(ad.a, optax.apply_updates(old.a, u.a))
         assert int(state.num_refreshes) == 1
@@ -621,7 +609,7 @@ def test_retract_refresh_moves_to_the_best_rank_r_update():
         u, sv, vt = np.linalg.svd(_dense_sds(moved))
         np.testing.assert_allclose(_dense_sds(ad), (u[:, :r] * sv[:r]) @ vt[:r], atol=2e-5)
         discarded.append(sv[r] / sv[0])
-        _assert_bases_consistent(ad)
+        assert_bases_consistent(ad)
         # The adapter's own (rank-r) forward agrees with the two branches.
         np.testing.assert_allclose(sl.kernel_delta(ad), _dense_sds(ad), atol=2e-5)
     params, state = new, new_state

@@ -13,7 +13,7 @@ import pytest
 import sdslora_jax as sl
 from sdslora_jax.optim import factor_labels, loraplus, sds_lora
 from sdslora_jax.adapter import with_fresh_bases
-from testing_utils import random_normal
+from testing_utils import assert_bases_consistent, random_normal
 
 D_IN, D_OUT, RANK = 12, 8, 3
 
@@ -65,17 +65,6 @@ def _adapters(params):
   return [params["adapters"]["q"], params["adapters"]["v"]]
 
 
-def _assert_bases_consistent(ad, atol=2e-5):
-  r = ad.qa.shape[1]
-  np.testing.assert_allclose(ad.qa.T @ ad.qa, np.eye(r), atol=atol)
-  np.testing.assert_allclose(ad.qb.T @ ad.qb, np.eye(r), atol=atol)
-  assert float(jnp.linalg.norm(ad.a - ad.qa @ (ad.qa.T @ ad.a))) < atol * float(
-      jnp.linalg.norm(ad.a)
-  )
-  bt = ad.b.T
-  assert float(jnp.linalg.norm(bt - ad.qb @ (ad.qb.T @ bt))) < atol * float(jnp.linalg.norm(bt))
-
-
 _FREEZE_BASE = {"base": True, "adapters": False}
 
 
@@ -100,12 +89,12 @@ def test_chain_clip_adamw_warmup_cosine():
     if t == 5:
       for ad in _adapters(params):
         assert float(ad.sds_on) == 1.0
-        _assert_bases_consistent(ad)
+        assert_bases_consistent(ad)
   assert len(traces) == 1
   assert float(_loss(params, x, y)) < 0.5 * float(loss0)
   chex.assert_trees_all_equal(params["base"], _tree()["base"])
   for ad in _adapters(params):
-    _assert_bases_consistent(ad)
+    assert_bases_consistent(ad)
 
 
 def test_switch_preserves_output_inside_chain():
@@ -182,7 +171,7 @@ def test_multi_steps_switch_and_refresh_only_on_real_updates():
       for ad in _adapters(params):
         assert float(ad.sds_on) == float(real >= warm)
         if real >= warm:
-          _assert_bases_consistent(ad)
+          assert_bases_consistent(ad)
       assert int(inner.num_refreshes) == max(0, real - warm)
   assert len(traces) == 1
 
@@ -238,7 +227,7 @@ def test_loraplus_partition_learning_rates():
     params = optax.apply_updates(params, u)
   for ad in _adapters(params):
     assert float(ad.sds_on) == 1.0
-    _assert_bases_consistent(ad)
+    assert_bases_consistent(ad)
 
 
 def test_loraplus_adam_moments_reset_inside_partition():
@@ -347,5 +336,5 @@ def test_nnx_state_tree():
     adapters, state = step(adapters, state)
   for ad in jax.tree.leaves(adapters, is_leaf=sl.is_adapter):
     assert float(ad.sds_on) == 1.0
-    _assert_bases_consistent(ad)
+    assert_bases_consistent(ad)
   assert int(state.num_refreshes) == 2 and len(traces) == 1

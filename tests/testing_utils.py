@@ -54,6 +54,18 @@ def randomize(adapters, key, sds_on=1.0):
   )
 
 
+def assert_bases_consistent(adapter, atol=2e-5):
+  """Bases orthonormal and spanning the factors (projection residual ~ 0)."""
+  qa, qb = adapter.qa, adapter.qb
+  r = qa.shape[1]
+  np.testing.assert_allclose(qa.T @ qa, np.eye(r), atol=atol)
+  np.testing.assert_allclose(qb.T @ qb, np.eye(r), atol=atol)
+  a, bt = adapter.a, adapter.b.T
+  res_a = jnp.linalg.norm(a - qa @ (qa.T @ a)) / (jnp.linalg.norm(a) + 1e-30)
+  res_b = jnp.linalg.norm(bt - qb @ (qb.T @ bt)) / (jnp.linalg.norm(bt) + 1e-30)
+  assert float(res_a) < atol and float(res_b) < atol, (res_a, res_b)
+
+
 def big_intermediates(jaxpr, min_size):
   """Equation outputs with at least ``min_size`` elements, sub-jaxprs included.
 

@@ -21,7 +21,7 @@ from experiments import teacher
 from sdslora_jax.adapter import with_fresh_bases
 from sdslora_jax.basis import factor_bases
 from sdslora_jax.optim import riemannian_lora, sds_lora
-from test_optim import _assert_bases_consistent
+from testing_utils import assert_bases_consistent
 
 LR, STEPS, THRESHOLD = 0.1, 3000, 1e-6
 
@@ -100,7 +100,7 @@ def test_sgd_matches_hand_written_loop(kappa):
   assert ref[-1] < 1e-4
   if kappa > 1:
     assert ref[-1] < 1e-2 * teacher.train(cfg, "lora", "sgd", lr, steps=steps)[-1]
-  _assert_bases_consistent(p)
+  assert_bases_consistent(p)
 
 
 # ------------------------------------------------------------------ teacher comparison
@@ -165,8 +165,7 @@ def test_sds_at_least_as_good_as_lora_at_best_lr(steps, kappa):
 
 def _teacher_lora(cfg, steps, tx):
   target = teacher.make_target(cfg)
-  a, b = teacher.init_factors(cfg)
-  p0 = sl.Adapter(a=a, b=b, method="lora", scale=cfg.scale)
+  p0 = _teacher_adapter(cfg, "lora")
   loss = lambda p: 0.5 * jnp.sum((sl.kernel_delta(p) - target) ** 2)
 
   def body(carry, _):
